@@ -1,0 +1,98 @@
+"""`mlx-grpo` command line: parses, calls the library, prints. No training logic here."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
+
+import click
+
+from mlx_grpo.config import TrainConfig, field_type
+
+
+def _config_options(command: Callable) -> Callable:
+    """Add one option per TrainConfig field; flags default to None ("not given")."""
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        base, is_list, _ = field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} [default: {_show(default)}]"
+        if base is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+        elif is_list:
+            option = click.option(
+                flag, f.name, multiple=True, default=None,
+                help=help_text + " Repeat the flag or separate with commas.",
+            )
+        else:
+            kind = click.Choice(f.metadata["choices"]) if f.metadata.get("choices") else base
+            option = click.option(flag, f.name, type=kind, default=None, help=help_text)
+        command = option(command)
+    return command
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def _run(fn: Callable, debug: bool) -> Any:
+    """Call the library; user errors become one message and exit code 2."""
+    try:
+        return fn()
+    except (ValueError, FileNotFoundError) as e:
+        if debug:
+            raise
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+
+
+@click.group()
+@click.version_option(mlx_grpo.__version__, prog_name="mlx-grpo")
+def main() -> None:
+    """GRPO fine-tuning of language models through LoRA adapters on MLX."""
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file of settings; flags override it.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@_config_options
+def train(config_file: str | None, debug: bool, **flags: Any) -> None:
+    """Train a LoRA adapter with GRPO.
+
+    \b
+    Example:
+      mlx-grpo train --model Qwen/Qwen3-0.6B --data gsm8k.jsonl \\
+          --prompt-column question --rewards math_answer --max-steps 200
+    """
+    from mlx_grpo.trainer import train as run_training
+
+    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
+    given = {k: v for k, v in given.items() if v is not None and v != []}
+    result = _run(lambda: run_training(config_file, **given), debug)
+    click.echo(f"adapter saved in {result.output_dir}")
+
+
+@main.command()
+@click.option("--output-dir", default="runs/demo", show_default=True,
+              help="Where the tiny model, its data and the run go.")
+@click.option("--max-steps", default=60, show_default=True, help="Training steps.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo run.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def demo(output_dir: str, max_steps: int, overwrite: bool, debug: bool) -> None:
+    """Offline end-to-end run: build a tiny random Qwen3 and teach it a toy task."""
+    from mlx_grpo.toy import run_demo
+
+    summary = _run(lambda: run_demo(Path(output_dir), max_steps, overwrite), debug)
+    click.echo(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""LoRA adapters: y = W x + (alpha / r) * B A x, with the base W frozen.
+
+Parameter names and shapes follow mlx-lm (`lora_a` (in, r), `lora_b` (r, out),
+`scale` = alpha / r), so `mlx_lm.load(model, adapter_path=...)` reads what we
+save. Unlike mlx-lm's layer, ours can be switched off, which gives the
+reference policy pi_ref (the base model) without a second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoRALinear(nn.Module):
+    """A Linear or QuantizedLinear with a low-rank update that can be disabled."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        out_dims, in_dims = base.weight.shape
+        if isinstance(base, nn.QuantizedLinear):
+            in_dims = in_dims * 32 // base.bits
+        self.linear = base
+        self.scale = scale
+        self.dropout = nn.Dropout(p=dropout)
+        self.enabled = True
+        bound = 1.0 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
+        self.lora_b = mx.zeros((rank, out_dims))
+
+    @property
+    def in_out(self) -> tuple[int, int]:
+        return self.lora_a.shape[0], self.lora_b.shape[1]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        if not self.enabled:
+            return y
+        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + (self.scale * z).astype(y.dtype)
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """'all' | 'last:N' | '0,1,5' -> sorted layer indices."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(num_layers))
+    if spec.startswith("last:"):
+        n = int(spec[5:])
+        if not 0 < n <= num_layers:
+            raise ValueError(f"lora_layers '{spec}': the model has {num_layers} layers")
+        return list(range(num_layers - n, num_layers))
+    try:
+        layers = sorted({int(i) for i in spec.split(",") if i.strip()})
+    except ValueError:
+        raise ValueError(
+            f"lora_layers '{spec}': use all, last:N or comma-separated indices like 0,1,5"
+        ) from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise ValueError(f"lora_layers '{spec}': indices must be in 0..{num_layers - 1}")
+    return layers
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    scale: float,
+    dropout: float = 0.0,
+    targets: tuple[str, ...] | list[str] = ("q_proj", "v_proj"),
+    layers: list[int] | None = None,
+) -> list[str]:
+    """Freeze `model` and wrap every target linear of the chosen layers.
+
+    Returns the full paths of the adapted modules, e.g.
+    `model.layers.0.self_attn.q_proj`.
+    """
+    model.freeze()
+    blocks = model.layers
+    layers = list(range(len(blocks))) if layers is None else layers
+    paths: list[str] = []
+    prefix = _layers_prefix(model)
+    for i in layers:
+        replaced = []
+        for name, module in blocks[i].named_modules():
+            if name.rsplit(".", 1)[-1] not in targets:
+                continue
+            if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+                continue
+            replaced.append((name, LoRALinear(module, rank, scale, dropout)))
+            paths.append(f"{prefix}.{i}.{name}")
+        blocks[i].update_modules(tree_unflatten(replaced))
+    if not paths:
+        raise ValueError(
+            f"no module named {list(targets)} found in layers {layers}; "
+            "check lora_targets against the model's module names"
+        )
+    return paths
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    first = id(model.layers[0])
+    for name, module in model.named_modules():
+        if id(module) == first:
+            return name.rsplit(".", 1)[0]
+    raise ValueError("cannot locate the transformer layers in the model")
+
+
+def lora_modules(model: nn.Module) -> list[LoRALinear]:
+    return [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model (the reference policy) inside this block."""
+    modules = lora_modules(model)
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.enabled = True
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def total_count(model: nn.Module) -> int:
+    """Parameters of the model, counting quantized weights at their full size."""
+    total = 0
+    for _, m in model.named_modules():
+        own = {k: v for k, v in m.items() if isinstance(v, mx.array)}
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            own.pop("scales", None)
+            own.pop("biases", None)
+            total += own.pop("weight").size * 32 // m.bits
+        total += sum(v.size for v in own.values())
+    return total
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapter(
+    model: nn.Module, path: str | Path, paths: list[str], rank: int, scale: float, dropout: float
+) -> Path:
+    """Write an mlx-lm adapter directory (adapters.safetensors + adapter_config.json).
+
+    Adapted modules are named by full path with `num_layers` 0 in the config,
+    which mlx-lm's loader applies as given, so any set of layers round-trips.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".{ADAPTER_WEIGHTS}.tmp.safetensors"
+    mx.save_safetensors(str(tmp), adapter_weights(model))
+    tmp.replace(path / ADAPTER_WEIGHTS)
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": 0,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": paths},
+    }
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return path

@@ -1,0 +1,167 @@
+"""Load a model and tokenizer, choose the compute dtype, and run padded batches.
+
+Any mlx-lm model works (Hub id or local directory, quantized or not). Batches
+of prompts with different lengths are left-padded; the caches below give each
+row its own RoPE positions (starting at 0 at its first real token) and a mask
+that hides the padding, so a padded row computes what it would alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import BatchKVCache
+
+from mlx_grpo._backend import cpu_only
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+# Model types whose __call__ does more than head(model(x)) (soft-capping, scaling).
+_OWN_HEAD = {"gemma", "gemma2", "gemma3", "gemma3_text", "cohere", "cohere2", "granite"}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    config: dict
+    path: str
+    eos_ids: list[int]
+    pad_id: int
+
+
+def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
+    """Load an mlx-lm model and its tokenizer, cast for the device.
+
+    Example:
+        >>> lm = load_model("Qwen/Qwen3-0.6B")
+        >>> lm.eos_ids
+        [151643, 151645]
+    """
+    import mlx_lm
+
+    if not path_or_id:
+        raise ValueError("no model given: pass --model with a Hub id or a local directory")
+    local = Path(path_or_id).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise ValueError(
+            f"model directory {local} has no config.json; point --model at a directory "
+            "holding an mlx-lm or transformers model (config.json + *.safetensors)"
+        )
+    try:
+        model, tokenizer, config = mlx_lm.load(str(local) if local.exists() else path_or_id,
+                                               return_config=True)
+    except Exception as e:  # mlx-lm raises many kinds; wrap them with context
+        raise ValueError(f"could not load model '{path_or_id}': {type(e).__name__}: {e}") from e
+    target = _dtype(dtype)
+    if target is not None:
+        model.set_dtype(target)
+    mx.eval(model.parameters())
+    eos = set(tokenizer.eos_token_ids or [])
+    eos |= _generation_config_eos(local)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    return LoadedModel(model, tokenizer, config, path_or_id, sorted(eos), int(pad))
+
+
+def _dtype(name: str) -> mx.Dtype | None:
+    if name == "auto":
+        # CPU matmuls are only fast in float32 (bf16/fp16 run far slower there).
+        return mx.float32 if cpu_only() else None
+    return DTYPES[name]
+
+
+def _generation_config_eos(path: Path) -> set[int]:
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return set()
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+
+
+def padded_mask(n: int, offset: int, left_padding: mx.array) -> mx.array:
+    """Causal mask over left-padded rows: (B, 1, n, offset + n) booleans.
+
+    A padding query may attend to itself so that no softmax row is empty
+    (an empty row gives NaN, which would leak through 0 * NaN).
+    """
+    keys = mx.arange(offset + n)[None]
+    queries = mx.arange(offset, offset + n)[:, None]
+    causal = queries >= keys
+    real = left_padding[:, None, None, None] <= keys
+    return causal & (real | (queries == keys))
+
+
+class PaddedPrefixCache:
+    """A stand-in cache for one full forward pass over left-padded rows.
+
+    It stores nothing: it only hands the model per-row positions and the
+    padding mask, which plain `model(x)` has no way to receive.
+    """
+
+    def __init__(self, left_padding: mx.array):
+        self.left_padding = left_padding
+        self.offset = -left_padding
+
+    def make_mask(self, n: int, **_kwargs) -> mx.array:
+        return padded_mask(n, 0, self.left_padding)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return keys, values
+
+
+class RolloutCache(BatchKVCache):
+    """mlx-lm's batched KV cache with a mask that is safe for padding rows."""
+
+    def make_mask(self, n: int, return_array: bool = False, **kwargs) -> mx.array:
+        return padded_mask(n, self._idx, self.left_padding)
+
+    def repeat(self, g: int) -> None:
+        """Give every row g copies, in place: (B, ...) -> (B * g, ...)."""
+        self.keys = mx.repeat(self.keys[..., : self._idx, :], g, axis=0)
+        self.values = mx.repeat(self.values[..., : self._idx, :], g, axis=0)
+        self.offset = mx.repeat(self.offset, g)
+        self.left_padding = mx.repeat(self.left_padding, g)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[mx.array, mx.array]:
+    """Left-pad token rows: ((B, P) tokens, (B,) padding lengths)."""
+    width = max(len(r) for r in rows)
+    padding = [width - len(r) for r in rows]
+    tokens = [[pad_id] * p + r for p, r in zip(padding, rows)]
+    return mx.array(tokens, dtype=mx.int32), mx.array(padding, dtype=mx.int32)
+
+
+def head_and_body(model: nn.Module) -> tuple[Callable, Callable] | None:
+    """Split a causal LM into body (tokens -> final hidden) and head (hidden -> logits).
+
+    Scoring runs the head over chunks of positions so that full-vocabulary
+    logits never exist for every token at once. None when the model's
+    logits are more than head(body(x)) and cannot be split safely.
+    """
+    body = getattr(model, "model", None)
+    model_type = getattr(model, "model_type", None) or getattr(
+        getattr(model, "args", None), "model_type", None
+    )
+    if body is None or model_type in _OWN_HEAD:
+        return None
+    if hasattr(model, "lm_head"):
+        return body, model.lm_head
+    if getattr(model.args, "tie_word_embeddings", False) and hasattr(body, "embed_tokens"):
+        return body, body.embed_tokens.as_linear
+    return None
+
+
+def forward_hidden(model: nn.Module, tokens: mx.array, left_padding: mx.array) -> mx.array:
+    """Final hidden states (or logits, when the model cannot be split) of padded rows."""
+    split = head_and_body(model)
+    cache = [PaddedPrefixCache(left_padding) for _ in model.layers]
+    if split is None:
+        return model(tokens, cache=cache)
+    return split[0](tokens, cache=cache)

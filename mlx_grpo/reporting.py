@@ -1,0 +1,69 @@
+"""One metrics path: each step's dict goes to metrics.jsonl, the progress bar and stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a missing value reads better than a crash
+    return value
+
+
+class Reporter:
+    """Writes step metrics and completion samples; shows a progress bar."""
+
+    def __init__(self, output_dir: Path, total_steps: int, show_progress: bool = True):
+        self.output_dir = output_dir
+        self.metrics_file = open(output_dir / METRICS_FILE, "a")
+        self.samples_file = open(output_dir / COMPLETIONS_FILE, "a")
+        self.bar = tqdm(total=total_steps, disable=not show_progress, unit="step", dynamic_ncols=True)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        record = {k: _clean(v) for k, v in metrics.items()}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        shown = {"reward": "reward", "loss": "loss", "kl": "kl", "completions/mean_length": "len"}
+        self.bar.set_postfix(
+            {short: f"{metrics[k]:.4g}" for k, short in shown.items() if metrics.get(k) is not None}
+        )
+        self.bar.update(1)
+
+    def samples(self, step: int, rows: list[dict[str, Any]], show: int = 1) -> None:
+        """Record completions of this step; print the first `show` of them."""
+        for row in rows:
+            self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
+        self.samples_file.flush()
+        for row in rows[:show]:
+            prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+            rewards = ", ".join(f"{k}={_fmt(v)}" for k, v in row["rewards"].items())
+            self.write(
+                f"--- step {step} | {rewards} | advantage {row['advantage']:+.3f}\n"
+                f"prompt: {_short(prompt)}\ncompletion: {_short(row['completion'], 400)}"
+            )
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics_file.close()
+        self.samples_file.close()
+
+
+def _fmt(v: float | None) -> str:
+    return "None" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,449 @@
+"""Reward functions: the built-ins, loading user functions, and scoring a batch.
+
+A reward function has TRL's signature, `f(prompts, completions, completion_ids,
+**columns) -> list[float | None]`, and is called once per batch. Every list it gets
+is aligned with `completions` (a row repeated for each of its G completions); extra
+dataset columns (e.g. `answer`) arrive as keyword arguments. None means "does not
+apply" (NaN, skipped when the weighted rewards are summed).
+
+Example:
+    >>> rewards = load_rewards(["math_answer", "think_format"], [1.0, 0.2])
+    >>> score_completions(rewards, ["2+2?"], ["<think>easy</think> 4"], [[1]],
+    ...                   {"answer": ["4"]}, ["data.jsonl:1"]).tolist()
+    [[1.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import math
+import re
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RewardFn = Callable[..., list[float | None]]
+
+
+class RewardSpecError(ValueError):
+    """A reward spec (`name`, `module:function` or `file.py:function`) cannot be loaded."""
+
+
+class RewardError(ValueError):
+    """A reward function failed or returned something that is not one number per completion."""
+
+
+@dataclass(frozen=True)
+class Reward:
+    name: str  # metrics key: rewards/<name>/mean
+    fn: RewardFn
+    weight: float = 1.0
+
+
+# --------------------------------------------------------------------------- answer parsing
+
+_INT = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)"
+_REAL = rf"(?:{_INT}(?:\.\d+)?|\.\d+)"
+_NEG = r"(?:(?<![\w)])-)?"  # a minus that is a sign, not "5-3"
+_NUMBER_RE = re.compile(
+    rf"(?P<fneg>{_NEG})\\[dt]?frac\s*\{{\s*(?P<fnum>-?{_REAL})\s*\}}\s*\{{\s*(?P<fden>-?{_REAL})\s*\}}"
+    rf"|(?P<neg>{_NEG})(?P<num>{_REAL})(?:\s*/\s*(?P<den>{_REAL}))?"
+)
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_GSM8K_RE = re.compile(r"####\s*([^\n]*)")
+
+
+def _last_number(text: str) -> float | None:
+    """The last number in `text`: 1,234 / -3.5 / 3/4 / \\frac{3}{4}; $ and % are ignored."""
+    value = None
+    for m in _NUMBER_RE.finditer(text.replace("\\!", "").replace("{,}", ",")):
+        if m.group("fnum") is not None:
+            num, den, neg = m.group("fnum"), m.group("fden"), m.group("fneg")
+        else:
+            num, den, neg = m.group("num"), m.group("den"), m.group("neg")
+        value = float(num.replace(",", ""))
+        if den is not None:
+            denominator = float(den.replace(",", ""))
+            value = value / denominator if denominator != 0 else math.nan
+        value = -value if neg else value
+    return None if value is None or math.isnan(value) else value
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, nested braces included; None if there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return text[i + 1 :]  # unclosed: take the rest
+
+
+def extract_answer(text: str) -> float | None:
+    """The final numeric answer of a completion or a reference solution.
+
+    Reads the text after `</think>` when there is one, then the first format
+    present, in this order: the last `\\boxed{...}`, the last
+    `<answer>...</answer>`, the last GSM8K `#### X`, else the last number in
+    the text. None if the chosen part holds no number.
+
+    Example:
+        >>> extract_answer("<think>2+2</think> So \\\\boxed{\\\\frac{8}{2}}.")
+        4.0
+        >>> extract_answer("She pays $1,234.")
+        1234.0
+    """
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _last_number(boxed)
+    tags = _ANSWER_TAG_RE.findall(text)
+    if tags:
+        return _last_number(tags[-1])
+    marks = _GSM8K_RE.findall(text)
+    if marks:
+        return _last_number(marks[-1])
+    return _last_number(text)
+
+
+def _completion_text(completion: Any) -> str:
+    """Plain text of a completion: a string, or TRL's chat form (the last message's content)."""
+    if isinstance(completion, (list, tuple)):
+        return str(completion[-1]["content"]) if completion else ""
+    return str(completion)
+
+
+# --------------------------------------------------------------------------- built-in rewards
+
+
+def math_answer(
+    prompts: list,
+    completions: list,
+    completion_ids: list,
+    answer: list | None = None,
+    **kwargs: Any,
+) -> list[float | None]:
+    """1.0 if the completion's final number equals the row's `answer`, else 0.0.
+
+    Both sides are read with `extract_answer` (a GSM8K reference "... #### 18"
+    works) and compared with a relative tolerance of 1e-6. None where the row has
+    no answer, or an answer without a number (this also warns: likely a wrong column).
+
+    Example:
+        >>> math_answer(["q"], ["The total is $18."], [[0]], answer=["... #### 18"])
+        [1.0]
+    """
+    if answer is None:
+        return [None] * len(completions)
+    if len(answer) != len(completions):
+        raise ValueError(f"got {len(answer)} answers for {len(completions)} completions")
+    scores: list[float | None] = []
+    unreadable = []
+    for completion, ref in zip(completions, answer, strict=True):
+        is_number = isinstance(ref, (int, float)) and not isinstance(ref, bool)
+        target = float(ref) if is_number else None if ref is None else extract_answer(str(ref))
+        if target is None:
+            if ref is not None:
+                unreadable.append(ref)
+            scores.append(None)
+            continue
+        predicted = extract_answer(_completion_text(completion))
+        ok = predicted is not None and abs(predicted - target) <= 1e-6 * max(1.0, abs(target))
+        scores.append(1.0 if ok else 0.0)
+    if unreadable:
+        warnings.warn(
+            f"math_answer: {len(unreadable)} reference answer(s) hold no number "
+            f"(first: {str(unreadable[0])[:80]!r}); those rows get no math reward. "
+            "The answer column must be a number or end with '#### <number>'.",
+            stacklevel=2,
+        )
+    return scores
+
+
+def think_format(
+    prompts: list, completions: list, completion_ids: list, **kwargs: Any
+) -> list[float | None]:
+    """1.0 if the completion is `<think>reasoning</think>answer`, else 0.0.
+
+    Exactly one `</think>`, a non-empty answer after it, and no `<think>` except an
+    optional one at the very start (thinking templates may end the prompt with it).
+
+    Example:
+        >>> think_format(["q"] * 2, ["<think>hm</think> 4", "4"], [[0], [0]])
+        [1.0, 0.0]
+    """
+    return [1.0 if _is_think_formatted(_completion_text(c)) else 0.0 for c in completions]
+
+
+def _is_think_formatted(text: str) -> bool:
+    text = text.strip()
+    if text.count("</think>") != 1:
+        return False
+    before, after = text.split("</think>")
+    if "<think>" in after or not after.strip():
+        return False
+    opens = before.count("<think>")
+    return opens == 0 or (opens == 1 and before.startswith("<think>"))
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {"math_answer": math_answer, "think_format": think_format}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_reward(spec: str) -> tuple[str, RewardFn]:
+    """Resolve a reward spec to (name, function).
+
+    `spec` is a built-in name (see BUILTIN_REWARDS), `package.module:function` or
+    `path/to/file.py:function` (relative to the current directory, or absolute).
+    The name is the built-in name or the function's `__name__`.
+
+    Example:
+        >>> load_reward("math_answer")[0]
+        'math_answer'
+        >>> name, fn = load_reward("my_rewards.py:length_penalty")  # doctest: +SKIP
+    """
+    if spec in BUILTIN_REWARDS:
+        return spec, BUILTIN_REWARDS[spec]
+    if ":" not in spec:
+        close = difflib.get_close_matches(spec, list(BUILTIN_REWARDS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RewardSpecError(
+            f"unknown reward {spec!r}.{hint} Built-in rewards: {', '.join(BUILTIN_REWARDS)}; "
+            "for your own function give 'package.module:function' or 'path/to/file.py:function'."
+        )
+    target, attr = spec.rsplit(":", 1)
+    if not target or not attr:
+        raise RewardSpecError(
+            f"reward spec {spec!r} must be 'module:function' or 'file.py:function'"
+        )
+    looks_like_file = target.endswith(".py") or "/" in target or "\\" in target
+    module = _import_file(target, spec) if looks_like_file else _import_module(target, spec)
+    fn = _get_function(module, attr, spec)
+    return getattr(fn, "__name__", attr), fn
+
+
+def _import_file(target: str, spec: str) -> Any:
+    path = Path(target).expanduser()
+    resolved = path if path.is_absolute() else Path.cwd() / path
+    if not resolved.is_file():
+        raise RewardSpecError(
+            f"reward file {target!r} (from {spec!r}) not found: looked at {resolved}. "
+            f"Relative paths start at the current directory ({Path.cwd()}); "
+            "check the path or give an absolute one."
+        )
+    name = f"_mlx_grpo_reward_{abs(hash(str(resolved.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise RewardSpecError(
+            f"reward file {resolved} (from {spec!r}) raised while being imported: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return module
+
+
+def _import_module(target: str, spec: str) -> Any:
+    try:
+        return importlib.import_module(target)
+    except Exception as exc:
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and (target + ".").startswith(f"{exc.name}."):
+            hint = (
+                f" Install it, add its folder to PYTHONPATH (the current directory is {Path.cwd()})"
+                f", or name the file: 'path/to/{target.split('.')[-1]}.py:{spec.split(':')[-1]}'."
+            )
+        raise RewardSpecError(
+            f"cannot import module {target!r} for reward {spec!r}: {type(exc).__name__}: {exc}."
+            + hint
+        ) from exc
+
+
+def _get_function(module: Any, attr: str, spec: str) -> RewardFn:
+    where = getattr(module, "__file__", None) or module.__name__
+    if not hasattr(module, attr):
+        callables = sorted(
+            n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+        )
+        close = difflib.get_close_matches(attr, callables, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RewardSpecError(
+            f"{where} has no attribute {attr!r} (from reward {spec!r}).{hint} "
+            f"Callables it defines: {', '.join(callables) or 'none'}."
+        )
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise RewardSpecError(
+            f"{attr!r} in {where} is a {type(fn).__name__}, not a function (from reward {spec!r}); "
+            "point the spec at a function f(prompts, completions, completion_ids, **kwargs)."
+        )
+    try:
+        signature = inspect.signature(fn)
+        signature.bind([], [], [])
+    except ValueError:
+        return fn  # no signature to read (some C functions): trust it
+    except TypeError as exc:
+        raise RewardSpecError(
+            f"reward function {attr}{signature} in {where} cannot be called as "
+            f"f(prompts, completions, completion_ids, **kwargs) ({exc}); "
+            "give it TRL's signature: def f(prompts, completions, completion_ids, **kwargs)."
+        ) from exc
+    return fn
+
+
+def load_rewards(specs: list[str], weights: list[float] | None = None) -> list[Reward]:
+    """Load every spec (see `load_reward`) and pair it with its weight.
+
+    `weights` None means 1.0 each. Two functions with the same name get
+    suffixes (`reward`, `reward_2`) so their metrics stay apart.
+
+    Example:
+        >>> [r.name for r in load_rewards(["math_answer", "think_format"], [1.0, 0.5])]
+        ['math_answer', 'think_format']
+    """
+    if not specs:
+        raise RewardSpecError("no reward functions given; name at least one, e.g. 'math_answer'.")
+    if weights is None:
+        weights = [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise RewardSpecError(
+            f"got {len(specs)} reward functions ({', '.join(specs)}) but {len(weights)} weights "
+            f"({', '.join(map(str, weights))}); give one weight per reward function, in order."
+        )
+    rewards: list[Reward] = []
+    seen: dict[str, int] = {}
+    for spec, weight in zip(specs, weights, strict=True):
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise RewardSpecError(f"weight {weight!r} for reward {spec!r} must be a finite number.")
+        name, fn = load_reward(spec)
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}_{seen[name]}"
+        rewards.append(Reward(name=name, fn=fn, weight=float(weight)))
+    return rewards
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_completions(
+    rewards: list[Reward],
+    prompts: list,
+    completions: list[str],
+    completion_ids: list[list[int]],
+    columns: dict[str, list],
+    row_sources: list[str],
+) -> np.ndarray:
+    """Call each reward function once on the batch; return raw scores (N, K) float32.
+
+    All lists are aligned with `completions` (N of them); `columns` go to the
+    functions as keyword arguments (a function without **kwargs gets only the
+    columns it names). None becomes NaN. Weights are not applied here.
+    Raises RewardError naming the function and, where it can, the row.
+
+    Example:
+        >>> score_completions(load_rewards(["think_format"]), ["q"], ["4"], [[52]], {},
+        ...                   ["data.jsonl:1"]).tolist()
+        [[0.0]]
+    """
+    n = len(completions)
+    aligned = {"prompts": prompts, "completion_ids": completion_ids, "row_sources": row_sources}
+    for what, values in {**aligned, **columns}.items():
+        if len(values) != n:
+            raise ValueError(f"{what!r} has {len(values)} entries for {n} completions")
+    scores = np.full((n, len(rewards)), np.nan, dtype=np.float32)
+    for k, reward in enumerate(rewards):
+        args, kwargs = (prompts, completions, completion_ids), _accepted_columns(reward.fn, columns)
+        try:
+            values = reward.fn(*args, **kwargs)
+        except Exception as exc:
+            raise _raised_error(reward, args, kwargs, row_sources, exc) from exc
+        scores[:, k] = _check_values(reward.name, values, completions, row_sources)
+    return scores
+
+
+def _accepted_columns(fn: RewardFn, columns: dict[str, list]) -> dict[str, list]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return dict(columns)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(columns)
+    names = {p.name for p in params}
+    return {k: v for k, v in columns.items() if k in names}
+
+
+def _row(i: int, completions: list, row_sources: list[str]) -> str:
+    text = _completion_text(completions[i])
+    shown = text if len(text) <= 120 else text[:120] + "..."
+    return f"row {row_sources[i]} (completion {i}: {shown!r})"
+
+
+def _raised_error(
+    reward: Reward, args: tuple, kwargs: dict, row_sources: list[str], exc: Exception
+) -> RewardError:
+    """The error for a function that raised; re-runs it row by row to find the row."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = f" at {frames[-1].filename}:{frames[-1].lineno}" if len(frames) > 1 else ""
+    message = f"{type(exc).__name__}: {exc}{at}"
+    for i in range(len(row_sources)):
+        try:
+            reward.fn(*(a[i : i + 1] for a in args), **{k: v[i : i + 1] for k, v in kwargs.items()})
+        except Exception:
+            return RewardError(
+                f"reward function {reward.name!r} raised on {_row(i, args[1], row_sources)}: "
+                f"{message}. Fix the function, or return None for rows it cannot score."
+            )
+    return RewardError(
+        f"reward function {reward.name!r} raised on a batch of {len(row_sources)} completions "
+        f"(rows {', '.join(dict.fromkeys(row_sources))}) but on no single row: {message}."
+    )
+
+
+def _check_values(name: str, values: Any, completions: list, row_sources: list[str]) -> np.ndarray:
+    """Validate a function's return value; return float32 (N,) with NaN for None."""
+    n = len(completions)
+    if isinstance(values, np.ndarray):
+        values = values.tolist() if values.ndim == 1 else values
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(
+            f"reward function {name!r} returned a {type(values).__name__}; it must return a list "
+            f"with one float (or None) per completion ({n} here)."
+        )
+    if len(values) != n:
+        raise RewardError(
+            f"reward function {name!r} returned {len(values)} values for {n} completions "
+            f"(rows {', '.join(dict.fromkeys(row_sources))}); expected {n}, one per completion."
+        )
+    out = np.full(n, np.nan, dtype=np.float32)
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        is_real = isinstance(value, (int, float, np.integer, np.floating, np.bool_))
+        if not is_real or not math.isfinite(float(value)):
+            raise RewardError(
+                f"reward function {name!r} returned {value!r} ({type(value).__name__}) for "
+                f"{_row(i, completions, row_sources)}; each value must be a finite number, "
+                "or None where the reward does not apply."
+            )
+        out[i] = float(value)
+    return out

@@ -1,0 +1,122 @@
+"""Batched sampling of G completions for each of B prompts.
+
+The B prompts are left-padded and prefilled together, once each; the KV
+cache is then repeated G times and all B x G sequences decode in one batch.
+A sequence stops at its first EOS (any id in `eos_ids`), which is kept in
+the completion and counted in its mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_grpo.models import RolloutCache, left_pad
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int = 512
+
+    @property
+    def logprob_temperature(self) -> float:
+        # Greedy decoding has no sampling temperature; score at 1.
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+@dataclass
+class RolloutBatch:
+    """B x G sequences; row b * G + j is the j-th completion of prompt b."""
+
+    prompt_tokens: mx.array  # (N, P) int32, left-padded
+    prompt_padding: mx.array  # (N,) int32, pad tokens on the left of each prompt
+    completion_ids: mx.array  # (N, T) int32, pad after the first EOS
+    completion_mask: mx.array  # (N, T) float32, 1 up to and including the first EOS
+    sampled_logprobs: mx.array  # (N, T) float32, log pi(token) while sampling, at temperature
+    truncated: list[bool]  # no EOS within max_tokens
+    num_generations: int
+
+    @property
+    def tokens(self) -> mx.array:
+        """(N, P + T) prompt followed by completion."""
+        return mx.concatenate([self.prompt_tokens, self.completion_ids], axis=1)
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.completion_mask.sum(axis=1).astype(mx.int32).tolist()
+
+    def completion_lists(self) -> list[list[int]]:
+        """Each completion's ids, EOS included, padding dropped."""
+        ids = self.completion_ids.tolist()
+        return [row[:n] for row, n in zip(ids, self.lengths)]
+
+
+def rollout(
+    model: nn.Module,
+    prompts: list[list[int]],
+    num_generations: int,
+    sampling: SamplingSettings,
+    eos_ids: list[int],
+    pad_id: int,
+) -> RolloutBatch:
+    """Sample `num_generations` completions for every prompt, all in one batch.
+
+    Example:
+        >>> batch = rollout(model, [tok.encode("2+2=")], 4, SamplingSettings(max_tokens=8),
+        ...                 eos_ids=[tok.eos_token_id], pad_id=0)
+        >>> batch.completion_ids.shape
+        (4, 8)
+    """
+    g = num_generations
+    tokens, padding = left_pad(prompts, pad_id)
+    cache = [RolloutCache(padding.tolist()) for _ in model.layers]
+    logits = model(tokens, cache=cache)[:, -1, :]  # (B, V): one prefill per prompt
+    for c in cache:
+        c.repeat(g)
+    logits = mx.repeat(logits, g, axis=0)  # (B*G, V)
+
+    # Temperature first, then the filters, in the order transformers applies them.
+    sampler = make_sampler(
+        temp=1.0 if sampling.temperature > 0 else 0.0,
+        top_p=sampling.top_p,
+        min_p=sampling.min_p,
+        top_k=sampling.top_k,
+    )
+    eos = mx.array(sorted(set(eos_ids)), dtype=mx.int32)
+    n = logits.shape[0]
+    done = mx.zeros((n,), dtype=mx.bool_)
+    steps_ids, steps_mask, steps_logp = [], [], []
+    for step in range(sampling.max_tokens):
+        scaled = logits.astype(mx.float32) / sampling.logprob_temperature
+        logprobs = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)  # (N, V)
+        token = sampler(logprobs).astype(mx.int32)  # (N,)
+        token_logp = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+        live = ~done
+        steps_ids.append(mx.where(live, token, pad_id))
+        steps_mask.append(live)
+        steps_logp.append(mx.where(live, token_logp, 0.0))
+        done = done | (token[:, None] == eos[None]).any(axis=1)
+        mx.eval(done, steps_ids[-1], steps_logp[-1])
+        if step + 1 == sampling.max_tokens or done.all().item():
+            break
+        logits = model(token[:, None], cache=cache)[:, -1, :]
+
+    ids = mx.stack(steps_ids, axis=1)
+    mask = mx.stack(steps_mask, axis=1).astype(mx.float32)
+    truncated = (~done).tolist()
+    return RolloutBatch(
+        prompt_tokens=mx.repeat(tokens, g, axis=0),
+        prompt_padding=mx.repeat(padding, g),
+        completion_ids=ids,
+        completion_mask=mask,
+        sampled_logprobs=mx.stack(steps_logp, axis=1),
+        truncated=truncated,
+        num_generations=g,
+    )

@@ -1,0 +1,466 @@
+"""The GRPO-LoRA training loop: rollout -> rewards -> advantages -> updates -> metrics.
+
+Each step takes B prompts, samples G completions of each in one batch,
+scores them with the reward functions, and turns the rewards into group
+advantages. pi_old log-probs are taken once after generation when more than
+one pass runs over the rollout (mu > 1); the reference log-probs come from
+the same model with the adapters switched off, and only when beta != 0.
+Each of the mu passes accumulates gradients over the micro-batches and
+makes one AdamW update. The math lives in objective.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_grpo import data as data_mod
+from mlx_grpo import rewards as rewards_mod
+from mlx_grpo.config import TrainConfig, resolve
+from mlx_grpo.lora import (
+    adapters_disabled,
+    apply_lora,
+    parse_layers,
+    save_adapter,
+    total_count,
+    trainable_count,
+)
+from mlx_grpo.models import LoadedModel, load_model
+from mlx_grpo.objective import (
+    Advantages,
+    LossSettings,
+    Normalizer,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
+    nanstd,
+)
+from mlx_grpo.reporting import METRICS_FILE, Reporter
+from mlx_grpo.rollout import RolloutBatch, SamplingSettings, rollout
+from mlx_grpo.scoring import completion_hidden, score_completions
+
+
+@dataclass
+class Run:
+    """Everything a run holds between steps."""
+
+    cfg: TrainConfig
+    lm: LoadedModel
+    lora_paths: list[str]
+    rewards: list[rewards_mod.Reward]
+    rows: list[data_mod.PromptRow]
+    optimizer: optim.Optimizer
+    output_dir: Path
+    order: np.random.Generator
+    queue: list[int] = field(default_factory=list)
+    epoch: int = 0
+    num_tokens: int = 0
+
+
+@dataclass
+class MicroBatch:
+    """A slice of a rollout, trimmed to its own padding and length."""
+
+    prompt_tokens: mx.array  # (M, P)
+    padding: mx.array  # (M,)
+    completion_ids: mx.array  # (M, T)
+    mask: mx.array  # (M, T)
+    advantages: mx.array  # (M,)
+    old_logp: mx.array | None  # (M, T)
+    ref: mx.array | None  # (M, T) ref log-probs (k3) or (M, T, D) ref hidden (exact)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: list[dict[str, Any]]
+
+
+def train(
+    config: TrainConfig | str | Path | None = None,
+    *,
+    reward_funcs: list[Callable] | None = None,
+    show_progress: bool = True,
+    **overrides: Any,
+) -> TrainResult:
+    """Train a LoRA adapter with GRPO; return the output directory and metrics.
+
+    `config` is a TrainConfig or a YAML path; keyword overrides win over it.
+    `reward_funcs` adds Python callables (TRL signature) after the named
+    rewards; `reward_weights` then covers both, in that order.
+
+    Example:
+        >>> import mlx_grpo
+        >>> def short(prompts, completions, completion_ids, **kw):
+        ...     return [-len(c) / 100 for c in completions]
+        >>> result = mlx_grpo.train(model="Qwen/Qwen3-0.6B", data="train.jsonl",
+        ...                         rewards=["math_answer"], reward_funcs=[short],
+        ...                         max_steps=50, output_dir="runs/demo")
+        >>> result.metrics[-1]["reward"]
+    """
+    if isinstance(config, TrainConfig):
+        cfg = resolve(None, **{**config.to_dict(), **overrides})
+    else:
+        cfg = resolve(config, **overrides)
+    run = setup(cfg, reward_funcs or [])
+    reporter = Reporter(run.output_dir, cfg.max_steps, show_progress)
+    reporter.write(_summary(run))
+    history = []
+    try:
+        for step in range(cfg.max_steps):
+            metrics, samples = train_step(run, step)
+            history.append(metrics)
+            reporter.log(metrics)
+            if step % cfg.logging_steps == 0:
+                reporter.samples(step + 1, samples)
+            if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+                _save(run)
+        _save(run)
+    finally:
+        reporter.close()
+    return TrainResult(run.output_dir, history)
+
+
+def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
+    """Seed, prepare the output directory, load model, adapters, rewards and data."""
+    output_dir = _prepare_output(cfg)
+    mx.random.seed(cfg.seed)
+    rewards = rewards_mod.load_rewards(cfg.rewards, None)
+    rewards += [rewards_mod.Reward(getattr(f, "__name__", "reward"), f) for f in reward_funcs]
+    weights = cfg.reward_weights or [1.0] * len(rewards)
+    if len(weights) != len(rewards):
+        names = [r.name for r in rewards]
+        raise ValueError(f"reward_weights has {len(weights)} values for {len(rewards)} rewards {names}")
+    rewards = [rewards_mod.Reward(r.name, r.fn, w) for r, w in zip(rewards, weights)]
+
+    lm = load_model(cfg.model, cfg.dtype)
+    layers = parse_layers(cfg.lora_layers, len(lm.model.layers))
+    paths = apply_lora(
+        lm.model, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_targets, layers
+    )
+    if cfg.grad_checkpoint:
+        _checkpoint_layers(lm.model)
+    mx.eval(lm.model.parameters())
+
+    max_prompt = cfg.max_prompt_length or _context_length(lm.config)
+    rows = data_mod.load_prompts(
+        cfg.data, lm.tokenizer, cfg.prompt_column, cfg.system_prompt, cfg.enable_thinking,
+        max_prompt,
+    )
+    optimizer = optim.AdamW(
+        learning_rate=cfg.learning_rate,
+        betas=[cfg.adam_beta1, cfg.adam_beta2],
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+        bias_correction=True,  # as torch.optim.AdamW
+    )
+    cfg.save(output_dir / "config.yaml")
+    return Run(cfg, lm, paths, rewards, rows, optimizer, output_dir,
+               np.random.default_rng(cfg.seed))
+
+
+def _prepare_output(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if (out / METRICS_FILE).exists() and not cfg.overwrite:
+        raise ValueError(
+            f"output directory {out} already holds a run ({METRICS_FILE}); "
+            "choose another --output-dir or pass --overwrite"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        for name in (METRICS_FILE, "completions.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def _context_length(config: dict) -> int | None:
+    return config.get("max_position_embeddings")
+
+
+def _checkpoint_layers(model: nn.Module) -> None:
+    """Recompute each transformer block's activations during backward.
+
+    Only blocks marked here and only in training mode are affected, so other
+    models of the same class in the process keep their plain forward.
+    """
+    cls = type(model.layers[0])
+    for layer in model.layers:
+        layer._grad_checkpoint = True
+    if getattr(cls, "_plain_call", None) is not None:
+        return
+    cls._plain_call = plain = cls.__call__
+
+    def call(self, x, mask=None, cache=None, **kwargs):
+        if not (self.training and getattr(self, "_grad_checkpoint", False)):
+            return plain(self, x, mask, cache, **kwargs)
+
+        def inner(params, h):
+            self.update(params)
+            return plain(self, h, mask, cache, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+    cls.__call__ = call
+
+
+def _summary(run: Run) -> str:
+    n_train, n_total = trainable_count(run.lm.model), total_count(run.lm.model)
+    cfg = run.cfg
+    return (
+        f"model {cfg.model} | LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on "
+        f"{len(run.lora_paths)} modules\n"
+        f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)\n"
+        f"{len(run.rows)} prompts | {cfg.prompts_per_step} prompts x {cfg.num_generations} "
+        f"completions per step | {cfg.max_steps} steps | output {run.output_dir}"
+    )
+
+
+def next_prompts(run: Run) -> list[data_mod.PromptRow]:
+    """The next B prompts of a seeded shuffle, reshuffled every epoch."""
+    picked = []
+    while len(picked) < run.cfg.prompts_per_step:
+        if not run.queue:
+            run.queue = run.order.permutation(len(run.rows)).tolist()
+            run.epoch += 1
+        picked.append(run.rows[run.queue.pop(0)])
+    return picked
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update `step` (0-based): linear warmup, then the schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * step / max(1, cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.lr_scheduler == "linear":
+        return cfg.learning_rate * max(0.0, 1.0 - progress)
+    if cfg.lr_scheduler == "cosine":
+        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.learning_rate
+
+
+def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One rollout and its mu updates; returns the step's metrics and samples."""
+    cfg, model = run.cfg, run.lm.model
+    rows = next_prompts(run)
+    t0 = time.perf_counter()
+    model.eval()
+    sampling = SamplingSettings(
+        cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.max_completion_length
+    )
+    batch = rollout(
+        model, [r.prompt_ids for r in rows], cfg.num_generations, sampling,
+        run.lm.eos_ids, run.lm.pad_id,
+    )
+    t_rollout = time.perf_counter() - t0
+
+    ids = batch.completion_lists()
+    texts = [run.lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    g = cfg.num_generations
+    per_func = rewards_mod.score_completions(
+        run.rewards,
+        [r.prompt for r in rows for _ in range(g)],
+        texts,
+        ids,
+        _columns(rows, g),
+        [r.source for r in rows for _ in range(g)],
+    )
+    weights = np.array([r.weight for r in run.rewards], dtype=np.float32)
+    adv = group_advantages(per_func, weights, g, cfg.scale_rewards)
+
+    t1 = time.perf_counter()
+    micro = micro_batches(run, batch, mx.array(adv.advantages))
+    t_reference = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    update = optimise(run, micro, step)
+    t_update = time.perf_counter() - t2
+
+    n_completion = int(batch.completion_mask.sum().item())
+    run.num_tokens += n_completion + int(
+        (batch.prompt_tokens.shape[1] - batch.prompt_padding).sum().item()
+    )
+    metrics = {
+        "step": step + 1,
+        "epoch": run.epoch,
+        **_reward_metrics(run, per_func, adv, g),
+        **_length_metrics(batch),
+        **update,
+        "num_tokens": run.num_tokens,
+        "tokens_per_second": n_completion / max(t_rollout, 1e-9),
+        "time/rollout": t_rollout,
+        "time/reference": t_reference,
+        "time/update": t_update,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
+    samples = [
+        {
+            "prompt": rows[i // g].prompt,
+            "completion": texts[i],
+            "rewards": {r.name: _float(per_func[i, k]) for k, r in enumerate(run.rewards)},
+            "advantage": float(adv.advantages[i]),
+        }
+        for i in range(g)
+    ]
+    return metrics, samples
+
+
+def _columns(rows: list[data_mod.PromptRow], g: int) -> dict[str, list]:
+    names = sorted({k for r in rows for k in r.columns})
+    return {k: [r.columns.get(k) for r in rows for _ in range(g)] for k in names}
+
+
+def _float(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def micro_batches(run: Run, batch: RolloutBatch, advantages: mx.array) -> list[MicroBatch]:
+    """Split the rollout for accumulation; add pi_old and reference inputs."""
+    cfg, model = run.cfg, run.lm.model
+    n = batch.completion_ids.shape[0]
+    size = n // cfg.gradient_accumulation_steps
+    temperature = SamplingSettings(cfg.temperature).logprob_temperature
+    out = []
+    for start in range(0, n, size):
+        sl = slice(start, start + size)
+        pad = batch.prompt_padding[sl]
+        trim_left = int(pad.min().item())
+        length = max(1, int(batch.completion_mask[sl].sum(axis=1).max().item()))
+        mb = MicroBatch(
+            prompt_tokens=batch.prompt_tokens[sl, trim_left:],
+            padding=pad - trim_left,
+            completion_ids=batch.completion_ids[sl, :length],
+            mask=batch.completion_mask[sl, :length],
+            advantages=advantages[sl],
+            old_logp=None,
+            ref=None,
+        )
+        if cfg.num_iterations > 1:
+            mb.old_logp = score_completions(
+                model, mb.prompt_tokens, mb.padding, mb.completion_ids, temperature,
+                cfg.logits_chunk_size,
+            ).logp
+        if cfg.beta != 0.0:
+            with adapters_disabled(model):
+                if cfg.kl_estimator == "exact":
+                    mb.ref = completion_hidden(
+                        model, mb.prompt_tokens, mb.padding, mb.completion_ids
+                    )
+                else:
+                    mb.ref = score_completions(
+                        model, mb.prompt_tokens, mb.padding, mb.completion_ids, temperature,
+                        cfg.logits_chunk_size,
+                    ).logp
+        mx.eval(mb.old_logp, mb.ref)
+        out.append(mb)
+    return out
+
+
+def micro_loss(
+    model: nn.Module, mb: MicroBatch, cfg: TrainConfig, normalizer: Normalizer
+) -> tuple[mx.array, dict[str, mx.array]]:
+    temperature = SamplingSettings(cfg.temperature).logprob_temperature
+    exact = cfg.beta != 0.0 and cfg.kl_estimator == "exact"
+    scores = score_completions(
+        model, mb.prompt_tokens, mb.padding, mb.completion_ids, temperature,
+        cfg.logits_chunk_size, ref_hidden=mb.ref if exact else None,
+    )
+    kl = None
+    if cfg.beta != 0.0:
+        kl = scores.kl if exact else k3_kl(scores.logp, mb.ref)
+    settings = LossSettings(
+        cfg.loss_type, cfg.epsilon, cfg.epsilon_upper, cfg.beta, cfg.importance_sampling_level,
+        cfg.use_bias_correction_kl, cfg.max_completion_length,
+    )
+    loss, stats = grpo_loss(scores.logp, mb.old_logp, mb.advantages, mb.mask, settings,
+                            normalizer, kl)
+    stats["entropy"] = mx.stop_gradient((scores.entropy * mb.mask).sum())
+    return loss, stats
+
+
+def optimise(run: Run, micro: list[MicroBatch], step: int) -> dict[str, float]:
+    """mu passes over the rollout, each one accumulated AdamW update."""
+    cfg, model = run.cfg, run.lm.model
+    model.train()
+    normalizer = Normalizer(
+        accumulation_steps=len(micro),
+        tokens_in_batch=float(sum(mb.mask.sum().item() for mb in micro)),
+    )
+    loss_and_grad = nn.value_and_grad(model, lambda m, mb: micro_loss(m, mb, cfg, normalizer))
+    totals: dict[str, float] = {}
+    losses, norms = [], []
+    lr = lr_at(step, cfg)
+    run.optimizer.learning_rate = lr
+    for _ in range(cfg.num_iterations):
+        grads, loss_sum = None, 0.0
+        for mb in micro:
+            (loss, stats), g = loss_and_grad(model, mb)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(loss, grads, stats)
+            loss_sum += loss.item()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v.item()
+        if cfg.max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        else:
+            norm = mx.sqrt(sum((v * v).sum() for _, v in tree_flatten(grads)))
+        run.optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), run.optimizer.state)
+        losses.append(loss_sum)
+        norms.append(norm.item())
+    metrics = {
+        "loss": float(np.mean(losses)),
+        "grad_norm": float(np.mean(norms)),
+        "learning_rate": lr,
+        "entropy": totals["entropy"] / max(totals["tokens"], 1.0),
+    }
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        metrics[key] = totals[key] / max(totals["count"], 1.0)
+    if "kl" in totals:
+        metrics["kl"] = totals["kl"] / max(totals["tokens"], 1.0)
+    return metrics
+
+
+def _reward_metrics(run: Run, per_func: np.ndarray, adv: Advantages, g: int) -> dict[str, float]:
+    with np.errstate(all="ignore"):
+        out = {
+            "reward": float(np.nanmean(adv.rewards)) if np.any(~np.isnan(adv.rewards)) else None,
+            "reward_std": float(nanstd(adv.rewards)),
+            "frac_reward_zero_std": float(np.mean(np.isclose(adv.std, 0.0))),
+        }
+        for k, r in enumerate(run.rewards):
+            col = per_func[:, k]
+            scorable = np.any(~np.isnan(col))
+            out[f"rewards/{r.name}/mean"] = float(np.nanmean(col)) if scorable else None
+            out[f"rewards/{r.name}/std"] = float(nanstd(col))
+    return out
+
+
+def _length_metrics(batch: RolloutBatch) -> dict[str, float]:
+    lengths = np.array(batch.lengths, dtype=np.float64)
+    truncated = np.array(batch.truncated)
+    terminated = lengths[~truncated]
+    return {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(truncated.mean()),
+        "completions/mean_terminated_length": float(terminated.mean()) if terminated.size else 0.0,
+    }
+
+
+def _save(run: Run) -> Path:
+    cfg = run.cfg
+    return save_adapter(
+        run.lm.model, run.output_dir, run.lora_paths, cfg.lora_rank, cfg.lora_scale,
+        cfg.lora_dropout,
+    )
