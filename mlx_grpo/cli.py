@@ -8,10 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
-
 import click
 
+import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
 from mlx_grpo.config import TrainConfig, field_type
 
 
@@ -26,7 +25,10 @@ def _config_options(command: Callable) -> Callable:
             option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
         elif is_list:
             option = click.option(
-                flag, f.name, multiple=True, default=None,
+                flag,
+                f.name,
+                multiple=True,
+                default=None,
                 help=help_text + " Repeat the flag or separate with commas.",
             )
         else:
@@ -60,8 +62,12 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML file of settings; flags override it.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML file of settings; flags override it.",
+)
 @click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
 @_config_options
 def train(config_file: str | None, debug: bool, **flags: Any) -> None:
@@ -81,8 +87,12 @@ def train(config_file: str | None, debug: bool, **flags: Any) -> None:
 
 
 @main.command()
-@click.option("--output-dir", default="runs/demo", show_default=True,
-              help="Where the tiny model, its data and the run go.")
+@click.option(
+    "--output-dir",
+    default="runs/demo",
+    show_default=True,
+    help="Where the tiny model, its data and the run go.",
+)
 @click.option("--max-steps", default=60, show_default=True, help="Training steps.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo run.")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")

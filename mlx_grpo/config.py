@@ -77,15 +77,13 @@ class TrainConfig:
     min_p: float = _opt(0.0, "Min-p sampling (0 = off).")
 
     # Objective
-    loss_type: str = _opt(
-        "dapo", "Loss aggregation.", choices=("grpo", "bnpo", "dr_grpo", "dapo")
-    )
+    loss_type: str = _opt("dapo", "Loss aggregation.", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
     beta: float = _opt(0.0, "KL penalty weight (0 = no reference pass).")
     kl_estimator: str = _opt(
         "k3", "KL per token: k3 estimator or exact full-vocabulary KL.", choices=("k3", "exact")
     )
     use_bias_correction_kl: bool = _opt(
-        True, "Multiply the KL term by the importance ratio (TRL's default)."
+        True, "Multiply the k3 KL term by the importance ratio (TRL's default)."
     )
     epsilon: float = _opt(0.2, "Lower clipping range epsilon.")
     epsilon_high: float | None = _opt(None, "Upper clipping range (default: epsilon).")

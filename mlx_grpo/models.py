@@ -54,8 +54,9 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
             "holding an mlx-lm or transformers model (config.json + *.safetensors)"
         )
     try:
-        model, tokenizer, config = mlx_lm.load(str(local) if local.exists() else path_or_id,
-                                               return_config=True)
+        model, tokenizer, config = mlx_lm.load(
+            str(local) if local.exists() else path_or_id, return_config=True
+        )
     except Exception as e:  # mlx-lm raises many kinds; wrap them with context
         raise ValueError(f"could not load model '{path_or_id}': {type(e).__name__}: {e}") from e
     target = _dtype(dtype)

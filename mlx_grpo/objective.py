@@ -14,8 +14,9 @@ marks completion tokens up to and including the first EOS.
    stop_gradient(logp), so rho = 1 and only its gradient acts.
 4. l_t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta KL_t, with
    KL_t Schulman's k3 estimator exp(ref - logp) - (ref - logp) - 1, or the
-   exact sum_v pi(v) log(pi(v) / pi_ref(v)); times rho when
-   `use_bias_correction_kl` (TRL's default).
+   exact sum_v pi(v) log(pi(v) / pi_ref(v)). The k3 sample is multiplied by
+   rho when `use_bias_correction_kl` (TRL's default); the exact KL is already
+   an expectation under pi and is not.
 5. Aggregation by loss type (AGGREGATIONS), then summed over the G
    accumulation micro-batches of one update.
 
@@ -123,6 +124,7 @@ class LossSettings:
     importance_sampling_level: str = "token"
     use_bias_correction_kl: bool = True
     max_completion_length: int = 512
+    kl_estimator: str = "k3"  # the ratio correction applies to k3 samples only
 
 
 @dataclass(frozen=True)
@@ -194,13 +196,13 @@ def grpo_loss(
     if s.beta != 0.0:
         if kl is None:
             raise ValueError("beta != 0 needs the per-token KL to the reference policy")
-        if s.use_bias_correction_kl:
+        if s.use_bias_correction_kl and s.kl_estimator == "k3":
             kl = kl * coef_1
         per_token = per_token + s.beta * kl
     loss = AGGREGATIONS[s.loss_type](per_token, mask, s, normalizer)
 
     # Metrics, as TRL counts them: per token, or per sequence for GSPO ratios.
-    weight = mask if coef_1.shape[1] != 1 else mx.ones_like(coef_1)
+    weight = mask if s.importance_sampling_level == "token" else mx.ones_like(coef_1)
     low = ((coef_1 < 1 - s.epsilon_low) & (adv < 0)).astype(mx.float32)
     high = ((coef_1 > 1 + s.epsilon_high) & (adv > 0)).astype(mx.float32)
     stats = {

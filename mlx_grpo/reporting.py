@@ -26,7 +26,9 @@ class Reporter:
         self.output_dir = output_dir
         self.metrics_file = open(output_dir / METRICS_FILE, "a")
         self.samples_file = open(output_dir / COMPLETIONS_FILE, "a")
-        self.bar = tqdm(total=total_steps, disable=not show_progress, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps, disable=not show_progress, unit="step", dynamic_ncols=True
+        )
 
     def log(self, metrics: dict[str, Any]) -> None:
         record = {k: _clean(v) for k, v in metrics.items()}
@@ -44,7 +46,9 @@ class Reporter:
             self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
         self.samples_file.flush()
         for row in rows[:show]:
-            prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+            prompt = (
+                row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+            )
             rewards = ", ".join(f"{k}={_fmt(v)}" for k, v in row["rewards"].items())
             self.write(
                 f"--- step {step} | {rewards} | advantage {row['advantage']:+.3f}\n"

@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -103,26 +102,29 @@ def build_tiny_qwen3(
     seed: int = 0,
     dtype: mx.Dtype = mx.float32,
     init_std: float = 0.02,
+    model_type: str = "qwen3",
     **overrides,
 ) -> Path:
-    """Build a random-weight Qwen3 with the byte tokenizer and save it to `path`.
+    """Build a random-weight Qwen3 (or Llama) with the byte tokenizer, save it to `path`.
 
     `overrides` change the shapes in TINY (for example `**QWEN3_0_6B`). The
     model's vocabulary is at least the tokenizer's. Matrices are drawn from
     N(0, init_std^2); a larger std gives peakier, less uniform next-token
     distributions.
     """
-    from mlx_lm.models import qwen3
+    import importlib
 
+    arch = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[model_type]
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
     path = Path(path)
     specials = save_byte_tokenizer(path)
     shapes = {**TINY, **overrides}
     shapes["vocab_size"] = max(shapes["vocab_size"], max(specials.values()) + 1)
     config = dict(
-        model_type="qwen3",
-        architectures=["Qwen3ForCausalLM"],
+        model_type=model_type,
+        architectures=[arch],
         rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
+        rope_theta=1_000_000.0 if model_type == "qwen3" else 100_000.0,
         max_position_embeddings=4096,
         eos_token_id=[specials["<|im_end|>"], specials["<|endoftext|>"]],
         bos_token_id=None,
@@ -131,7 +133,7 @@ def build_tiny_qwen3(
         **shapes,
     )
     mx.random.seed(seed)
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    model = module.Model(module.ModelArgs.from_dict(config))
     params = [
         (k, (init_std * mx.random.normal(v.shape)).astype(dtype) if v.ndim > 1 else v.astype(dtype))
         for k, v in tree_flatten(model.parameters())
@@ -143,10 +145,6 @@ def build_tiny_qwen3(
     gen = {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
 def allowed_share(

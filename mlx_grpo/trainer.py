@@ -140,7 +140,9 @@ def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
     weights = cfg.reward_weights or [1.0] * len(rewards)
     if len(weights) != len(rewards):
         names = [r.name for r in rewards]
-        raise ValueError(f"reward_weights has {len(weights)} values for {len(rewards)} rewards {names}")
+        raise ValueError(
+            f"reward_weights has {len(weights)} values for {len(rewards)} rewards {names}"
+        )
     rewards = [rewards_mod.Reward(r.name, r.fn, w) for r, w in zip(rewards, weights)]
 
     lm = load_model(cfg.model, cfg.dtype)
@@ -154,7 +156,11 @@ def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
 
     max_prompt = cfg.max_prompt_length or _context_length(lm.config)
     rows = data_mod.load_prompts(
-        cfg.data, lm.tokenizer, cfg.prompt_column, cfg.system_prompt, cfg.enable_thinking,
+        cfg.data,
+        lm.tokenizer,
+        cfg.prompt_column,
+        cfg.system_prompt,
+        cfg.enable_thinking,
         max_prompt,
     )
     optimizer = optim.AdamW(
@@ -165,8 +171,9 @@ def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
         bias_correction=True,  # as torch.optim.AdamW
     )
     cfg.save(output_dir / "config.yaml")
-    return Run(cfg, lm, paths, rewards, rows, optimizer, output_dir,
-               np.random.default_rng(cfg.seed))
+    return Run(
+        cfg, lm, paths, rewards, rows, optimizer, output_dir, np.random.default_rng(cfg.seed)
+    )
 
 
 def _prepare_output(cfg: TrainConfig) -> Path:
@@ -258,8 +265,12 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.max_completion_length
     )
     batch = rollout(
-        model, [r.prompt_ids for r in rows], cfg.num_generations, sampling,
-        run.lm.eos_ids, run.lm.pad_id,
+        model,
+        [r.prompt_ids for r in rows],
+        cfg.num_generations,
+        sampling,
+        run.lm.eos_ids,
+        run.lm.pad_id,
     )
     t_rollout = time.perf_counter() - t0
 
@@ -346,7 +357,11 @@ def micro_batches(run: Run, batch: RolloutBatch, advantages: mx.array) -> list[M
         )
         if cfg.num_iterations > 1:
             mb.old_logp = score_completions(
-                model, mb.prompt_tokens, mb.padding, mb.completion_ids, temperature,
+                model,
+                mb.prompt_tokens,
+                mb.padding,
+                mb.completion_ids,
+                temperature,
                 cfg.logits_chunk_size,
             ).logp
         if cfg.beta != 0.0:
@@ -357,7 +372,11 @@ def micro_batches(run: Run, batch: RolloutBatch, advantages: mx.array) -> list[M
                     )
                 else:
                     mb.ref = score_completions(
-                        model, mb.prompt_tokens, mb.padding, mb.completion_ids, temperature,
+                        model,
+                        mb.prompt_tokens,
+                        mb.padding,
+                        mb.completion_ids,
+                        temperature,
                         cfg.logits_chunk_size,
                     ).logp
         mx.eval(mb.old_logp, mb.ref)
@@ -371,18 +390,30 @@ def micro_loss(
     temperature = SamplingSettings(cfg.temperature).logprob_temperature
     exact = cfg.beta != 0.0 and cfg.kl_estimator == "exact"
     scores = score_completions(
-        model, mb.prompt_tokens, mb.padding, mb.completion_ids, temperature,
-        cfg.logits_chunk_size, ref_hidden=mb.ref if exact else None,
+        model,
+        mb.prompt_tokens,
+        mb.padding,
+        mb.completion_ids,
+        temperature,
+        cfg.logits_chunk_size,
+        ref_hidden=mb.ref if exact else None,
     )
     kl = None
     if cfg.beta != 0.0:
         kl = scores.kl if exact else k3_kl(scores.logp, mb.ref)
     settings = LossSettings(
-        cfg.loss_type, cfg.epsilon, cfg.epsilon_upper, cfg.beta, cfg.importance_sampling_level,
-        cfg.use_bias_correction_kl, cfg.max_completion_length,
+        loss_type=cfg.loss_type,
+        epsilon_low=cfg.epsilon,
+        epsilon_high=cfg.epsilon_upper,
+        beta=cfg.beta,
+        importance_sampling_level=cfg.importance_sampling_level,
+        use_bias_correction_kl=cfg.use_bias_correction_kl,
+        max_completion_length=cfg.max_completion_length,
+        kl_estimator=cfg.kl_estimator,
     )
-    loss, stats = grpo_loss(scores.logp, mb.old_logp, mb.advantages, mb.mask, settings,
-                            normalizer, kl)
+    loss, stats = grpo_loss(
+        scores.logp, mb.old_logp, mb.advantages, mb.mask, settings, normalizer, kl
+    )
     stats["entropy"] = mx.stop_gradient((scores.entropy * mb.mask).sum())
     return loss, stats
 
@@ -461,6 +492,10 @@ def _length_metrics(batch: RolloutBatch) -> dict[str, float]:
 def _save(run: Run) -> Path:
     cfg = run.cfg
     return save_adapter(
-        run.lm.model, run.output_dir, run.lora_paths, cfg.lora_rank, cfg.lora_scale,
+        run.lm.model,
+        run.output_dir,
+        run.lora_paths,
+        cfg.lora_rank,
+        cfg.lora_scale,
         cfg.lora_dropout,
     )

@@ -387,6 +387,7 @@ def test_grpo_loss_and_metrics_match_reference(loss_type, level, beta, kl_kind, 
         importance_sampling_level=level,
         use_bias_correction_kl=bias,
         max_completion_length=MAX_LEN,
+        kl_estimator="exact" if kl_kind == "exact" else "k3",
     )
     normalizer = Normalizer(accumulation_steps=GA, tokens_in_batch=TOKENS_IN_BATCH)
     loss, stats = grpo_loss(
@@ -402,7 +403,8 @@ def test_grpo_loss_and_metrics_match_reference(loss_type, level, beta, kl_kind, 
         eps_high=EPS_HIGH,
         beta=beta,
         level=level,
-        bias_correction=bias,
+        # The exact KL is already an expectation under pi: no ratio correction.
+        bias_correction=bias and kl_kind == "k3",
         max_len=MAX_LEN,
         ga=GA,
         tokens_in_batch=TOKENS_IN_BATCH,
