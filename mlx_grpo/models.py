@@ -48,6 +48,12 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
     if not path_or_id:
         raise ValueError("no model given: pass --model with a Hub id or a local directory")
     local = Path(path_or_id).expanduser()
+    looks_local = path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
+    if looks_local and not local.exists():
+        raise ValueError(
+            f"model directory {local} does not exist; pass --model a local model directory "
+            "or a Hugging Face id like Qwen/Qwen3-0.6B"
+        )
     if local.exists() and not (local / "config.json").is_file():
         raise ValueError(
             f"model directory {local} has no config.json; point --model at a directory "
@@ -58,7 +64,10 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
             str(local) if local.exists() else path_or_id, return_config=True
         )
     except Exception as e:  # mlx-lm raises many kinds; wrap them with context
-        raise ValueError(f"could not load model '{path_or_id}': {type(e).__name__}: {e}") from e
+        where = "the directory" if local.exists() else "the Hugging Face Hub (network and id)"
+        raise ValueError(
+            f"could not load model '{path_or_id}': {type(e).__name__}: {e}. Check {where}."
+        ) from e
     target = _dtype(dtype)
     if target is not None:
         model.set_dtype(target)

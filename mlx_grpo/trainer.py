@@ -97,7 +97,8 @@ def train(
 
     `config` is a TrainConfig or a YAML path; keyword overrides win over it.
     `reward_funcs` adds Python callables (TRL signature) after the named
-    rewards; `reward_weights` then covers both, in that order.
+    rewards; `reward_weights` then covers both, in that order. Given alone
+    (no `rewards`, no config), the callables are the only rewards.
 
     Example:
         >>> import mlx_grpo
@@ -108,6 +109,8 @@ def train(
         ...                         max_steps=50, output_dir="runs/demo")
         >>> result.metrics[-1]["reward"]
     """
+    if reward_funcs and config is None and "rewards" not in overrides:
+        overrides["rewards"] = []  # callables alone, not the default math_answer too
     if isinstance(config, TrainConfig):
         cfg = resolve(None, **{**config.to_dict(), **overrides})
     else:
@@ -135,7 +138,7 @@ def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
     """Seed, prepare the output directory, load model, adapters, rewards and data."""
     output_dir = _prepare_output(cfg)
     mx.random.seed(cfg.seed)
-    rewards = rewards_mod.load_rewards(cfg.rewards, None)
+    rewards = rewards_mod.load_rewards(cfg.rewards, None) if cfg.rewards or not reward_funcs else []
     rewards += [rewards_mod.Reward(getattr(f, "__name__", "reward"), f) for f in reward_funcs]
     weights = cfg.reward_weights or [1.0] * len(rewards)
     if len(weights) != len(rewards):

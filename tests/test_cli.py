@@ -1,0 +1,110 @@
+import dataclasses
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mlx_grpo.cli import main
+from mlx_grpo.config import TrainConfig, resolve
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def flags(settings):
+    out = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        out += [flag, ",".join(value)] if isinstance(value, list) else [flag, str(value)]
+    return out
+
+
+def test_flags_override_the_yaml_file_which_overrides_defaults(quick_settings, tmp_path):
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump({**quick_settings, "max_steps": 5, "lora_rank": 2}))
+    result = run_cli("train", "--config", str(config), "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["max_steps"] == 1  # flag beats file
+    assert saved["lora_rank"] == 2  # file beats default
+    assert saved["epsilon"] == TrainConfig.epsilon  # default where nobody said
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+
+
+def test_unknown_yaml_key_is_rejected_with_a_suggestion(tmp_path):
+    config = tmp_path / "grpo.yaml"
+    config.write_text("learning_rat: 0.001\n")
+    result = run_cli("train", "--config", str(config))
+    assert result.exit_code == 2
+    assert "unknown setting 'learning_rat'" in result.output
+    assert "Did you mean 'learning_rate'?" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_data_row_names_file_and_line(quick_settings, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
+    result = run_cli("train", *flags({**quick_settings, "data": str(data)}))
+    assert result.exit_code == 2
+    assert f"{data}:2" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_failing_reward_names_the_function_and_row(quick_settings, tmp_path):
+    module = tmp_path / "my_rewards.py"
+    module.write_text(
+        "def broken(prompts, completions, completion_ids, **kw):\n"
+        "    raise RuntimeError('cannot score this')\n"
+    )
+    settings = {**quick_settings, "rewards": [f"{module}:broken"]}
+    result = run_cli("train", *flags(settings))
+    assert result.exit_code == 2
+    assert "broken" in result.output and "cannot score this" in result.output
+    assert "toy.jsonl:" in result.output  # the dataset row it failed on
+
+
+def test_missing_reward_spec_is_a_clear_error(quick_settings):
+    result = run_cli("train", *flags({**quick_settings, "rewards": ["no_such_module:fn"]}))
+    assert result.exit_code == 2
+    assert "no_such_module" in result.output
+
+
+def test_an_existing_run_is_not_overwritten_without_the_flag(quick_settings):
+    assert run_cli("train", *flags({**quick_settings, "max_steps": 1})).exit_code == 0
+    again = run_cli("train", *flags({**quick_settings, "max_steps": 1}))
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    forced = run_cli("train", *flags({**quick_settings, "max_steps": 1}), "--overwrite")
+    assert forced.exit_code == 0
+
+
+def test_every_setting_is_a_flag_with_help():
+    result = run_cli("train", "--help")
+    assert result.exit_code == 0
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in result.output
+
+
+def test_resolve_coerces_types_and_checks_choices(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("learning-rate: '2e-5'\nlora_targets: q_proj,v_proj\nbeta: 1\n")
+    cfg = resolve(config, max_steps="7")
+    assert cfg.learning_rate == 2e-5 and cfg.max_steps == 7 and cfg.beta == 1.0
+    assert cfg.lora_targets == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="loss_type: 'ppo' is not one of"):
+        resolve(None, loss_type="ppo")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=3 must divide"):
+        resolve(None, num_generations=4, gradient_accumulation_steps=3)
+    with pytest.raises(ValueError, match="Did you mean 'num_generations'"):
+        resolve(None, num_generation=4)
+
+
+def test_demo_runs_offline_and_reports_the_reward_gain(tmp_path):
+    result = run_cli("demo", "--output-dir", str(tmp_path / "demo"), "--max-steps", "4")
+    assert result.exit_code == 0, result.output
+    assert "mean reward, first" in result.output
+    metrics = (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 4 and "reward" in json.loads(metrics[0])

@@ -1,0 +1,189 @@
+"""mlx_grpo.rollout: shapes and masks, EOS handling, batched greedy decoding equal to
+decoding alone and to mlx-lm, independent sampling of a group after one prefill, and
+sampled log-probs equal to a fresh forward pass.
+
+The model is a random tiny Qwen3 with a wide init (init_std=0.3), so its next-token
+distributions are peaky and greedy choices are far from ties.
+"""
+
+import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx.core; must come first)
+
+# isort: split
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+
+from mlx_grpo.models import load_model
+from mlx_grpo.rollout import SamplingSettings, rollout
+from mlx_grpo.toy import build_tiny_qwen3
+
+PROMPTS = [[10, 20, 30], [5, 6, 7, 8, 9, 11, 12], [40, 41, 42, 43, 44]]  # lengths 3, 7, 5
+GREEDY = SamplingSettings(temperature=0.0, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return load_model(str(build_tiny_qwen3(tmp_path_factory.mktemp("tiny-rollout"), init_std=0.3)))
+
+
+def run(lm, prompts, g, sampling, eos_ids=None):
+    eos_ids = lm.eos_ids if eos_ids is None else eos_ids
+    return rollout(lm.model, prompts, g, sampling, eos_ids=eos_ids, pad_id=lm.pad_id)
+
+
+class RecordingModel:
+    """Forwards to the model and records the shape of every token batch it is given."""
+
+    def __init__(self, model):
+        self.model = model
+        self.shapes: list[tuple[int, ...]] = []
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def __call__(self, tokens, cache=None):
+        self.shapes.append(tuple(tokens.shape))
+        return self.model(tokens, cache=cache)
+
+
+# --------------------------------------------------------------------------- shapes and masks
+
+
+def test_rollout_shapes_and_left_padded_prompts(lm):
+    prompts = [PROMPTS[0], PROMPTS[1]]  # 3 and 7 tokens
+    b, g, max_tokens = len(prompts), 3, 6
+    batch = run(lm, prompts, g, SamplingSettings(temperature=1.0, max_tokens=max_tokens))
+
+    n, t = batch.completion_ids.shape
+    assert n == b * g and t <= max_tokens
+    assert batch.completion_mask.shape == (n, t)
+    assert batch.sampled_logprobs.shape == (n, t)
+    assert batch.completion_mask.dtype == mx.float32
+    assert set(batch.completion_mask.reshape(-1).tolist()) <= {0.0, 1.0}
+    assert len(batch.truncated) == n and batch.num_generations == g
+
+    assert batch.prompt_tokens.shape == (n, 7)
+    assert batch.prompt_padding.tolist() == [4] * g + [0] * g
+    for row, padding in zip(batch.prompt_tokens.tolist(), batch.prompt_padding.tolist()):
+        prompt = prompts[0] if padding else prompts[1]
+        assert row == [lm.pad_id] * padding + prompt
+    assert batch.tokens.shape == (n, 7 + t)
+
+
+def test_mask_is_a_prefix_and_ids_after_it_are_padding(lm):
+    # Make a common byte an extra EOS so that sampled rows stop at different points.
+    sampling = SamplingSettings(temperature=1.0, max_tokens=12)
+    mx.random.seed(3)
+    eos = lm.eos_ids + list(range(0, 256, 3))
+    batch = run(lm, PROMPTS, 4, sampling, eos_ids=eos)
+
+    lengths = batch.lengths
+    assert len(set(lengths)) > 1  # the test needs rows of different lengths
+    for mask, ids, length, truncated in zip(
+        batch.completion_mask.tolist(), batch.completion_ids.tolist(), lengths, batch.truncated
+    ):
+        assert length == sum(mask)
+        assert mask == [1.0] * length + [0.0] * (len(mask) - length)
+        assert ids[length:] == [lm.pad_id] * (len(ids) - length)
+        if truncated:
+            assert length == sampling.max_tokens
+            assert not set(ids[:length]) & set(eos)
+        else:
+            assert ids[length - 1] in eos
+            assert not set(ids[: length - 1]) & set(eos)
+
+
+def test_first_eos_is_kept_and_counted_and_other_rows_run_to_the_limit(lm):
+    free = run(lm, PROMPTS, 1, GREEDY)
+    assert all(free.truncated), "greedy rows should not hit the model's own EOS here"
+    rows = free.completion_ids.tolist()
+    stop = rows[0][2]  # row 0's 3rd generated token becomes an EOS
+    assert rows[0].index(stop) == 2
+    assert all(stop not in r for r in rows[1:])
+
+    batch = run(lm, PROMPTS, 1, GREEDY, eos_ids=lm.eos_ids + [stop])
+    assert batch.lengths[0] == 3
+    assert batch.completion_lists()[0] == rows[0][:3]
+    assert batch.completion_lists()[0][-1] == stop
+    assert batch.truncated[0] is False
+    assert batch.truncated[1:] == [True, True]
+    assert batch.lengths[1:] == [GREEDY.max_tokens] * 2
+    assert batch.completion_ids.tolist()[1:] == rows[1:]
+
+
+# --------------------------------------------------------------------------- greedy
+
+
+def test_greedy_batched_rows_equal_each_prompt_decoded_alone(lm):
+    g = 2
+    batch = run(lm, PROMPTS, g, GREEDY)
+    got = batch.completion_lists()
+    for i, prompt in enumerate(PROMPTS):
+        alone = run(lm, [prompt], 1, GREEDY).completion_lists()[0]
+        assert len(alone) == GREEDY.max_tokens
+        for j in range(g):
+            assert got[i * g + j] == alone, (i, j)
+
+
+def test_greedy_rollout_matches_mlx_lm_generate_step(lm):
+    greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
+    for prompt in (PROMPTS[0], PROMPTS[1]):
+        ours = run(lm, [prompt], 1, GREEDY).completion_lists()[0]
+        steps = generate_step(
+            mx.array(prompt), lm.model, max_tokens=GREEDY.max_tokens, sampler=greedy
+        )
+        theirs = [int(tok) for tok, _ in steps]
+        assert ours == theirs
+
+
+def test_top_k_1_sampling_gives_the_greedy_tokens(lm):
+    greedy = run(lm, PROMPTS, 2, GREEDY)
+    mx.random.seed(0)
+    top1 = run(lm, PROMPTS, 2, SamplingSettings(temperature=1.0, top_k=1, max_tokens=8))
+    assert top1.completion_ids.tolist() == greedy.completion_ids.tolist()
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_group_is_sampled_independently_after_a_single_prefill(lm):
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    b, g, p = len(prompts), 4, 7
+    proxy = RecordingModel(lm.model)
+    mx.random.seed(0)
+    batch = rollout(
+        proxy, prompts, g, SamplingSettings(temperature=1.0, max_tokens=8), [], lm.pad_id
+    )
+
+    assert proxy.shapes[0] == (b, p)
+    assert proxy.shapes.count((b, p)) == 1
+    assert all(s == (b * g, 1) for s in proxy.shapes[1:])
+    assert len(proxy.shapes) == batch.completion_ids.shape[1]  # one decode call per token
+
+    rows = batch.completion_ids.tolist()
+    for i in range(b):
+        group = rows[i * g : (i + 1) * g]
+        assert len({tuple(r) for r in group}) > 1, f"prompt {i}: all {g} completions identical"
+
+
+def test_sampled_logprobs_equal_a_full_forward_pass_at_temperature(lm):
+    temperature = 0.7
+    mx.random.seed(1)
+    batch = run(lm, PROMPTS, 2, SamplingSettings(temperature=temperature, max_tokens=8))
+    completions = batch.completion_lists()
+    logprobs = batch.sampled_logprobs.tolist()
+    checked = 0
+    for row, completion in enumerate(completions):
+        prompt = PROMPTS[row // 2]
+        # Each sequence alone, unpadded: independent of the rollout's cache and masks.
+        logits = lm.model(mx.array([prompt + completion]))[0].astype(mx.float32)
+        scaled = logits / temperature
+        ref = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+        positions = mx.arange(len(prompt) - 1, len(prompt) - 1 + len(completion))
+        expected = ref[positions, mx.array(completion)].tolist()
+        got = logprobs[row][: len(completion)]
+        assert max(abs(a - e) for a, e in zip(got, expected)) <= 1e-4, row
+        assert all(x == 0.0 for x in logprobs[row][len(completion) :])
+        checked += len(completion)
+    assert checked > 0
