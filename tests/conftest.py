@@ -1,6 +1,6 @@
-import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
 import pytest
 
+import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
 from mlx_grpo.toy import build_tiny_qwen3, write_toy_task
 
 
