@@ -55,19 +55,23 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     spec = str(spec).strip()
     if spec == "all":
         return list(range(num_layers))
+    usage = "use all, last:N or comma-separated indices like 0,1,5"
     if spec.startswith("last:"):
-        n = int(spec[5:])
+        try:
+            n = int(spec[5:])
+        except ValueError:
+            raise ValueError(f"lora_layers '{spec}': {usage}") from None
         if not 0 < n <= num_layers:
             raise ValueError(f"lora_layers '{spec}': the model has {num_layers} layers")
         return list(range(num_layers - n, num_layers))
     try:
         layers = sorted({int(i) for i in spec.split(",") if i.strip()})
     except ValueError:
-        raise ValueError(
-            f"lora_layers '{spec}': use all, last:N or comma-separated indices like 0,1,5"
-        ) from None
+        raise ValueError(f"lora_layers '{spec}': {usage}") from None
+    if not layers:
+        raise ValueError(f"lora_layers '{spec}' names no layer: {usage}")
     bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad or not layers:
+    if bad:
         raise ValueError(f"lora_layers '{spec}': indices must be in 0..{num_layers - 1}")
     return layers
 

@@ -201,11 +201,6 @@ def test_parse_layers_rejects_bad_specs_with_a_helpful_message(spec, message):
         parse_layers(spec, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: lora.py parse_layers passes 'last:<junk>' to int() unguarded, so the "
-    'user sees Python\'s bare "invalid literal for int()" without the spec or the valid forms',
-)
 @pytest.mark.parametrize("spec", ["last:abc", "last:"])
 def test_parse_layers_last_with_a_non_number_names_the_spec(spec):
     with pytest.raises(ValueError, match=r"lora_layers 'last:"):
