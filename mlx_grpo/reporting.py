@@ -7,7 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
+
+from mlx_grpo.objective import Advantages, nanstd
 
 METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"
@@ -71,3 +74,35 @@ def _fmt(v: float | None) -> str:
 def _short(text: str, limit: int = 200) -> str:
     text = text.replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def reward_metrics(
+    names: list[str], per_func: np.ndarray, adv: Advantages
+) -> dict[str, float | None]:
+    """TRL's reward statistics of one step; NaN rows (None rewards) are skipped."""
+    with np.errstate(all="ignore"):
+        out = {
+            "reward": float(np.nanmean(adv.rewards)) if np.any(~np.isnan(adv.rewards)) else None,
+            "reward_std": float(nanstd(adv.rewards)),
+            "frac_reward_zero_std": float(np.mean(np.isclose(adv.std, 0.0))),
+        }
+        for k, name in enumerate(names):
+            col = per_func[:, k]
+            scorable = np.any(~np.isnan(col))
+            out[f"rewards/{name}/mean"] = float(np.nanmean(col)) if scorable else None
+            out[f"rewards/{name}/std"] = float(nanstd(col))
+    return out
+
+
+def length_metrics(lengths: list[int], truncated: list[bool]) -> dict[str, float]:
+    """Completion lengths; `clipped_ratio` is the share that hit the length limit."""
+    lengths = np.array(lengths, dtype=np.float64)
+    truncated = np.array(truncated, dtype=bool)
+    terminated = lengths[~truncated]
+    return {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(truncated.mean()),
+        "completions/mean_terminated_length": float(terminated.mean()) if terminated.size else 0.0,
+    }

@@ -22,32 +22,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
 
 from mlx_grpo import data as data_mod
 from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.config import TrainConfig, resolve
-from mlx_grpo.lora import (
-    adapters_disabled,
-    apply_lora,
-    parse_layers,
-    save_adapter,
-    total_count,
-    trainable_count,
-)
+from mlx_grpo.lora import apply_lora, parse_layers, save_adapter, total_count, trainable_count
 from mlx_grpo.models import LoadedModel, load_model
-from mlx_grpo.objective import (
-    Advantages,
-    LossSettings,
-    Normalizer,
-    group_advantages,
-    grpo_loss,
-    k3_kl,
-    nanstd,
-)
-from mlx_grpo.reporting import METRICS_FILE, Reporter
-from mlx_grpo.rollout import RolloutBatch, SamplingSettings, rollout
-from mlx_grpo.scoring import completion_hidden, score_completions
+from mlx_grpo.objective import group_advantages
+from mlx_grpo.reporting import METRICS_FILE, Reporter, length_metrics, reward_metrics
+from mlx_grpo.rollout import SamplingSettings, rollout
+from mlx_grpo.update import lr_at, micro_batches, optimise
 
 
 @dataclass
@@ -65,19 +49,6 @@ class Run:
     queue: list[int] = field(default_factory=list)
     epoch: int = 0
     num_tokens: int = 0
-
-
-@dataclass
-class MicroBatch:
-    """A slice of a rollout, trimmed to its own padding and length."""
-
-    prompt_tokens: mx.array  # (M, P)
-    padding: mx.array  # (M,)
-    completion_ids: mx.array  # (M, T)
-    mask: mx.array  # (M, T)
-    advantages: mx.array  # (M,)
-    old_logp: mx.array | None  # (M, T)
-    ref: mx.array | None  # (M, T) ref log-probs (k3) or (M, T, D) ref hidden (exact)
 
 
 @dataclass
@@ -246,18 +217,6 @@ def next_prompts(run: Run) -> list[data_mod.PromptRow]:
     return picked
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of update `step` (0-based): linear warmup, then the schedule."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * step / max(1, cfg.warmup_steps)
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    if cfg.lr_scheduler == "linear":
-        return cfg.learning_rate * max(0.0, 1.0 - progress)
-    if cfg.lr_scheduler == "cosine":
-        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.learning_rate
-
-
 def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One rollout and its mu updates; returns the step's metrics and samples."""
     cfg, model = run.cfg, run.lm.model
@@ -292,11 +251,11 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     adv = group_advantages(per_func, weights, g, cfg.scale_rewards)
 
     t1 = time.perf_counter()
-    micro = micro_batches(run, batch, mx.array(adv.advantages))
+    micro = micro_batches(model, batch, mx.array(adv.advantages), cfg)
     t_reference = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    update = optimise(run, micro, step)
+    update = optimise(model, run.optimizer, micro, cfg, lr_at(step, cfg))
     t_update = time.perf_counter() - t2
 
     n_completion = int(batch.completion_mask.sum().item())
@@ -306,8 +265,8 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     metrics = {
         "step": step + 1,
         "epoch": run.epoch,
-        **_reward_metrics(run, per_func, adv, g),
-        **_length_metrics(batch),
+        **reward_metrics([r.name for r in run.rewards], per_func, adv),
+        **length_metrics(batch.lengths, batch.truncated),
         **update,
         "num_tokens": run.num_tokens,
         "tokens_per_second": n_completion / max(t_rollout, 1e-9),
@@ -335,161 +294,6 @@ def _columns(rows: list[data_mod.PromptRow], g: int) -> dict[str, list]:
 
 def _float(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
-
-
-def micro_batches(run: Run, batch: RolloutBatch, advantages: mx.array) -> list[MicroBatch]:
-    """Split the rollout for accumulation; add pi_old and reference inputs."""
-    cfg, model = run.cfg, run.lm.model
-    n = batch.completion_ids.shape[0]
-    size = n // cfg.gradient_accumulation_steps
-    temperature = SamplingSettings(cfg.temperature).logprob_temperature
-    out = []
-    for start in range(0, n, size):
-        sl = slice(start, start + size)
-        pad = batch.prompt_padding[sl]
-        trim_left = int(pad.min().item())
-        length = max(1, int(batch.completion_mask[sl].sum(axis=1).max().item()))
-        mb = MicroBatch(
-            prompt_tokens=batch.prompt_tokens[sl, trim_left:],
-            padding=pad - trim_left,
-            completion_ids=batch.completion_ids[sl, :length],
-            mask=batch.completion_mask[sl, :length],
-            advantages=advantages[sl],
-            old_logp=None,
-            ref=None,
-        )
-        if cfg.num_iterations > 1:
-            mb.old_logp = score_completions(
-                model,
-                mb.prompt_tokens,
-                mb.padding,
-                mb.completion_ids,
-                temperature,
-                cfg.logits_chunk_size,
-            ).logp
-        if cfg.beta != 0.0:
-            with adapters_disabled(model):
-                if cfg.kl_estimator == "exact":
-                    mb.ref = completion_hidden(
-                        model, mb.prompt_tokens, mb.padding, mb.completion_ids
-                    )
-                else:
-                    mb.ref = score_completions(
-                        model,
-                        mb.prompt_tokens,
-                        mb.padding,
-                        mb.completion_ids,
-                        temperature,
-                        cfg.logits_chunk_size,
-                    ).logp
-        mx.eval(mb.old_logp, mb.ref)
-        out.append(mb)
-    return out
-
-
-def micro_loss(
-    model: nn.Module, mb: MicroBatch, cfg: TrainConfig, normalizer: Normalizer
-) -> tuple[mx.array, dict[str, mx.array]]:
-    temperature = SamplingSettings(cfg.temperature).logprob_temperature
-    exact = cfg.beta != 0.0 and cfg.kl_estimator == "exact"
-    scores = score_completions(
-        model,
-        mb.prompt_tokens,
-        mb.padding,
-        mb.completion_ids,
-        temperature,
-        cfg.logits_chunk_size,
-        ref_hidden=mb.ref if exact else None,
-    )
-    kl = None
-    if cfg.beta != 0.0:
-        kl = scores.kl if exact else k3_kl(scores.logp, mb.ref)
-    settings = LossSettings(
-        loss_type=cfg.loss_type,
-        epsilon_low=cfg.epsilon,
-        epsilon_high=cfg.epsilon_upper,
-        beta=cfg.beta,
-        importance_sampling_level=cfg.importance_sampling_level,
-        use_bias_correction_kl=cfg.use_bias_correction_kl,
-        max_completion_length=cfg.max_completion_length,
-        kl_estimator=cfg.kl_estimator,
-    )
-    loss, stats = grpo_loss(
-        scores.logp, mb.old_logp, mb.advantages, mb.mask, settings, normalizer, kl
-    )
-    stats["entropy"] = mx.stop_gradient((scores.entropy * mb.mask).sum())
-    return loss, stats
-
-
-def optimise(run: Run, micro: list[MicroBatch], step: int) -> dict[str, float]:
-    """mu passes over the rollout, each one accumulated AdamW update."""
-    cfg, model = run.cfg, run.lm.model
-    model.train()
-    normalizer = Normalizer(
-        accumulation_steps=len(micro),
-        tokens_in_batch=float(sum(mb.mask.sum().item() for mb in micro)),
-    )
-    loss_and_grad = nn.value_and_grad(model, lambda m, mb: micro_loss(m, mb, cfg, normalizer))
-    totals: dict[str, float] = {}
-    losses, norms = [], []
-    lr = lr_at(step, cfg)
-    run.optimizer.learning_rate = lr
-    for _ in range(cfg.num_iterations):
-        grads, loss_sum = None, 0.0
-        for mb in micro:
-            (loss, stats), g = loss_and_grad(model, mb)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(loss, grads, stats)
-            loss_sum += loss.item()
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v.item()
-        if cfg.max_grad_norm > 0:
-            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-        else:
-            norm = mx.sqrt(sum((v * v).sum() for _, v in tree_flatten(grads)))
-        run.optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), run.optimizer.state)
-        losses.append(loss_sum)
-        norms.append(norm.item())
-    metrics = {
-        "loss": float(np.mean(losses)),
-        "grad_norm": float(np.mean(norms)),
-        "learning_rate": lr,
-        "entropy": totals["entropy"] / max(totals["tokens"], 1.0),
-    }
-    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-        metrics[key] = totals[key] / max(totals["count"], 1.0)
-    if "kl" in totals:
-        metrics["kl"] = totals["kl"] / max(totals["tokens"], 1.0)
-    return metrics
-
-
-def _reward_metrics(run: Run, per_func: np.ndarray, adv: Advantages, g: int) -> dict[str, float]:
-    with np.errstate(all="ignore"):
-        out = {
-            "reward": float(np.nanmean(adv.rewards)) if np.any(~np.isnan(adv.rewards)) else None,
-            "reward_std": float(nanstd(adv.rewards)),
-            "frac_reward_zero_std": float(np.mean(np.isclose(adv.std, 0.0))),
-        }
-        for k, r in enumerate(run.rewards):
-            col = per_func[:, k]
-            scorable = np.any(~np.isnan(col))
-            out[f"rewards/{r.name}/mean"] = float(np.nanmean(col)) if scorable else None
-            out[f"rewards/{r.name}/std"] = float(nanstd(col))
-    return out
-
-
-def _length_metrics(batch: RolloutBatch) -> dict[str, float]:
-    lengths = np.array(batch.lengths, dtype=np.float64)
-    truncated = np.array(batch.truncated)
-    terminated = lengths[~truncated]
-    return {
-        "completions/mean_length": float(lengths.mean()),
-        "completions/min_length": float(lengths.min()),
-        "completions/max_length": float(lengths.max()),
-        "completions/clipped_ratio": float(truncated.mean()),
-        "completions/mean_terminated_length": float(terminated.mean()) if terminated.size else 0.0,
-    }
 
 
 def _save(run: Run) -> Path:

@@ -7,11 +7,12 @@ import pytest
 import yaml
 from mlx.utils import tree_flatten
 
-from mlx_grpo import trainer as trainer_mod
+from mlx_grpo import update as update_mod
 from mlx_grpo.config import resolve
 from mlx_grpo.lora import adapters_disabled
 from mlx_grpo.toy import build_tiny_qwen3
-from mlx_grpo.trainer import lr_at, setup, train, train_step
+from mlx_grpo.trainer import setup, train, train_step
+from mlx_grpo.update import lr_at
 
 TRL_METRICS = {
     "reward",
@@ -114,13 +115,13 @@ def test_run_writes_an_adapter_mlx_lm_loads_and_trl_named_metrics(quick_settings
 
 def test_reference_pass_only_when_beta_is_nonzero(quick_settings, monkeypatch):
     calls = []
-    real = trainer_mod.adapters_disabled
+    real = update_mod.adapters_disabled
 
     def counting(model):
         calls.append(1)
         return real(model)
 
-    monkeypatch.setattr(trainer_mod, "adapters_disabled", counting)
+    monkeypatch.setattr(update_mod, "adapters_disabled", counting)
     train(**{**quick_settings, "max_steps": 1}, show_progress=False)
     assert calls == []
 

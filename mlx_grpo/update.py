@@ -1,0 +1,171 @@
+"""Policy optimisation on one rollout: micro-batches, the loss, mu AdamW updates.
+
+The rollout is split into `gradient_accumulation_steps` micro-batches, each
+trimmed to its own padding and longest completion. pi_old log-probs (mu > 1)
+and reference inputs (beta != 0) are computed once per micro-batch, before
+the first update; each of the mu passes sums the micro-batch gradients, clips
+their global norm and makes one AdamW step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_grpo.config import TrainConfig
+from mlx_grpo.lora import adapters_disabled
+from mlx_grpo.objective import LossSettings, Normalizer, grpo_loss, k3_kl
+from mlx_grpo.rollout import RolloutBatch, SamplingSettings
+from mlx_grpo.scoring import Scores, completion_hidden, score_completions
+
+
+@dataclass
+class MicroBatch:
+    """A slice of a rollout, trimmed to its own padding and length."""
+
+    prompt_tokens: mx.array  # (M, P)
+    padding: mx.array  # (M,)
+    completion_ids: mx.array  # (M, T)
+    mask: mx.array  # (M, T)
+    advantages: mx.array  # (M,)
+    old_logp: mx.array | None  # (M, T)
+    ref: mx.array | None  # (M, T) ref log-probs (k3) or (M, T, D) ref hidden (exact)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update `step` (0-based): linear warmup, then the schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * step / max(1, cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.lr_scheduler == "linear":
+        return cfg.learning_rate * max(0.0, 1.0 - progress)
+    if cfg.lr_scheduler == "cosine":
+        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.learning_rate
+
+
+def micro_batches(
+    model: nn.Module, batch: RolloutBatch, advantages: mx.array, cfg: TrainConfig
+) -> list[MicroBatch]:
+    """Split the rollout for accumulation; add pi_old and reference inputs."""
+    n = batch.completion_ids.shape[0]
+    size = n // cfg.gradient_accumulation_steps
+    out = []
+    for start in range(0, n, size):
+        sl = slice(start, start + size)
+        pad = batch.prompt_padding[sl]
+        trim_left = int(pad.min().item())
+        length = max(1, int(batch.completion_mask[sl].sum(axis=1).max().item()))
+        mb = MicroBatch(
+            prompt_tokens=batch.prompt_tokens[sl, trim_left:],
+            padding=pad - trim_left,
+            completion_ids=batch.completion_ids[sl, :length],
+            mask=batch.completion_mask[sl, :length],
+            advantages=advantages[sl],
+            old_logp=None,
+            ref=None,
+        )
+        if cfg.num_iterations > 1:
+            mb.old_logp = _score(model, mb, cfg).logp
+        if cfg.beta != 0.0:
+            with adapters_disabled(model):
+                if cfg.kl_estimator == "exact":
+                    mb.ref = completion_hidden(
+                        model, mb.prompt_tokens, mb.padding, mb.completion_ids
+                    )
+                else:
+                    mb.ref = _score(model, mb, cfg).logp
+        mx.eval(mb.old_logp, mb.ref)
+        out.append(mb)
+    return out
+
+
+def _score(model: nn.Module, mb: MicroBatch, cfg: TrainConfig, ref_hidden=None) -> Scores:
+    temperature = SamplingSettings(cfg.temperature).logprob_temperature
+    return score_completions(
+        model,
+        mb.prompt_tokens,
+        mb.padding,
+        mb.completion_ids,
+        temperature,
+        cfg.logits_chunk_size,
+        ref_hidden=ref_hidden,
+    )
+
+
+def micro_loss(
+    model: nn.Module, mb: MicroBatch, cfg: TrainConfig, normalizer: Normalizer
+) -> tuple[mx.array, dict[str, mx.array]]:
+    exact = cfg.beta != 0.0 and cfg.kl_estimator == "exact"
+    scores = _score(model, mb, cfg, ref_hidden=mb.ref if exact else None)
+    kl = None
+    if cfg.beta != 0.0:
+        kl = scores.kl if exact else k3_kl(scores.logp, mb.ref)
+    settings = LossSettings(
+        loss_type=cfg.loss_type,
+        epsilon_low=cfg.epsilon,
+        epsilon_high=cfg.epsilon_upper,
+        beta=cfg.beta,
+        importance_sampling_level=cfg.importance_sampling_level,
+        use_bias_correction_kl=cfg.use_bias_correction_kl,
+        max_completion_length=cfg.max_completion_length,
+        kl_estimator=cfg.kl_estimator,
+    )
+    loss, stats = grpo_loss(
+        scores.logp, mb.old_logp, mb.advantages, mb.mask, settings, normalizer, kl
+    )
+    stats["entropy"] = mx.stop_gradient((scores.entropy * mb.mask).sum())
+    return loss, stats
+
+
+def optimise(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    micro: list[MicroBatch],
+    cfg: TrainConfig,
+    lr: float,
+) -> dict[str, float]:
+    """mu passes over the rollout, each one accumulated AdamW update at rate `lr`."""
+    model.train()
+    normalizer = Normalizer(
+        accumulation_steps=len(micro),
+        tokens_in_batch=float(sum(mb.mask.sum().item() for mb in micro)),
+    )
+    loss_and_grad = nn.value_and_grad(model, lambda m, mb: micro_loss(m, mb, cfg, normalizer))
+    totals: dict[str, float] = {}
+    losses, norms = [], []
+    optimizer.learning_rate = lr
+    for _ in range(cfg.num_iterations):
+        grads, loss_sum = None, 0.0
+        for mb in micro:
+            (loss, stats), g = loss_and_grad(model, mb)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(loss, grads, stats)
+            loss_sum += loss.item()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v.item()
+        if cfg.max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        else:
+            norm = mx.sqrt(sum((v * v).sum() for _, v in tree_flatten(grads)))
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        losses.append(loss_sum)
+        norms.append(norm.item())
+    metrics = {
+        "loss": float(np.mean(losses)),
+        "grad_norm": float(np.mean(norms)),
+        "learning_rate": lr,
+        "entropy": totals["entropy"] / max(totals["tokens"], 1.0),
+    }
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        metrics[key] = totals[key] / max(totals["count"], 1.0)
+    if "kl" in totals:
+        metrics["kl"] = totals["kl"] / max(totals["tokens"], 1.0)
+    return metrics
