@@ -108,3 +108,31 @@ def test_demo_runs_offline_and_reports_the_reward_gain(tmp_path):
     assert "mean reward, first" in result.output
     metrics = (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 4 and "reward" in json.loads(metrics[0])
+
+
+def test_mlx_lm_generate_accepts_the_trained_adapter(quick_settings):
+    import subprocess
+    import sys
+
+    assert run_cli("train", *flags(quick_settings)).exit_code == 0
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            quick_settings["model"],
+            "--adapter-path",
+            quick_settings["output_dir"],
+            "--prompt",
+            "Reply with digits only.",
+            "--max-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Generation: " in out.stdout
