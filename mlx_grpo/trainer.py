@@ -221,6 +221,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     """One rollout and its mu updates; returns the step's metrics and samples."""
     cfg, model = run.cfg, run.lm.model
     rows = next_prompts(run)
+    mx.reset_peak_memory()  # so peak_memory_gb is this step's peak
     t0 = time.perf_counter()
     model.eval()
     sampling = SamplingSettings(

@@ -8,7 +8,8 @@ warm-up step it prints, per measured step and as the median:
     rollout    batched sampling of the B x G completions (prefill + T decode steps)
     reference  pi_old / reference log-prob passes (zero unless beta != 0 or mu > 1)
     update     forward + backward over the rollout and one AdamW step
-    step       wall time of the whole train_step (also rewards, decoding, metrics)
+    other      the rest of train_step: rewards, decoding the texts, metrics
+    step       wall time of the whole train_step
     tok/s      completion tokens / rollout time
     peak GB    mx.get_peak_memory() during the step
 
@@ -54,11 +55,14 @@ from mlx_grpo.trainer import Run, setup, train_step
 PROMPT_CHARS = 77
 PROMPT_WORDS = "count the vowels in this sentence and reply with the number only please "
 
+PHASES = ("time/rollout", "time/reference", "time/update")
+
 # (label, metrics key, format) of the per-step table.
 COLUMNS = (
     ("rollout s", "time/rollout", "{:.2f}"),
     ("ref s", "time/reference", "{:.2f}"),
     ("update s", "time/update", "{:.2f}"),
+    ("other s", "time/other", "{:.2f}"),
     ("step s", "time/step", "{:.2f}"),
     ("tok/s", "tokens_per_second", "{:.1f}"),
     ("tokens", "completion_tokens", "{:.0f}"),
@@ -140,10 +144,8 @@ def make_run(args: argparse.Namespace, model: Path, data: Path, output: Path) ->
         temperature=1.0,
         max_steps=args.warmup + args.steps,
         save_steps=0,
+        rewards=[],
     )
-    # setup() always loads cfg.rewards and cannot be given an empty list; the
-    # default math_answer returns None (no `answer` column), so even_share
-    # alone sets the advantages.
     run = setup(cfg, [even_share])
     # No EOS: every completion runs to max_completion_length, so every step
     # samples B x G x T tokens. rollout() handles an empty EOS list.
@@ -162,6 +164,7 @@ def measure(run: Run, warmup: int, steps: int) -> list[dict[str, float]]:
         elapsed = time.perf_counter() - t0
         row = {key: float(metrics[key]) for _, key, _ in COLUMNS if key in metrics}
         row["time/step"] = elapsed
+        row["time/other"] = elapsed - sum(row[k] for k in PHASES)
         row["completion_tokens"] = metrics["completions/mean_length"] * n
         row["peak_memory_gb"] = mx.get_peak_memory() / 1e9
         label = "warm-up" if step < warmup else f"step {step - warmup + 1}"
@@ -248,12 +251,11 @@ def main(argv: list[str] | None = None) -> None:
 
     med = medians(rows)
     peak = max(r["peak_memory_gb"] for r in rows)
-    other = med["time/step"] - med["time/rollout"] - med["time/reference"] - med["time/update"]
     print(table_row("median", med))
     print(
-        f"\nmedian over {len(rows)} steps: step {med['time/step']:.2f} s = "
-        f"rollout {med['time/rollout']:.2f} + reference {med['time/reference']:.2f} + "
-        f"update {med['time/update']:.2f} + other {other:.2f} | "
+        f"\nmedian over {len(rows)} steps: step {med['time/step']:.2f} s | "
+        f"rollout {med['time/rollout']:.2f} s, reference {med['time/reference']:.2f} s, "
+        f"update {med['time/update']:.2f} s, other {med['time/other']:.2f} s | "
         f"rollout {med['tokens_per_second']:.1f} tok/s | peak memory {peak:.2f} GB"
     )
     if args.json:
