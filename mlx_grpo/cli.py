@@ -94,13 +94,15 @@ def train(config_file: str | None, debug: bool, **flags: Any) -> None:
     help="Where the tiny model, its data and the run go.",
 )
 @click.option("--max-steps", default=60, show_default=True, help="Training steps.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier demo run.")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
-def demo(output_dir: str, max_steps: int, overwrite: bool, debug: bool) -> None:
-    """Offline end-to-end run: build a tiny random Qwen3 and teach it a toy task."""
+def demo(output_dir: str, max_steps: int, debug: bool) -> None:
+    """Offline end-to-end run: build a tiny random Qwen3 and teach it a toy task.
+
+    Each run rebuilds the model and replaces the previous demo run in OUTPUT_DIR.
+    """
     from mlx_grpo.toy import run_demo
 
-    summary = _run(lambda: run_demo(Path(output_dir), max_steps, overwrite), debug)
+    summary = _run(lambda: run_demo(Path(output_dir), max_steps), debug)
     click.echo(summary)
 
 

@@ -73,7 +73,7 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
         model.set_dtype(target)
     mx.eval(model.parameters())
     eos = set(tokenizer.eos_token_ids or [])
-    eos |= _generation_config_eos(local)
+    eos |= _generation_config_eos(local if local.exists() else _hub_snapshot(path_or_id))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     return LoadedModel(model, tokenizer, config, path_or_id, sorted(eos), int(pad))
 
@@ -85,7 +85,20 @@ def _dtype(name: str) -> mx.Dtype | None:
     return DTYPES[name]
 
 
-def _generation_config_eos(path: Path) -> set[int]:
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local copy mlx-lm just downloaded, to read what it does not."""
+    from mlx_lm.utils import hf_repo_to_path
+
+    try:
+        return hf_repo_to_path(repo_id)
+    except Exception:  # an incomplete cache only costs the extra EOS ids
+        return None
+
+
+def _generation_config_eos(path: Path | None) -> set[int]:
+    """EOS ids of generation_config.json (Qwen3 also stops on <|endoftext|>)."""
+    if path is None:
+        return set()
     file = path / "generation_config.json"
     if not file.is_file():
         return set()

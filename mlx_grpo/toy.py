@@ -179,7 +179,7 @@ def write_toy_task(path: str | Path, rows: int = 64, seed: int = 0) -> Path:
     return path
 
 
-def run_demo(output_dir: Path, max_steps: int = 60, overwrite: bool = False) -> str:
+def run_demo(output_dir: Path, max_steps: int = 60) -> str:
     """Build a tiny model and a toy task, train GRPO-LoRA on it, report the reward gain."""
     from mlx_grpo.trainer import train
 
@@ -192,7 +192,7 @@ def run_demo(output_dir: Path, max_steps: int = 60, overwrite: bool = False) -> 
         data=str(data),
         rewards=["mlx_grpo.toy:allowed_share"],
         output_dir=str(output_dir / "run"),
-        overwrite=overwrite,
+        overwrite=True,  # the demo directory is the demo's own
         num_generations=8,
         prompts_per_step=2,
         max_completion_length=16,

@@ -1,0 +1,85 @@
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_grpo.lora import adapters_disabled, apply_lora
+from mlx_grpo.models import left_pad, load_model
+from mlx_grpo.scoring import completion_hidden, score_completions
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21, 22, 23]]
+COMPLETIONS = [[40, 41, 42, 43, 44], [50, 51, 52, 53, 54], [60, 61, 62, 63, 64]]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    apply_lora(lm.model, rank=3, scale=2.0, targets=["q_proj", "v_proj", "down_proj"])
+    # Non-zero B so the adapters take part in the forward and backward passes.
+    for _, m in lm.model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
+    return lm
+
+
+def padded_batch(lm):
+    tokens, padding = left_pad(PROMPTS, lm.pad_id)
+    return tokens, padding, mx.array(COMPLETIONS)
+
+
+def alone_logprobs(model, prompt, completion, temperature):
+    logits = model(mx.array([prompt + completion]))[0, len(prompt) - 1 : -1] / temperature
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return np.array(mx.take_along_axis(logp, mx.array(completion)[:, None], axis=-1)[:, 0])
+
+
+def test_padded_batch_scores_equal_each_row_scored_alone(lm):
+    tokens, padding, completions = padded_batch(lm)
+    scores = score_completions(lm.model, tokens, padding, completions, 0.8, chunk_size=2)
+    for i, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        expected = alone_logprobs(lm.model, prompt, completion, 0.8)
+        np.testing.assert_allclose(np.array(scores.logp[i]), expected, atol=1e-5)
+    assert (np.array(scores.entropy) > 0).all()
+
+
+def test_chunking_the_lm_head_changes_neither_values_nor_gradients(lm):
+    tokens, padding, completions = padded_batch(lm)
+
+    def loss(model, chunk):
+        return score_completions(model, tokens, padding, completions, 1.0, chunk).logp.sum()
+
+    results = [nn.value_and_grad(lm.model, lambda m, c=c: loss(m, c))(lm.model) for c in (1, 3, 64)]
+    values = [float(v) for v, _ in results]
+    assert values == pytest.approx([values[0]] * 3, rel=1e-6)
+    grads = [dict(tree_flatten(g)) for _, g in results]
+    assert grads[0]
+    for other in grads[1:]:
+        for k, v in grads[0].items():
+            np.testing.assert_allclose(np.array(other[k]), np.array(v), atol=1e-5)
+
+
+def test_exact_kl_is_zero_against_itself_and_positive_against_another_policy(lm):
+    tokens, padding, completions = padded_batch(lm)
+    own = completion_hidden(lm.model, tokens, padding, completions)
+    same = score_completions(lm.model, tokens, padding, completions, 1.0, ref_hidden=own)
+    assert np.abs(np.array(same.kl)).max() < 1e-5
+    with adapters_disabled(lm.model):
+        base = completion_hidden(lm.model, tokens, padding, completions)
+    other = score_completions(lm.model, tokens, padding, completions, 1.0, ref_hidden=base)
+    assert (np.array(other.kl) > 0).all()
+
+
+def test_generation_config_eos_ids_are_stop_tokens(tiny_model_dir, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    im_end, endoftext = config["eos_token_id"]
+    config["eos_token_id"] = im_end  # as Qwen3's config.json: one id
+    (model_dir / "config.json").write_text(json.dumps(config))
+    lm = load_model(str(model_dir))
+    assert {im_end, endoftext} <= set(lm.eos_ids)
