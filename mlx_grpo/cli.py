@@ -106,5 +106,120 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
     click.echo(summary)
 
 
+@main.command("export")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the PEFT adapter (adapter_model.safetensors, config, card).",
+)
+@click.option(
+    "--base-model",
+    help="base_model_name_or_path to record, e.g. the Hub id of the "
+    "base (default: the model the run trained on).",
+)
+@click.option("--push-to-hub", "repo_id", help="Also upload the folder to this Hub repository.")
+@click.option("--private", is_flag=True, help="Create the Hub repository as private.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def export_cmd(
+    source: str,
+    output: str,
+    base_model: str | None,
+    repo_id: str | None,
+    private: bool,
+    debug: bool,
+) -> None:
+    """Export a run or adapter folder SOURCE as a PEFT LoRA adapter."""
+    from mlx_grpo.export import export_peft, push_to_hub
+
+    out = _run(lambda: export_peft(source, output, base_model), debug)
+    click.echo(f"PEFT adapter written to {out}")
+    if repo_id:
+        url = _run(lambda: push_to_hub(out, repo_id, private), debug)
+        click.echo(f"uploaded to {url}")
+
+
+@main.command("import")
+@click.argument("peft_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the mlx-lm adapter (train --adapter and mlx_lm load it).",
+)
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def import_cmd(peft_dir: str, output: str, debug: bool) -> None:
+    """Convert the PEFT LoRA adapter in PEFT_DIR into an mlx-lm adapter."""
+    from mlx_grpo.adapters import Adapter
+
+    out = _run(lambda: Adapter.load_peft(peft_dir).save(output), debug)
+    click.echo(f"mlx adapter written to {out}")
+
+
+@main.command("fuse")
+@click.option("--model", required=True, help="Base model: Hub id or local directory.")
+@click.option(
+    "--adapter",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Run or adapter folder (mlx-lm or PEFT).",
+)
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the merged model.",
+)
+@click.option("--dequantize", is_flag=True, help="Write a quantized base back in float.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def fuse_cmd(model: str, adapter: str, output: str, dequantize: bool, debug: bool) -> None:
+    """Merge an adapter into its base model (W + alpha/r BA); mlx_lm.load reads the result."""
+    from mlx_grpo.export import fuse
+
+    out = _run(lambda: fuse(model, adapter, output, dequantize), debug)
+    click.echo(f"fused model written to {out}")
+
+
+@main.command("generate")
+@click.argument("prompt")
+@click.option("--model", required=True, help="Base model: Hub id or local directory.")
+@click.option(
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False),
+    help="Run or adapter folder (mlx-lm or PEFT); none = the base model.",
+)
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--system-prompt", help="System message for chat models.")
+@click.option(
+    "--enable-thinking/--no-enable-thinking", default=None, help="Qwen3 chat-template switch."
+)
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def generate_cmd(
+    prompt: str,
+    model: str,
+    adapter: str | None,
+    max_tokens: int,
+    temperature: float,
+    system_prompt: str | None,
+    enable_thinking: bool | None,
+    debug: bool,
+) -> None:
+    """Generate a reply to PROMPT with a model and, optionally, an adapter."""
+    from mlx_grpo.generate import generate
+
+    text = _run(
+        lambda: generate(
+            model, prompt, adapter, max_tokens, temperature, system_prompt, enable_thinking
+        ),
+        debug,
+    )
+    click.echo(text)
+
+
 if __name__ == "__main__":
     main()

@@ -66,6 +66,12 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA input.")
     lora_targets: list[str] = _opt(list(LORA_TARGETS), "Module names that get adapters.")
     lora_layers: str = _opt("all", "Adapted layers: all, last:N, or indices like 0,1,5.")
+    use_rslora: bool = _opt(False, "rsLoRA: scale the update by alpha / sqrt(r) instead.")
+    adapter: str | None = _opt(
+        None,
+        "Start from this adapter (mlx-lm or PEFT folder); its rank, alpha and modules "
+        "replace the lora_* settings.",
+    )
 
     # Rollout
     num_generations: int = _opt(8, "G: completions sampled per prompt.")
@@ -128,7 +134,7 @@ class TrainConfig:
 
     @property
     def lora_scale(self) -> float:
-        return self.lora_alpha / self.lora_rank
+        return self.lora_alpha / (self.lora_rank**0.5 if self.use_rslora else self.lora_rank)
 
     def validate(self) -> None:
         """Check types of choices and ranges; raise ValueError naming the key."""

@@ -8,18 +8,13 @@ reference policy pi_ref (the base model) without a second copy of the weights.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
-
-ADAPTER_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class LoRALinear(nn.Module):
@@ -41,6 +36,30 @@ class LoRALinear(nn.Module):
     @property
     def in_out(self) -> tuple[int, int]:
         return self.lora_a.shape[0], self.lora_b.shape[1]
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        """The base layer with W + scale * B^T A^T merged in (re-quantized unless asked not to)."""
+        base = self.linear
+        weight = base.weight
+        quantized = isinstance(base, nn.QuantizedLinear)
+        if quantized:
+            weight = mx.dequantize(
+                weight,
+                base.scales,
+                base.biases,
+                group_size=base.group_size,
+                bits=base.bits,
+                mode=base.mode,
+            )
+        out_dims, in_dims = weight.shape
+        delta = (self.scale * (self.lora_b.T @ self.lora_a.T)).astype(weight.dtype)
+        fused = nn.Linear(in_dims, out_dims, bias="bias" in base)
+        fused.weight = weight + delta
+        if "bias" in base:
+            fused.bias = base.bias
+        if quantized and not dequantize:
+            return nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, mode=base.mode)
+        return fused
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
@@ -89,27 +108,46 @@ def apply_lora(
     Returns the full paths of the adapted modules, e.g.
     `model.layers.0.self_attn.q_proj`.
     """
-    model.freeze()
-    blocks = model.layers
-    layers = list(range(len(blocks))) if layers is None else layers
-    paths: list[str] = []
+    layers = list(range(len(model.layers))) if layers is None else layers
     prefix = _layers_prefix(model)
-    for i in layers:
-        replaced = []
-        for name, module in blocks[i].named_modules():
-            if name.rsplit(".", 1)[-1] not in targets:
-                continue
-            if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-                continue
-            replaced.append((name, LoRALinear(module, rank, scale, dropout)))
-            paths.append(f"{prefix}.{i}.{name}")
-        blocks[i].update_modules(tree_unflatten(replaced))
+    paths = [
+        f"{prefix}.{i}.{name}"
+        for i in layers
+        for name, module in model.layers[i].named_modules()
+        if name.rsplit(".", 1)[-1] in targets
+        and isinstance(module, (nn.Linear, nn.QuantizedLinear))
+    ]
     if not paths:
         raise ValueError(
             f"no module named {list(targets)} found in layers {layers}; "
             "check lora_targets against the model's module names"
         )
+    wrap_modules(model, paths, rank, scale, dropout)
     return paths
+
+
+def wrap_modules(
+    model: nn.Module, paths: list[str], rank: int, scale: float, dropout: float = 0.0
+) -> None:
+    """Freeze `model` and put a LoRALinear around each module at `paths` (full names)."""
+    model.freeze()
+    modules = dict(model.named_modules())
+    missing = [p for p in paths if p not in modules]
+    if missing:
+        raise ValueError(
+            f"the model has no module {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; is the adapter for another architecture?"
+        )
+    wrapped = []
+    for p in paths:
+        module = modules[p]
+        if isinstance(module, LoRALinear):
+            module = module.linear
+        if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            raise ValueError(f"{p} is a {type(module).__name__}, not a linear layer")
+        wrapped.append((p, LoRALinear(module, rank, scale, dropout)))
+    model.update_modules(tree_unflatten(wrapped))
 
 
 def _layers_prefix(model: nn.Module) -> str:
@@ -152,29 +190,3 @@ def total_count(model: nn.Module) -> int:
             total += own.pop("weight").size * 32 // m.bits
         total += sum(v.size for v in own.values())
     return total
-
-
-def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
-    return dict(tree_flatten(model.trainable_parameters()))
-
-
-def save_adapter(
-    model: nn.Module, path: str | Path, paths: list[str], rank: int, scale: float, dropout: float
-) -> Path:
-    """Write an mlx-lm adapter directory (adapters.safetensors + adapter_config.json).
-
-    Adapted modules are named by full path with `num_layers` 0 in the config,
-    which mlx-lm's loader applies as given, so any set of layers round-trips.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{ADAPTER_WEIGHTS}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), adapter_weights(model))
-    tmp.replace(path / ADAPTER_WEIGHTS)
-    config = {
-        "fine_tune_type": "lora",
-        "num_layers": 0,
-        "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": paths},
-    }
-    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-    return path

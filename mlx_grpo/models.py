@@ -61,7 +61,9 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
         )
     try:
         model, tokenizer, config = mlx_lm.load(
-            str(local) if local.exists() else path_or_id, return_config=True
+            str(local) if local.exists() else path_or_id,
+            model_config=_rope_fix(local),
+            return_config=True,
         )
     except Exception as e:  # mlx-lm raises many kinds; wrap them with context
         where = "the directory" if local.exists() else "the Hugging Face Hub (network and id)"
@@ -74,8 +76,25 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
     mx.eval(model.parameters())
     eos = set(tokenizer.eos_token_ids or [])
     eos |= _generation_config_eos(local if local.exists() else _hub_snapshot(path_or_id))
+    tokenizer.eos_token_ids = eos  # so mlx-lm's own generate stops there too
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     return LoadedModel(model, tokenizer, config, path_or_id, sorted(eos), int(pad))
+
+
+def _rope_fix(path: Path) -> dict:
+    """rope_theta lifted to the top level of the config, where mlx-lm reads it.
+
+    transformers 5 writes it only inside `rope_parameters`, and some mlx-lm
+    models (Llama among them) would then silently use their default base.
+    """
+    file = path / "config.json"
+    if not file.is_file():
+        return {}
+    config = json.loads(file.read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if "rope_theta" in config or theta is None:
+        return {}
+    return {"rope_theta": theta}
 
 
 def _dtype(name: str) -> mx.Dtype | None:

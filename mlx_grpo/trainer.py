@@ -25,8 +25,9 @@ import numpy as np
 
 from mlx_grpo import data as data_mod
 from mlx_grpo import rewards as rewards_mod
+from mlx_grpo.adapters import Adapter
 from mlx_grpo.config import TrainConfig, resolve
-from mlx_grpo.lora import apply_lora, parse_layers, save_adapter, total_count, trainable_count
+from mlx_grpo.lora import apply_lora, parse_layers, total_count, trainable_count
 from mlx_grpo.models import LoadedModel, load_model
 from mlx_grpo.objective import group_advantages
 from mlx_grpo.reporting import METRICS_FILE, Reporter, length_metrics, reward_metrics
@@ -120,10 +121,16 @@ def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
     rewards = [rewards_mod.Reward(r.name, r.fn, w) for r, w in zip(rewards, weights)]
 
     lm = load_model(cfg.model, cfg.dtype)
-    layers = parse_layers(cfg.lora_layers, len(lm.model.layers))
-    paths = apply_lora(
-        lm.model, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_targets, layers
-    )
+    if cfg.adapter:
+        start = Adapter.load(cfg.adapter)
+        start.attach(lm.model)
+        _adopt_adapter_shape(cfg, start)
+        paths = start.modules
+    else:
+        layers = parse_layers(cfg.lora_layers, len(lm.model.layers))
+        paths = apply_lora(
+            lm.model, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_targets, layers
+        )
     if cfg.grad_checkpoint:
         _checkpoint_layers(lm.model)
     mx.eval(lm.model.parameters())
@@ -148,6 +155,16 @@ def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
     return Run(
         cfg, lm, paths, rewards, rows, optimizer, output_dir, np.random.default_rng(cfg.seed)
     )
+
+
+def _adopt_adapter_shape(cfg: TrainConfig, adapter: Adapter) -> None:
+    """Record the starting adapter's LoRA shape in the run's settings."""
+    cfg.lora_rank, cfg.lora_alpha, cfg.use_rslora = adapter.rank, adapter.alpha, adapter.rslora
+    cfg.lora_targets = sorted({p.rsplit(".", 1)[-1] for p in adapter.modules})
+    indices = sorted(
+        {int(part) for p in adapter.modules for part in p.split(".") if part.isdigit()}
+    )
+    cfg.lora_layers = ",".join(map(str, indices))
 
 
 def _prepare_output(cfg: TrainConfig) -> Path:
@@ -299,11 +316,7 @@ def _float(x: float) -> float | None:
 
 def _save(run: Run) -> Path:
     cfg = run.cfg
-    return save_adapter(
-        run.lm.model,
-        run.output_dir,
-        run.lora_paths,
-        cfg.lora_rank,
-        cfg.lora_scale,
-        cfg.lora_dropout,
+    adapter = Adapter.from_model(
+        run.lm.model, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, base_model=cfg.model
     )
+    return adapter.save(run.output_dir)

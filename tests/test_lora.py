@@ -16,14 +16,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import qwen3
 from mlx_lm.tuner.lora import LoRALinear as MlxLmLoRALinear
 
+from mlx_grpo.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
 from mlx_grpo.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     adapters_disabled,
     apply_lora,
     lora_modules,
     parse_layers,
-    save_adapter,
     total_count,
     trainable_count,
 )
@@ -256,8 +254,8 @@ def test_saved_adapter_loads_in_mlx_lm_with_identical_logits(
         base_logits = model(TOKENS)
     assert max_diff(ours, base_logits) > 1e-3  # the adapter matters
 
-    out = save_adapter(model, tmp_path / "adapter", paths, RANK, SCALE, 0.0)
-    assert (out / ADAPTER_WEIGHTS).is_file() and (out / ADAPTER_CONFIG).is_file()
+    out = Adapter.from_model(model, alpha=SCALE * RANK).save(tmp_path / "adapter")
+    assert (out / MLX_WEIGHTS).is_file() and (out / MLX_CONFIG).is_file()
 
     theirs, _ = mlx_lm.load(str(tiny_path), adapter_path=str(out))
     adapted = {n for n, m in theirs.named_modules() if isinstance(m, MlxLmLoRALinear)}

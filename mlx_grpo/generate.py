@@ -1,0 +1,36 @@
+"""Try a model, with or without an adapter, on one prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlx_grpo.adapters import Adapter
+from mlx_grpo.data import encode_prompt
+from mlx_grpo.models import load_model
+
+
+def generate(
+    model: str,
+    prompt: str,
+    adapter: str | Path | None = None,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    system_prompt: str | None = None,
+    enable_thinking: bool | None = None,
+) -> str:
+    """The model's reply to `prompt` (chat template applied when the model has one).
+
+    Example:
+        >>> generate("Qwen/Qwen3-0.6B", "What is 17 * 3?", adapter="runs/qwen3-gsm8k")
+    """
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    lm = load_model(model)
+    if adapter is not None:
+        Adapter.load(adapter).attach(lm.model)
+    lm.model.eval()
+    ids = encode_prompt(prompt, lm.tokenizer, system_prompt, enable_thinking)
+    return mlx_lm.generate(
+        lm.model, lm.tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)
+    )
