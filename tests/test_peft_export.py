@@ -149,8 +149,9 @@ def test_export_config_says_what_peft_needs(llama, qwen3, tmp_path):
     assert len(qwen_config["target_modules"]) == 7
 
 
-def test_merged_peft_equals_mlx_grpo_fuse(qwen3, tmp_path):
-    model_dir, run = qwen3
+@pytest.mark.parametrize("case", ["qwen3", "llama"])
+def test_merged_peft_equals_mlx_grpo_fuse(case, request, tmp_path):
+    model_dir, run = request.getfixturevalue(case)
     export_peft(run, tmp_path / "peft")
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, tmp_path / "peft").merge_and_unload().eval()
