@@ -106,6 +106,76 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
     click.echo(summary)
 
 
+@main.command("eval")
+@click.option("--model", required=True, help="Model: Hub id, local directory or .gguf file.")
+@click.option(
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False),
+    help="Run or adapter folder (mlx-lm or PEFT); none = the base model.",
+)
+@click.option("--data", required=True, help="Held-out prompts (JSONL).")
+@click.option("--rewards", required=True, help="Reward functions, comma-separated.")
+@click.option("--reward-weights", help="One weight per reward function, comma-separated.")
+@click.option("--prompt-column", default="prompt", show_default=True)
+@click.option("--system-prompt", help="System message for chat models.")
+@click.option(
+    "--enable-thinking/--no-enable-thinking", default=None, help="Qwen3 chat-template switch."
+)
+@click.option(
+    "--samples",
+    default=1,
+    show_default=True,
+    help="Completions per prompt; more than 1 reports pass@k (needs --temperature).",
+)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, help="Sequences decoded together.")
+@click.option(
+    "--success-threshold",
+    default=1.0,
+    show_default=True,
+    help="A completion is correct when its weighted reward reaches this.",
+)
+@click.option("--group-by", help="Also report per value of this data column.")
+@click.option("--limit", type=int, help="Use only the first N prompts.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Write every completion with its rewards to this JSONL file.",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def eval_cmd(
+    model: str,
+    adapter: str | None,
+    data: str,
+    rewards: str,
+    reward_weights: str | None,
+    debug: bool,
+    samples: int,
+    **options: Any,
+) -> None:
+    """Accuracy and mean reward of a model (and adapter) on a held-out set."""
+    from mlx_grpo.evaluate import evaluate
+
+    weights = [float(w) for w in reward_weights.split(",")] if reward_weights else None
+    result = _run(
+        lambda: evaluate(
+            model,
+            data,
+            rewards.split(","),
+            adapter,
+            reward_weights=weights,
+            num_samples=samples,
+            **options,
+        ),
+        debug,
+    )
+    click.echo(result.table())
+
+
 @main.command("export")
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option(

@@ -116,6 +116,9 @@ class TrainConfig:
         1, "Micro-batches the B x G sequences are split into per update."
     )
     max_steps: int = _opt(100, "Optimisation steps (rollouts) to run.")
+    max_minutes: float | None = _opt(
+        None, "Stop after the step that passes this many minutes of training."
+    )
     logits_chunk_size: int = _opt(
         256, "Completion tokens per LM-head chunk when scoring (bounds memory)."
     )

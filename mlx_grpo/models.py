@@ -9,6 +9,7 @@ that hides the padding, so a padded row computes what it would alone.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
 
     if not path_or_id:
         raise ValueError("no model given: pass --model with a Hub id or a local directory")
+    if path_or_id.lower().endswith(".gguf"):
+        path_or_id = str(converted_gguf(Path(path_or_id)))
     local = Path(path_or_id).expanduser()
     looks_local = path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
     if looks_local and not local.exists():
@@ -79,6 +82,23 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
     tokenizer.eos_token_ids = eos  # so mlx-lm's own generate stops there too
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     return LoadedModel(model, tokenizer, config, path_or_id, sorted(eos), int(pad))
+
+
+def converted_gguf(gguf: Path) -> Path:
+    """The mlx-lm directory converted from a GGUF file, converting it once into the cache."""
+    from mlx_grpo.gguf import convert_gguf
+    from mlx_grpo.smollm2 import cache_dir
+
+    if not gguf.is_file():
+        raise ValueError(f"GGUF file {gguf} does not exist")
+    stat = gguf.stat()
+    target = cache_dir() / "converted" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if not target.is_dir():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        convert_gguf(gguf, partial)
+        partial.rename(target)  # a crash mid-conversion leaves no half model behind
+    return target
 
 
 def _rope_fix(path: Path) -> dict:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from mlx_grpo.arithmetic import arithmetic
 from mlx_grpo.builtin_rewards import completion_text, math_answer, think_format
 
 RewardFn = Callable[..., list[float | None]]
@@ -48,7 +49,11 @@ class Reward:
     weight: float = 1.0
 
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"math_answer": math_answer, "think_format": think_format}
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "math_answer": math_answer,
+    "think_format": think_format,
+    "arithmetic": arithmetic,
+}
 
 
 # --------------------------------------------------------------------------- loading

@@ -91,6 +91,7 @@ def train(
     reporter = Reporter(run.output_dir, cfg.max_steps, show_progress)
     reporter.write(_summary(run))
     history = []
+    started = time.perf_counter()
     try:
         for step in range(cfg.max_steps):
             metrics, samples = train_step(run, step)
@@ -100,6 +101,9 @@ def train(
                 reporter.samples(step + 1, samples)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
                 _save(run)
+            if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
+                reporter.write(f"stopping after {step + 1} steps: {cfg.max_minutes:g} minutes")
+                break
         _save(run)
     finally:
         reporter.close()

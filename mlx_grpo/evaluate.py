@@ -1,0 +1,174 @@
+"""Accuracy and mean reward of a model, with or without an adapter, on a held-out set.
+
+The prompts decode in batches (the same batched rollout as training); each
+gets `num_samples` completions, greedy (temperature 0) or sampled. A
+completion is correct when its weighted reward reaches `success_threshold`.
+With n samples per prompt of which c are correct, pass@k is the unbiased
+estimate 1 - C(n - c, k) / C(n, k), averaged over prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from mlx_grpo import data as data_mod
+from mlx_grpo import rewards as rewards_mod
+from mlx_grpo.adapters import Adapter
+from mlx_grpo.models import load_model
+from mlx_grpo.rollout import SamplingSettings, rollout
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, dict[str, float]]  # group ("all", or a value of group_by) -> figures
+    records: list[dict[str, Any]] = field(default_factory=list)  # one per completion
+
+    def table(self) -> str:
+        """The summary as a fixed-width text table."""
+        keys = list(next(iter(self.summary.values())))
+        width = max(len(g) for g in self.summary) + 2
+        head = "group".ljust(width) + "".join(f"{k:>14}" for k in keys)
+        rows = [
+            g.ljust(width) + "".join(_cell(v) for v in figures.values())
+            for g, figures in self.summary.items()
+        ]
+        return "\n".join([head, *rows])
+
+
+def _cell(value: float) -> str:
+    return f"{value:>14.4g}" if isinstance(value, float) else f"{value:>14}"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for n samples of which c are correct."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(
+    model: str,
+    data: str,
+    rewards: list[str],
+    adapter: str | Path | None = None,
+    *,
+    reward_weights: list[float] | None = None,
+    prompt_column: str = "prompt",
+    system_prompt: str | None = None,
+    enable_thinking: bool | None = None,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_tokens: int = 256,
+    batch_size: int = 32,
+    success_threshold: float = 1.0,
+    group_by: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    output: str | Path | None = None,
+    show_progress: bool = True,
+) -> EvalResult:
+    """Score a model on `data` with the reward functions; optionally write completions.
+
+    Example:
+        >>> result = evaluate("smollm2", "test.jsonl", ["arithmetic"], adapter="runs/a",
+        ...                   group_by="kind")
+        >>> print(result.table())
+    """
+    if num_samples > 1 and temperature == 0:
+        raise ValueError("num_samples > 1 needs sampling: set a temperature > 0")
+    mx.random.seed(seed)
+    lm = load_model(model)
+    if adapter is not None:
+        Adapter.load(adapter).attach(lm.model)
+    lm.model.eval()
+    funcs = rewards_mod.load_rewards(rewards, reward_weights)
+    rows = data_mod.load_prompts(data, lm.tokenizer, prompt_column, system_prompt, enable_thinking)[
+        :limit
+    ]
+    sampling = SamplingSettings(temperature, top_p, max_tokens=max_tokens)
+    per_batch = max(1, batch_size // num_samples)
+    records = []
+    for start in tqdm(
+        range(0, len(rows), per_batch), disable=not show_progress, unit="batch", desc="eval"
+    ):
+        chunk = rows[start : start + per_batch]
+        records += _score_chunk(lm, chunk, funcs, num_samples, sampling, success_threshold)
+    if output is not None:
+        Path(output).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return EvalResult(summarize(records, num_samples, group_by), records)
+
+
+def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any]]:
+    batch = rollout(lm.model, [r.prompt_ids for r in chunk], n, sampling, lm.eos_ids, lm.pad_id)
+    ids = batch.completion_lists()
+    texts = [lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    columns = {
+        k: [r.columns.get(k) for r in chunk for _ in range(n)]
+        for k in sorted({k for r in chunk for k in r.columns})
+    }
+    per_func = rewards_mod.score_completions(
+        funcs,
+        [r.prompt for r in chunk for _ in range(n)],
+        texts,
+        ids,
+        columns,
+        [r.source for r in chunk for _ in range(n)],
+    )
+    weights = np.array([f.weight for f in funcs])
+    totals = np.nansum(per_func * weights, axis=1)
+    out = []
+    for i, text in enumerate(texts):
+        row = chunk[i // n]
+        out.append(
+            {
+                "source": row.source,
+                "prompt": row.prompt,
+                "sample": i % n,
+                "completion": text,
+                "rewards": {f.name: _num(per_func[i, k]) for k, f in enumerate(funcs)},
+                "reward": float(totals[i]),
+                "correct": bool(totals[i] >= threshold),
+                "truncated": batch.truncated[i],
+                "columns": row.columns,
+            }
+        )
+    return out
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def summarize(records: list[dict], n: int, group_by: str | None) -> dict[str, dict[str, float]]:
+    """Figures over all records and, with `group_by`, per value of that column."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups["all"].append(r)
+        if group_by is not None:
+            groups[str(r["columns"].get(group_by))].append(r)
+    summary = {}
+    for name, items in groups.items():
+        by_prompt: dict[str, list[bool]] = defaultdict(list)
+        for r in items:
+            by_prompt[r["source"]].append(r["correct"])
+        figures: dict[str, Any] = {"prompts": len(by_prompt)}
+        figures["accuracy"] = float(np.mean([r["correct"] for r in items]))
+        figures["mean_reward"] = float(np.mean([r["reward"] for r in items]))
+        if n > 1:
+            for k in sorted({1, n}):
+                figures[f"pass@{k}"] = float(
+                    np.mean([pass_at_k(len(v), sum(v), k) for v in by_prompt.values()])
+                )
+        figures["truncated"] = float(np.mean([r["truncated"] for r in items]))
+        summary[name] = figures
+    return summary
