@@ -1,0 +1,116 @@
+import itertools
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_grpo.arithmetic import arithmetic, make_split, write_split
+from mlx_grpo.cli import main
+from mlx_grpo.evaluate import evaluate, pass_at_k
+from mlx_grpo.generate import generate
+
+
+def test_arithmetic_reward_wants_exactly_the_number():
+    completions = ["12", " 12\n", "7 + 5 = 12.", "The answer is 13", "twelve", "-3", "-3"]
+    answers = ["12", "12", "12", "12", "12", "-3", "3"]
+    assert arithmetic([], completions, [], answer=answers) == [1.0, 1.0, 0.5, 0.0, 0.0, 1.0, 0.0]
+    assert arithmetic([], ["12"], []) == [None]
+
+
+def test_problem_sets_are_seeded_disjoint_and_balanced():
+    train, test = make_split(400, 100, seed=3)
+    assert (train, test) == make_split(400, 100, seed=3)
+    assert make_split(400, 100, seed=4)[1] != test
+    assert not {r["prompt"] for r in test} & {r["prompt"] for r in train}
+    assert sum(r["kind"] == "add1" for r in test) == 50
+    for row in train + test:
+        expression = row["prompt"].split("What is ")[1].split("?")[0]
+        assert str(eval(expression)) == row["answer"]  # the answer is the arithmetic truth
+
+
+def test_pass_at_k_matches_counting_every_subset():
+    for n, c, k in [(5, 2, 1), (5, 2, 3), (6, 0, 2), (4, 4, 2), (7, 3, 7)]:
+        outcomes = [True] * c + [False] * (n - c)
+        subsets = list(itertools.combinations(outcomes, k))
+        expected = sum(any(s) for s in subsets) / len(subsets)
+        assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    # Correct when the completion's first character is a lowercase letter.
+    path = tmp_path / "first_char.py"
+    path.write_text(
+        "def lower_first(prompts, completions, completion_ids, **kw):\n"
+        "    return [1.0 if c[:1].islower() else 0.0 for c in completions]\n"
+    )
+    return f"{path}:lower_first"
+
+
+def test_greedy_eval_scores_what_the_model_generates(tiny_model_dir, reward_file, tmp_path):
+    _, test = write_split(tmp_path / "task", 0, 6, seed=1)
+    out = tmp_path / "eval.jsonl"
+    result = evaluate(
+        str(tiny_model_dir),
+        str(test),
+        [reward_file],
+        max_tokens=6,
+        group_by="kind",
+        output=out,
+        show_progress=False,
+    )
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 6 and result.records == records
+    for r in records:
+        assert r["rewards"]["lower_first"] == (1.0 if r["completion"][:1].islower() else 0.0)
+    assert result.summary["all"]["accuracy"] == pytest.approx(
+        sum(r["correct"] for r in records) / 6
+    )
+    assert result.summary["add1"]["prompts"] == 3 and result.summary["addsub2"]["prompts"] == 3
+    # Batched greedy decoding gives what generating each prompt alone gives.
+    first = json.loads(test.read_text().splitlines()[0])["prompt"]
+    alone = generate(str(tiny_model_dir), first, max_tokens=6)
+    assert records[0]["completion"] == alone
+
+
+def test_sampled_eval_reports_pass_at_k(tiny_model_dir, reward_file, tmp_path):
+    _, test = write_split(tmp_path / "task", 0, 4, seed=2)
+    result = evaluate(
+        str(tiny_model_dir),
+        str(test),
+        [reward_file],
+        num_samples=4,
+        temperature=1.0,
+        max_tokens=4,
+        show_progress=False,
+    )
+    figures = result.summary["all"]
+    assert len(result.records) == 16
+    assert figures["pass@1"] == pytest.approx(figures["accuracy"])
+    assert figures["pass@4"] >= figures["pass@1"]
+    with pytest.raises(ValueError, match="needs sampling"):
+        evaluate(str(tiny_model_dir), str(test), [reward_file], num_samples=2)
+
+
+def test_eval_command_prints_the_table(tiny_model_dir, tmp_path):
+    _, test = write_split(tmp_path / "task", 0, 4, seed=2)
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(test),
+            "--rewards",
+            "arithmetic",
+            "--max-tokens",
+            "4",
+            "--group-by",
+            "kind",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert "accuracy" in lines[-4] and lines[-3].startswith("all")
+    assert any(line.startswith("add1") for line in lines)
