@@ -176,6 +176,22 @@ def eval_cmd(
     click.echo(result.table())
 
 
+@main.command("plot")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="PNG path [default: RUN_DIR/training.png].",
+)
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def plot_cmd(run_dir: str, output: str | None, debug: bool) -> None:
+    """Plot reward, KL, completion length, clip ratios and learning rate over steps."""
+    from mlx_grpo.plot import plot_run
+
+    click.echo(f"plot written to {_run(lambda: plot_run(run_dir, output), debug)}")
+
+
 @main.command("export")
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option(

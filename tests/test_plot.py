@@ -1,0 +1,251 @@
+"""`mlx-grpo plot`: metrics.jsonl -> training.png, and its errors."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.image import imread  # noqa: E402
+
+from mlx_grpo import plot  # noqa: E402
+from mlx_grpo.plot import figure_for, load_metrics, plot_run, rolling_mean  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def rising_run(steps: int = 30, kl: bool = True) -> list[dict]:
+    """Steps of a run whose reward climbs; a few values are null, as the reporter writes."""
+    records = []
+    for s in range(1, steps + 1):
+        record = {
+            "step": s,
+            "reward": s / steps,
+            "reward_std": 0.1,
+            "rewards/correct/mean": 0.8 * s / steps,
+            "rewards/format/mean": 0.2,
+            "entropy": 2.0 - s / steps,
+            "completions/mean_length": 100.0 + s,
+            "completions/clipped_ratio": 0.1,
+            "clip_ratio/low_mean": 0.0,
+            "clip_ratio/high_mean": 0.01,
+            "clip_ratio/region_mean": 0.01,
+            "learning_rate": 1e-5,
+            "grad_norm": 0.5,
+            "loss": 0.01,
+        }
+        if kl:
+            record["kl"] = 0.001 * s
+        records.append(record)
+    for r in records:
+        if r["step"] == 10:
+            r["reward"] = None  # no reward could be scored
+        if r["step"] == 5:
+            r["loss"] = None
+    return records
+
+
+def write_run(run_dir, records) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r) for r in records]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def axes_by_title(fig) -> dict:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+
+
+def line(ax, label: str):
+    (found,) = [ln for ln in ax.get_lines() if ln.get_label() == label]
+    return found
+
+
+def test_plot_run_writes_a_png_into_the_run_dir(tmp_path):
+    write_run(tmp_path / "run", rising_run())
+
+    out = plot_run(tmp_path / "run")
+
+    assert out == tmp_path / "run" / "training.png"
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    height, width, _ = imread(out).shape
+    assert height > 600 and width > 600
+
+
+def test_plot_pixels_follow_the_data(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, rising_run())
+    rising = plot_run(run, tmp_path / "plots" / "rising.png")
+    falling = rising_run()
+    for r in falling:
+        r["reward"] = None if r["reward"] is None else 1.0 - r["reward"]
+    write_run(run, falling)
+    other = plot_run(run, tmp_path / "plots" / "falling.png")
+
+    assert not (run / "training.png").exists()  # `output` replaces the default path
+    first, second = imread(rising), imread(other)
+    assert first.shape == second.shape
+    assert not np.array_equal(first, second)
+
+
+def test_figure_has_a_panel_per_metric_group():
+    fig = figure_for(rising_run(), "my-run")
+
+    titles = set(axes_by_title(fig))
+    assert {
+        "reward",
+        "KL to reference policy",
+        "completion length",
+        "clipped surrogate: token share",
+        "learning rate",
+        "loss",
+        "grad norm (before clipping)",
+    } <= titles
+    assert fig.get_suptitle() == "my-run"
+
+
+def test_reward_panel_draws_raw_values_band_rolling_mean_and_each_reward_function():
+    records = rising_run(steps=60)
+    fig = figure_for(records, "run")
+    ax = axes_by_title(fig)["reward"]
+
+    expected = [math.nan if r["reward"] is None else r["reward"] for r in records]
+    np.testing.assert_array_equal(line(ax, "reward").get_ydata(), expected)
+    np.testing.assert_array_equal(line(ax, "reward").get_xdata(), np.arange(1, 61))
+    # window = 60 / 20 = 3 steps
+    smooth = line(ax, "rolling mean (3 steps)").get_ydata()
+    assert smooth[5] == pytest.approx(np.mean([4 / 60, 5 / 60, 6 / 60]))
+    assert smooth[10] == pytest.approx(np.mean([9 / 60, 11 / 60]))  # step 10's null is skipped
+    np.testing.assert_allclose(
+        line(ax, "correct").get_ydata(), [r["rewards/correct/mean"] for r in records]
+    )
+    assert line(ax, "format").get_ydata()[0] == 0.2
+    assert len(ax.collections) == 1  # the +- reward_std band
+
+
+def test_a_lone_reward_function_equal_to_the_reward_is_not_drawn_twice():
+    records = [{"step": s, "reward": s / 10, "rewards/only/mean": s / 10} for s in range(1, 11)]
+
+    ax = axes_by_title(figure_for(records, "run"))["reward"]
+
+    assert [ln.get_label() for ln in ax.get_lines()] == ["reward"]
+
+
+def test_kl_panel_plots_kl_when_logged():
+    records = rising_run()
+
+    ax = axes_by_title(figure_for(records, "run"))["KL to reference policy"]
+
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [r["kl"] for r in records])
+
+
+def test_kl_panel_says_beta_zero_when_kl_is_absent():
+    ax = axes_by_title(figure_for(rising_run(kl=False), "run"))["KL to reference policy"]
+
+    assert ax.get_lines() == []
+    assert [t.get_text() for t in ax.texts] == ["beta = 0: no KL"]
+
+
+def test_panels_of_unlogged_or_all_null_metrics_say_so():
+    records = [{"step": s, "reward": 0.5, "grad_norm": None} for s in (1, 2, 3)]
+
+    axes = axes_by_title(figure_for(records, "run"))
+
+    assert [t.get_text() for t in axes["grad norm (before clipping)"].texts] == [
+        "every value is null"
+    ]
+    assert [t.get_text() for t in axes["learning rate"].texts] == ["not in metrics.jsonl"]
+
+
+def test_single_step_run_with_null_and_nan_values_plots(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    # NaN is not JSON, but Python's json writes and reads it; take it like null.
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "reward": 0.25, "reward_std": null, "loss": NaN, "kl": 0.0}\n'
+    )
+
+    out = plot_run(run)
+
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    ax = axes_by_title(figure_for(load_metrics(run), "run"))["reward"]
+    reward = line(ax, "reward")
+    assert reward.get_marker() == "o"  # a lone point gets a dot, or it would be invisible
+    assert ax.get_xlim() == (0.0, 2.0)
+
+
+def test_a_relogged_step_keeps_the_later_record():
+    records = [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.9}, {"step": 2, "reward": 0.5}]
+
+    ax = axes_by_title(figure_for(records, "run"))["reward"]
+
+    np.testing.assert_array_equal(line(ax, "reward").get_ydata(), [0.1, 0.5])
+
+
+def test_title_names_the_run_dir_and_the_model(tmp_path, monkeypatch):
+    run = tmp_path / "exp" / "grpo-7"
+    write_run(run, rising_run(steps=2))
+    (run / "config.yaml").write_text("model: Qwen/Qwen3-0.6B\nbeta: 0.0\n")
+    titles = []
+
+    def spy(records, title):  # skip the drawing: only the title matters here
+        titles.append(title)
+        return Figure(figsize=(1, 1))
+
+    monkeypatch.setattr(plot, "figure_for", spy)
+
+    plot_run(run)
+
+    assert titles == ["exp/grpo-7  |  model: Qwen/Qwen3-0.6B"]
+
+
+def test_rolling_mean_is_trailing_and_skips_nan():
+    values = np.array([1.0, 3.0, np.nan, 5.0, np.nan, np.nan])
+
+    np.testing.assert_allclose(
+        rolling_mean(values, 2), [1.0, 2.0, 3.0, 5.0, 5.0, np.nan], equal_nan=True
+    )
+    np.testing.assert_array_equal(rolling_mean(values, 1), values)
+
+
+def test_missing_run_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="run directory .*nope does not exist"):
+        plot_run(tmp_path / "nope")
+
+
+def test_run_dir_without_metrics_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl not found"):
+        plot_run(tmp_path)
+
+
+def test_empty_metrics_file_is_a_clear_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("\n\n")
+
+    with pytest.raises(ValueError, match="is empty"):
+        plot_run(tmp_path)
+
+
+def test_bad_json_line_is_named_by_file_and_line(tmp_path):
+    lines = [json.dumps({"step": 1, "reward": 0.1}), json.dumps({"step": 2}), '{"step": 3, "rew']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 3: not valid JSON"):
+        plot_run(tmp_path)
+
+
+def test_a_line_that_is_not_an_object_is_refused(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("[1, 2]\n")
+
+    with pytest.raises(ValueError, match="line 1: expected a JSON object of metrics, got list"):
+        plot_run(tmp_path)
+
+
+def test_missing_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    write_run(tmp_path, rising_run(steps=2))
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` fail
+
+    with pytest.raises(ValueError, match=r'pip install "mlx-grpo\[plot\]"'):
+        plot_run(tmp_path)
