@@ -23,35 +23,48 @@ INSTRUCTION = "Reply with the number only."
 _NUMBER = re.compile(r"-?\d+")
 
 
-def problem(kind: str, rng: random.Random) -> dict[str, Any]:
-    """One problem row: prompt, answer (a string of digits), kind."""
+def all_problems(kind: str) -> list[dict[str, Any]]:
+    """Every problem of a kind, in a fixed order."""
     if kind == "add1":
-        a, b, op = rng.randint(0, 9), rng.randint(0, 9), "+"
+        triples = [(a, "+", b) for a in range(10) for b in range(10)]
     elif kind == "addsub2":
-        a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
+        triples = [(a, op, b) for a in range(10, 100) for b in range(10, 100) for op in "+-"]
     else:
         raise ValueError(f"unknown arithmetic kind {kind!r}; use one of {', '.join(KINDS)}")
-    value = a + b if op == "+" else a - b
-    return {"prompt": f"What is {a} {op} {b}? {INSTRUCTION}", "answer": str(value), "kind": kind}
+    return [
+        {
+            "prompt": f"What is {a} {op} {b}? {INSTRUCTION}",
+            "answer": str(a + b if op == "+" else a - b),
+            "kind": kind,
+        }
+        for a, op, b in triples
+    ]
 
 
 def make_split(
     n_train: int, n_test: int, seed: int = 0, kinds: tuple[str, ...] = KINDS
 ) -> tuple[list[dict], list[dict]]:
-    """Disjoint train and held-out problem sets, kinds in equal shares."""
+    """Disjoint train and held-out sets, the kinds in equal shares.
+
+    Each kind's problems are shuffled with the seed; the held-out set takes
+    the first ones, training samples (with repeats) from the rest. At most
+    half of a kind may be held out (one-digit sums have only 100 problems).
+    """
     rng = random.Random(seed)
     test: list[dict] = []
-    seen: set[str] = set()
-    while len(test) < n_test:
-        row = problem(kinds[len(test) % len(kinds)], rng)
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            test.append(row)
-    train: list[dict] = []
-    while len(train) < n_train:
-        row = problem(kinds[len(train) % len(kinds)], rng)
-        if row["prompt"] not in seen:  # repeats within train are fine, test leaks are not
-            train.append(row)
+    pools = []
+    for i, kind in enumerate(kinds):
+        problems = all_problems(kind)
+        rng.shuffle(problems)
+        n = n_test // len(kinds) + (i < n_test % len(kinds))
+        if n > len(problems) // 2:
+            raise ValueError(
+                f"{n} held-out {kind} problems is more than half of the {len(problems)} there "
+                f"are; ask for at most {len(problems) // 2 * len(kinds)} test problems"
+            )
+        test += problems[:n]
+        pools.append(problems[n:])
+    train = [rng.choice(pools[i % len(pools)]) for i in range(n_train)]
     return train, test
 
 

@@ -114,3 +114,8 @@ def test_eval_command_prints_the_table(tiny_model_dir, tmp_path):
     lines = result.output.strip().splitlines()
     assert "accuracy" in lines[-4] and lines[-3].startswith("all")
     assert any(line.startswith("add1") for line in lines)
+
+
+def test_holding_out_more_than_half_of_a_kind_is_refused():
+    with pytest.raises(ValueError, match="more than half of the 100"):
+        make_split(10, 200)
