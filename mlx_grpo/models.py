@@ -160,22 +160,40 @@ def padded_mask(n: int, offset: int, left_padding: mx.array) -> mx.array:
     return causal & (real | (queries == keys))
 
 
-class PaddedPrefixCache:
-    """A stand-in cache for one full forward pass over left-padded rows.
+class PrefixCache:
+    """A differentiable KV cache for scoring: keys and values grow by concatenation.
 
-    It stores nothing: it only hands the model per-row positions and the
-    padding mask, which plain `model(x)` has no way to receive.
+    It hands the model per-row RoPE positions and the padding mask, which
+    plain `model(x)` cannot receive, and lets a prompt's keys and values be
+    computed once and shared by the G completions of its group.
     """
 
-    def __init__(self, left_padding: mx.array):
+    def __init__(
+        self,
+        left_padding: mx.array,  # (N,)
+        keys: mx.array | None = None,  # (N, H, L, D)
+        values: mx.array | None = None,
+        length: int = 0,
+    ):
         self.left_padding = left_padding
-        self.offset = -left_padding
+        self.keys, self.values, self.length = keys, values, length
+        self.offset = length - left_padding
 
     def make_mask(self, n: int, **_kwargs) -> mx.array:
-        return padded_mask(n, 0, self.left_padding)
+        return padded_mask(n, self.length, self.left_padding)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values = keys, values
+        self.length = keys.shape[2]
+        self.offset = self.length - self.left_padding
         return keys, values
+
+    def select(self, rows: mx.array) -> PrefixCache:
+        """A cache whose row i is this cache's row rows[i]."""
+        return PrefixCache(self.left_padding[rows], self.keys[rows], self.values[rows], self.length)
 
 
 class RolloutCache(BatchKVCache):
@@ -220,10 +238,7 @@ def head_and_body(model: nn.Module) -> tuple[Callable, Callable] | None:
     return None
 
 
-def forward_hidden(model: nn.Module, tokens: mx.array, left_padding: mx.array) -> mx.array:
-    """Final hidden states (or logits, when the model cannot be split) of padded rows."""
+def body_of(model: nn.Module):
+    """The part of the model that gives the hidden states the head reads (or the model)."""
     split = head_and_body(model)
-    cache = [PaddedPrefixCache(left_padding) for _ in model.layers]
-    if split is None:
-        return model(tokens, cache=cache)
-    return split[0](tokens, cache=cache)
+    return model if split is None else split[0]

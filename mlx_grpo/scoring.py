@@ -1,7 +1,8 @@
 """Per-token log-probs of completions under the model, in bounded memory.
 
-One forward pass over (prompt + completion) gives the final hidden states;
-the LM head then runs over chunks of completion positions. Each chunk is
+One forward pass over (prompt + completion) gives the final hidden states,
+with each prompt computed once for all the completions that share it; the
+LM head then runs over chunks of completion positions. Each chunk is
 wrapped in `mx.checkpoint`, so the backward pass recomputes its logits
 instead of keeping full-vocabulary logits for every token alive at once.
 """
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from mlx_grpo.models import forward_hidden, head_and_body
+from mlx_grpo.models import PrefixCache, body_of, head_and_body
 from mlx_grpo.objective import exact_kl, token_logprobs
 
 
@@ -29,12 +31,34 @@ def completion_hidden(
 ) -> mx.array:
     """(N, T, D) hidden states whose head output predicts each completion token.
 
-    For models whose head cannot be split off these are the logits (N, T, V).
+    Rows that share a prompt (a group's G completions) share its forward
+    pass: the prompt runs once, its keys and values go to every row of the
+    group, and only the completions run per row. For models whose head
+    cannot be split off these are the logits (N, T, V).
     """
-    _, p = prompt_tokens.shape
-    inputs = mx.concatenate([prompt_tokens, completion_ids[:, :-1]], axis=1)
-    hidden = forward_hidden(model, inputs, padding)
-    return hidden[:, p - 1 :]
+    body = body_of(model)
+    owner, first = prompt_groups(prompt_tokens, padding)
+    caches = [PrefixCache(padding[first]) for _ in model.layers]
+    prompt_hidden = body(prompt_tokens[first], cache=caches)  # (U, P, D)
+    caches = [c.select(owner) for c in caches]
+    last = prompt_hidden[owner, -1:]  # (N, 1, D) predicts completion token 0
+    if completion_ids.shape[1] == 1:
+        return last
+    rest = body(completion_ids[:, :-1], cache=caches)  # (N, T - 1, D)
+    return mx.concatenate([last, rest], axis=1)
+
+
+def prompt_groups(prompt_tokens: mx.array, padding: mx.array) -> tuple[mx.array, mx.array]:
+    """(owner (N,), first (U,)): row i's prompt is row first[owner[i]]'s.
+
+    Rows are compared with their predecessor, which finds the groups of a
+    rollout (row b * G + j holds prompt b).
+    """
+    tokens, pads = np.array(prompt_tokens), np.array(padding)
+    same = np.r_[False, (tokens[1:] == tokens[:-1]).all(axis=1) & (pads[1:] == pads[:-1])]
+    owner = np.cumsum(~same) - 1
+    first = np.flatnonzero(~same)
+    return mx.array(owner), mx.array(first)
 
 
 def _head(model: nn.Module):

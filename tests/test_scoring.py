@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 
 from mlx_grpo.lora import adapters_disabled, apply_lora
 from mlx_grpo.models import left_pad, load_model
-from mlx_grpo.scoring import completion_hidden, score_completions
+from mlx_grpo.scoring import completion_hidden, prompt_groups, score_completions
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21, 22, 23]]
 COMPLETIONS = [[40, 41, 42, 43, 44], [50, 51, 52, 53, 54], [60, 61, 62, 63, 64]]
@@ -83,3 +83,33 @@ def test_generation_config_eos_ids_are_stop_tokens(tiny_model_dir, tmp_path):
     (model_dir / "config.json").write_text(json.dumps(config))
     lm = load_model(str(model_dir))
     assert {im_end, endoftext} <= set(lm.eos_ids)
+
+
+def test_a_prompt_shared_by_its_group_gives_the_values_and_gradients_of_separate_rows(lm):
+    # Two groups of G = 3 with different completions; each prompt runs once.
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    completions = COMPLETIONS + [[70, 71, 72, 73, 74], [80, 81, 82, 83, 84], [9, 8, 7, 6, 5]]
+    tokens, padding = left_pad(prompts, lm.pad_id)
+    ids = mx.array(completions)
+    owner, first = prompt_groups(tokens, padding)
+    assert owner.tolist() == [0, 0, 0, 1, 1, 1] and first.tolist() == [0, 3]
+
+    def batched(model):
+        return score_completions(model, tokens, padding, ids, 0.9, chunk_size=2).logp.sum()
+
+    def alone(model):
+        total = 0.0
+        for prompt, completion in zip(prompts, completions):
+            logits = model(mx.array([prompt + completion]))[0, len(prompt) - 1 : -1] / 0.9
+            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            total = total + mx.take_along_axis(logp, mx.array(completion)[:, None], -1).sum()
+        return total
+
+    (value, grads), (expected, expected_grads) = (
+        nn.value_and_grad(lm.model, f)(lm.model) for f in (batched, alone)
+    )
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
+    got, want = dict(tree_flatten(grads)), dict(tree_flatten(expected_grads))
+    assert got.keys() == want.keys() and got
+    for k in want:
+        np.testing.assert_allclose(np.array(got[k]), np.array(want[k]), atol=2e-4, rtol=1e-3)
