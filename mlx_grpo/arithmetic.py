@@ -1,10 +1,12 @@
 """A built-in verifiable task: small arithmetic problems, generated from a seed.
 
 Each row asks for a sum or difference and a bare-number reply:
-"What is 7 + 5? Reply with the number only." The reward `arithmetic` gives
-1.0 for a reply that is exactly the number ("12"), 0.5 for a reply whose
-last number is right but which says more ("7 + 5 = 12."), 0 otherwise; the
-half credit lets a model that computes but chats learn the format.
+"What is 7 + 5? Reply with the number only." Three rewards live here:
+`arithmetic` (the reply's last number is right, whatever the wording),
+`bare_number` (the reply is an integer and nothing else) and `exact_answer`
+(both: the reply is exactly "12"). Training uses the first two, so a model
+that computes but chats ("7 + 5 = 12.") is paid for being right and learns
+the format from the second; evaluation counts `exact_answer`.
 
 Kinds: `add1` one-digit sums (0-9 + 0-9); `addsub2` two-digit sums and
 differences (10-99 +/- 10-99, differences may be negative).
@@ -21,6 +23,7 @@ from typing import Any
 KINDS = ("add1", "addsub2")
 INSTRUCTION = "Reply with the number only."
 _NUMBER = re.compile(r"-?\d+")
+_BARE = re.compile(r"-?\d+")
 
 
 def all_problems(kind: str) -> list[dict[str, Any]]:
@@ -80,19 +83,24 @@ def write_split(
     return paths
 
 
+def _replies(completions: list, answer: list | None) -> list[tuple[str, str | None]]:
+    return [(c.strip(), a) for c, a in zip(completions, answer or [None] * len(completions))]
+
+
 def arithmetic(prompts, completions, completion_ids, answer=None, **kwargs) -> list[float | None]:
-    """1.0 for exactly the number, 0.5 for the right last number in a longer reply, else 0."""
+    """Correctness: 1.0 when the reply's last number is the answer, in any wording."""
     out: list[float | None] = []
-    for text, expected in zip(completions, answer or [None] * len(completions)):
-        if expected is None:
-            out.append(None)
-            continue
-        reply = text.strip()
+    for reply, expected in _replies(completions, answer):
         numbers = _NUMBER.findall(reply)
-        if reply == str(expected):
-            out.append(1.0)
-        elif numbers and numbers[-1] == str(expected):
-            out.append(0.5)
-        else:
-            out.append(0.0)
+        out.append(None if expected is None else float(bool(numbers) and numbers[-1] == expected))
     return out
+
+
+def bare_number(prompts, completions, completion_ids, **kwargs) -> list[float | None]:
+    """Format: 1.0 when the reply is a bare integer and nothing else."""
+    return [float(_BARE.fullmatch(c.strip()) is not None) for c in completions]
+
+
+def exact_answer(prompts, completions, completion_ids, answer=None, **kwargs) -> list[float | None]:
+    """Answer and format checked exactly: 1.0 when the reply is exactly the answer."""
+    return [None if a is None else float(r == a) for r, a in _replies(completions, answer)]

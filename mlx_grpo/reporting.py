@@ -25,7 +25,7 @@ def _clean(value: Any) -> Any:
 class Reporter:
     """Writes step metrics and completion samples; shows a progress bar."""
 
-    def __init__(self, output_dir: Path, total_steps: int, show_progress: bool = True):
+    def __init__(self, output_dir: Path, total_steps: int | None, show_progress: bool = True):
         self.output_dir = output_dir
         self.metrics_file = open(output_dir / METRICS_FILE, "a")
         self.samples_file = open(output_dir / COMPLETIONS_FILE, "a")

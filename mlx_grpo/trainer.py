@@ -88,7 +88,9 @@ def train(
     else:
         cfg = resolve(config, **overrides)
     run = setup(cfg, reward_funcs or [])
-    reporter = Reporter(run.output_dir, cfg.max_steps, show_progress)
+    # A time limit makes the step count unknown: show elapsed time and rate instead.
+    total = None if cfg.max_minutes else cfg.max_steps
+    reporter = Reporter(run.output_dir, total, show_progress)
     reporter.write(_summary(run))
     history = []
     started = time.perf_counter()

@@ -136,3 +136,12 @@ def test_mlx_lm_generate_accepts_the_trained_adapter(quick_settings):
     )
     assert out.returncode == 0, out.stderr
     assert "Generation: " in out.stdout
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        assert resolve(path).model  # every key known, every value of the right type

@@ -4,16 +4,18 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlx_grpo.arithmetic import arithmetic, make_split, write_split
+from mlx_grpo.arithmetic import arithmetic, bare_number, exact_answer, make_split, write_split
 from mlx_grpo.cli import main
 from mlx_grpo.evaluate import evaluate, pass_at_k
 from mlx_grpo.generate import generate
 
 
-def test_arithmetic_reward_wants_exactly_the_number():
-    completions = ["12", " 12\n", "7 + 5 = 12.", "The answer is 13", "twelve", "-3", "-3"]
-    answers = ["12", "12", "12", "12", "12", "-3", "3"]
-    assert arithmetic([], completions, [], answer=answers) == [1.0, 1.0, 0.5, 0.0, 0.0, 1.0, 0.0]
+def test_arithmetic_rewards_check_value_format_and_both():
+    completions = ["12", " 12\n", "7 + 5 = 12.", "The answer is 13", "twelve", "-3", "-3", "13"]
+    answers = ["12", "12", "12", "12", "12", "-3", "3", "12"]
+    assert arithmetic([], completions, [], answer=answers) == [1, 1, 1, 0, 0, 1, 0, 0]
+    assert bare_number([], completions, []) == [1, 1, 0, 0, 0, 1, 1, 1]
+    assert exact_answer([], completions, [], answer=answers) == [1, 1, 0, 0, 0, 1, 0, 0]
     assert arithmetic([], ["12"], []) == [None]
 
 

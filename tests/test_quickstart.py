@@ -1,0 +1,37 @@
+"""The main job end to end on the real SmolLM2-135M-Instruct, for a few steps."""
+
+import json
+
+import pytest
+
+from mlx_grpo.quickstart import report, run_quickstart
+
+
+@pytest.mark.slow
+def test_main_job_evaluates_trains_exports_and_plots(tmp_path):
+    summary = run_quickstart(
+        tmp_path, minutes=5, n_train=32, n_test=10, max_steps=2, show_progress=False
+    )
+    assert summary["steps"] == 2
+    for when in ("before", "after"):
+        records = [
+            json.loads(x) for x in (tmp_path / f"eval_{when}.jsonl").read_text().splitlines()
+        ]
+        assert len(records) == 10 and all(r["completion"].strip() for r in records)
+        figures = summary[when]
+        assert figures["add1"]["prompts"] == 5 and figures["addsub2"]["prompts"] == 5
+        assert 0.0 <= figures["all"]["accuracy"] <= 1.0
+    # The base model computes small sums but never answers with the bare number.
+    assert summary["before"]["add1"]["mean_reward"] > 0.2
+
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(0.0 <= m["reward"] <= 1.0 for m in metrics)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config["r"] == 16 and len(config["target_modules"]) == 7
+    assert (tmp_path / "peft" / "adapter_model.safetensors").stat().st_size > 1e6
+    assert "SmolLM2" in (tmp_path / "peft" / "README.md").read_text()
+    png = (tmp_path / "run" / "training.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+    assert "add1" in report(summary)
