@@ -44,6 +44,9 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+debug_option = click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+
+
 def _run(fn: Callable, debug: bool) -> Any:
     """Call the library; user errors become one message and exit code 2."""
     try:
@@ -68,7 +71,7 @@ def main() -> None:
     type=click.Path(dir_okay=False),
     help="YAML file of settings; flags override it.",
 )
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@debug_option
 @_config_options
 def train(config_file: str | None, debug: bool, **flags: Any) -> None:
     """Train a LoRA adapter with GRPO.
@@ -94,7 +97,7 @@ def train(config_file: str | None, debug: bool, **flags: Any) -> None:
     help="Where the tiny model, its data and the run go.",
 )
 @click.option("--max-steps", default=60, show_default=True, help="Training steps.")
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@debug_option
 def demo(output_dir: str, max_steps: int, debug: bool) -> None:
     """Offline end-to-end run: build a tiny random Qwen3 and teach it a toy task.
 
@@ -146,7 +149,7 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
     help="Write every completion with its rewards to this JSONL file.",
 )
 @click.option("--seed", default=0, show_default=True)
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@debug_option
 def eval_cmd(
     model: str,
     adapter: str | None,
@@ -184,7 +187,7 @@ def eval_cmd(
     type=click.Path(dir_okay=False),
     help="PNG path [default: RUN_DIR/training.png].",
 )
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@debug_option
 def plot_cmd(run_dir: str, output: str | None, debug: bool) -> None:
     """Plot reward, KL, completion length, clip ratios and learning rate over steps."""
     from mlx_grpo.plot import plot_run
@@ -203,7 +206,7 @@ def plot_cmd(run_dir: str, output: str | None, debug: bool) -> None:
 @click.option("--train-size", default=2000, show_default=True, help="Training problems.")
 @click.option("--test-size", default=100, show_default=True, help="Held-out problems.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@debug_option
 def quickstart(
     output_dir: str, minutes: float, train_size: int, test_size: int, seed: int, debug: bool
 ) -> None:
@@ -232,7 +235,7 @@ def quickstart(
     default=None,
     help="Keep 4/8-bit tensors quantized [default: only with an Apple GPU].",
 )
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@debug_option
 def convert_cmd(gguf: str, output: str, keep_quantized: bool | None, debug: bool) -> None:
     """Convert a llama.cpp GGUF file (Llama, Qwen2, Qwen3) into an mlx-lm model folder.
 
@@ -260,7 +263,7 @@ def convert_cmd(gguf: str, output: str, keep_quantized: bool | None, debug: bool
 )
 @click.option("--push-to-hub", "repo_id", help="Also upload the folder to this Hub repository.")
 @click.option("--private", is_flag=True, help="Create the Hub repository as private.")
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@debug_option
 def export_cmd(
     source: str,
     output: str,
@@ -288,7 +291,7 @@ def export_cmd(
     type=click.Path(file_okay=False),
     help="Folder for the mlx-lm adapter (train --adapter and mlx_lm load it).",
 )
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@debug_option
 def import_cmd(peft_dir: str, output: str, debug: bool) -> None:
     """Convert the PEFT LoRA adapter in PEFT_DIR into an mlx-lm adapter."""
     from mlx_grpo.adapters import Adapter
@@ -313,7 +316,7 @@ def import_cmd(peft_dir: str, output: str, debug: bool) -> None:
     help="Folder for the merged model.",
 )
 @click.option("--dequantize", is_flag=True, help="Write a quantized base back in float.")
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@debug_option
 def fuse_cmd(model: str, adapter: str, output: str, dequantize: bool, debug: bool) -> None:
     """Merge an adapter into its base model (W + alpha/r BA); mlx_lm.load reads the result."""
     from mlx_grpo.export import fuse
@@ -336,7 +339,7 @@ def fuse_cmd(model: str, adapter: str, output: str, dequantize: bool, debug: boo
 @click.option(
     "--enable-thinking/--no-enable-thinking", default=None, help="Qwen3 chat-template switch."
 )
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@debug_option
 def generate_cmd(
     prompt: str,
     model: str,
