@@ -165,9 +165,9 @@ def summarize(records: list[dict], n: int, group_by: str | None) -> dict[str, di
         figures["accuracy"] = float(np.mean([r["correct"] for r in items]))
         figures["mean_reward"] = float(np.mean([r["reward"] for r in items]))
         if len(items[0]["rewards"]) > 1:
-            for name in items[0]["rewards"]:
-                values = [r["rewards"][name] for r in items if r["rewards"][name] is not None]
-                figures[name] = float(np.mean(values)) if values else float("nan")
+            for func in items[0]["rewards"]:
+                values = [r["rewards"][func] for r in items if r["rewards"][func] is not None]
+                figures[func] = float(np.mean(values)) if values else float("nan")
         if n > 1:
             for k in sorted({1, n}):
                 figures[f"pass@{k}"] = float(

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from mlx_grpo.arithmetic import arithmetic, bare_number, exact_answer, make_split, write_split
 from mlx_grpo.cli import main
-from mlx_grpo.evaluate import evaluate, pass_at_k
+from mlx_grpo.evaluate import evaluate, pass_at_k, summarize
 from mlx_grpo.generate import generate
 
 
@@ -121,3 +121,28 @@ def test_eval_command_prints_the_table(tiny_model_dir, tmp_path):
 def test_holding_out_more_than_half_of_a_kind_is_refused():
     with pytest.raises(ValueError, match="more than half of the 100"):
         make_split(10, 200)
+
+
+def test_summary_has_every_group_and_each_reward_mean():
+    def record(source, kind, exact, right):
+        return {
+            "source": source,
+            "columns": {"kind": kind},
+            "correct": bool(exact),
+            "reward": float(exact),
+            "truncated": False,
+            "rewards": {"exact_answer": float(exact), "arithmetic": float(right)},
+        }
+
+    records = [
+        record("a:1", "add1", 1, 1),
+        record("a:2", "add1", 0, 1),
+        record("a:3", "addsub2", 0, 0),
+        record("a:4", "addsub2", 0, None),
+    ]
+    records[-1]["rewards"]["arithmetic"] = None
+    summary = summarize(records, 1, "kind")
+    assert list(summary) == ["all", "add1", "addsub2"]
+    assert summary["add1"]["accuracy"] == 0.5 and summary["add1"]["arithmetic"] == 1.0
+    assert summary["addsub2"]["arithmetic"] == 0.0  # None is left out, not counted as 0
+    assert summary["all"]["accuracy"] == 0.25 and summary["all"]["prompts"] == 4
