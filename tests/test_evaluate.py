@@ -140,7 +140,6 @@ def test_summary_has_every_group_and_each_reward_mean():
         record("a:3", "addsub2", 0, 0),
         record("a:4", "addsub2", 0, None),
     ]
-    records[-1]["rewards"]["arithmetic"] = None
     summary = summarize(records, 1, "kind")
     assert list(summary) == ["all", "add1", "addsub2"]
     assert summary["add1"]["accuracy"] == 0.5 and summary["add1"]["arithmetic"] == 1.0
