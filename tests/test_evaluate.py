@@ -131,7 +131,7 @@ def test_summary_has_every_group_and_each_reward_mean():
             "correct": bool(exact),
             "reward": float(exact),
             "truncated": False,
-            "rewards": {"exact_answer": float(exact), "arithmetic": float(right)},
+            "rewards": {"exact_answer": float(exact), "arithmetic": right},
         }
 
     records = [
