@@ -1,12 +1,13 @@
 """A built-in verifiable task: small arithmetic problems, generated from a seed.
 
-Each row asks for a sum or difference and a bare-number reply:
-"What is 7 + 5? Reply with the number only." Three rewards live here:
-`arithmetic` (the reply's last number is right, whatever the wording),
-`bare_number` (the reply is an integer and nothing else) and `exact_answer`
-(both: the reply is exactly "12"). Training uses the first two, so a model
-that computes but chats ("7 + 5 = 12.") is paid for being right and learns
-the format from the second; evaluation counts `exact_answer`.
+Each row asks for a sum or difference in a fixed reply format:
+"What is 7 + 5? Reply with the equation and its result, like 2 + 2 = 4."
+Three rewards live here: `arithmetic` (the reply's last number is right,
+whatever the wording), `equation_format` (the reply is one equation
+"a op b = c" and nothing else) and `exact_answer` (both: the reply is exactly
+"7 + 5 = 12", a final period allowed). Training uses the first two, so a
+model is paid for being right and learns the format from the second;
+evaluation counts `exact_answer`.
 
 Kinds: `add1` one-digit sums (0-9 + 0-9); `addsub2` two-digit sums and
 differences (10-99 +/- 10-99, differences may be negative).
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("add1", "addsub2")
-INSTRUCTION = "Reply with the number only."
+INSTRUCTION = "Reply with the equation and its result, like 2 + 2 = 4."
 _NUMBER = re.compile(r"-?\d+")
-_BARE = re.compile(r"-?\d+")
+_EQUATION = re.compile(r"-?\d+ [+-] -?\d+ = -?\d+\.?")
 
 
 def all_problems(kind: str) -> list[dict[str, Any]]:
@@ -38,6 +39,7 @@ def all_problems(kind: str) -> list[dict[str, Any]]:
         {
             "prompt": f"What is {a} {op} {b}? {INSTRUCTION}",
             "answer": str(a + b if op == "+" else a - b),
+            "equation": f"{a} {op} {b} = {a + b if op == '+' else a - b}",
             "kind": kind,
         }
         for a, op, b in triples
@@ -96,11 +98,16 @@ def arithmetic(prompts, completions, completion_ids, answer=None, **kwargs) -> l
     return out
 
 
-def bare_number(prompts, completions, completion_ids, **kwargs) -> list[float | None]:
-    """Format: 1.0 when the reply is a bare integer and nothing else."""
-    return [float(_BARE.fullmatch(c.strip()) is not None) for c in completions]
+def equation_format(prompts, completions, completion_ids, **kwargs) -> list[float | None]:
+    """Format: 1.0 when the reply is one equation "a op b = c" and nothing else."""
+    return [float(_EQUATION.fullmatch(c.strip()) is not None) for c in completions]
 
 
-def exact_answer(prompts, completions, completion_ids, answer=None, **kwargs) -> list[float | None]:
-    """Answer and format checked exactly: 1.0 when the reply is exactly the answer."""
-    return [None if a is None else float(r == a) for r, a in _replies(completions, answer)]
+def exact_answer(
+    prompts, completions, completion_ids, equation=None, **kwargs
+) -> list[float | None]:
+    """Answer and format checked exactly: the reply is the row's equation (final period allowed)."""
+    return [
+        None if e is None else float(r.removesuffix(".") == e)
+        for r, e in _replies(completions, equation)
+    ]

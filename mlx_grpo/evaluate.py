@@ -36,16 +36,17 @@ class EvalResult:
         """The summary as a fixed-width text table."""
         keys = list(next(iter(self.summary.values())))
         width = max(len(g) for g in self.summary) + 2
-        head = "group".ljust(width) + "".join(f"{k:>14}" for k in keys)
+        cells = [max(12, len(k)) + 2 for k in keys]
+        head = "group".ljust(width) + "".join(k.rjust(c) for k, c in zip(keys, cells))
         rows = [
-            g.ljust(width) + "".join(_cell(v) for v in figures.values())
+            g.ljust(width) + "".join(_cell(v).rjust(c) for v, c in zip(figures.values(), cells))
             for g, figures in self.summary.items()
         ]
         return "\n".join([head, *rows])
 
 
 def _cell(value: float) -> str:
-    return f"{value:>14.4g}" if isinstance(value, float) else f"{value:>14}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

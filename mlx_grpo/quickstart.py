@@ -25,7 +25,7 @@ from mlx_grpo.trainer import train
 
 # Chosen on this task with SmolLM2-135M on 2 CPU cores (README: the main job).
 TRAINING: dict[str, Any] = dict(
-    rewards=["arithmetic", "bare_number"],
+    rewards=["arithmetic", "equation_format"],
     reward_weights=[1.0, 0.5],
     num_generations=16,
     prompts_per_step=2,
@@ -42,7 +42,7 @@ TRAINING: dict[str, Any] = dict(
 )
 # Accuracy counts exact answers; the other two show correctness and format apart.
 EVAL: dict[str, Any] = dict(
-    rewards=["exact_answer", "arithmetic", "bare_number"],
+    rewards=["exact_answer", "arithmetic", "equation_format"],
     reward_weights=[1.0, 0.0, 0.0],
     max_tokens=16,
     batch_size=64,

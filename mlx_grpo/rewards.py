@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_grpo.arithmetic import arithmetic, bare_number, exact_answer
+from mlx_grpo.arithmetic import arithmetic, equation_format, exact_answer
 from mlx_grpo.builtin_rewards import completion_text, math_answer, think_format
 
 RewardFn = Callable[..., list[float | None]]
@@ -53,7 +53,7 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "math_answer": math_answer,
     "think_format": think_format,
     "arithmetic": arithmetic,
-    "bare_number": bare_number,
+    "equation_format": equation_format,
     "exact_answer": exact_answer,
 }
 
