@@ -4,19 +4,35 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlx_grpo.arithmetic import arithmetic, bare_number, exact_answer, make_split, write_split
+from mlx_grpo.arithmetic import (
+    arithmetic,
+    equation_format,
+    exact_answer,
+    make_split,
+    write_split,
+)
 from mlx_grpo.cli import main
 from mlx_grpo.evaluate import evaluate, pass_at_k, summarize
 from mlx_grpo.generate import generate
 
 
 def test_arithmetic_rewards_check_value_format_and_both():
-    completions = ["12", " 12\n", "7 + 5 = 12.", "The answer is 13", "twelve", "-3", "-3", "13"]
-    answers = ["12", "12", "12", "12", "12", "-3", "3", "12"]
-    assert arithmetic([], completions, [], answer=answers) == [1, 1, 1, 0, 0, 1, 0, 0]
-    assert bare_number([], completions, []) == [1, 1, 0, 0, 0, 1, 1, 1]
-    assert exact_answer([], completions, [], answer=answers) == [1, 1, 0, 0, 0, 1, 0, 0]
-    assert arithmetic([], ["12"], []) == [None]
+    completions = [
+        "7 + 5 = 12",
+        " 7 + 5 = 12.\n",
+        "12",
+        "7 + 5 = 13",
+        "The sum is 12.",
+        "7 + 5 = 12 because",
+        "47 - 85 = -38",
+        "7 + 5 = 12",
+    ]
+    answers = ["12", "12", "12", "12", "12", "12", "-38", "12"]
+    equations = ["7 + 5 = 12"] * 6 + ["47 - 85 = -38", "3 + 9 = 12"]
+    assert arithmetic([], completions, [], answer=answers) == [1, 1, 1, 0, 1, 0, 1, 1]
+    assert equation_format([], completions, []) == [1, 1, 0, 1, 0, 0, 1, 1]
+    assert exact_answer([], completions, [], equation=equations) == [1, 1, 0, 0, 0, 0, 1, 0]
+    assert arithmetic([], ["12"], []) == [None] and exact_answer([], ["12"], []) == [None]
 
 
 def test_problem_sets_are_seeded_disjoint_and_balanced():
@@ -28,6 +44,7 @@ def test_problem_sets_are_seeded_disjoint_and_balanced():
     for row in train + test:
         expression = row["prompt"].split("What is ")[1].split("?")[0]
         assert str(eval(expression)) == row["answer"]  # the answer is the arithmetic truth
+        assert row["equation"] == f"{expression} = {row['answer']}"
 
 
 def test_pass_at_k_matches_counting_every_subset():
