@@ -82,6 +82,7 @@ def run_quickstart(
     say(before.table())
 
     say(f"3/5 GRPO-LoRA training for {minutes:g} minutes")
+    settings = {**TRAINING, **({"max_steps": max_steps} if max_steps else {})}
     run = train(
         model=model,
         data=str(train_file),
@@ -90,7 +91,7 @@ def run_quickstart(
         max_minutes=minutes,
         seed=seed,
         show_progress=show_progress,
-        **TRAINING,
+        **settings,
     )
 
     say("4/5 evaluating the trained adapter")

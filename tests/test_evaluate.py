@@ -29,7 +29,7 @@ def test_arithmetic_rewards_check_value_format_and_both():
     ]
     answers = ["12", "12", "12", "12", "12", "12", "-38", "12"]
     equations = ["7 + 5 = 12"] * 6 + ["47 - 85 = -38", "3 + 9 = 12"]
-    assert arithmetic([], completions, [], answer=answers) == [1, 1, 1, 0, 1, 0, 1, 1]
+    assert arithmetic([], completions, [], answer=answers) == [1, 1, 1, 0, 1, 1, 1, 1]
     assert equation_format([], completions, []) == [1, 1, 0, 1, 0, 0, 1, 1]
     assert exact_answer([], completions, [], equation=equations) == [1, 1, 0, 0, 0, 0, 1, 0]
     assert arithmetic([], ["12"], []) == [None] and exact_answer([], ["12"], []) == [None]
