@@ -51,7 +51,7 @@ def make_split(
 ) -> tuple[list[dict], list[dict]]:
     """Disjoint train and held-out sets, the kinds in equal shares.
 
-    Each kind's problems are shuffled with the seed; the held-out set takes
+    Each kind's problems are shuffled with `seed`; the held-out set takes
     the first ones, training samples (with repeats) from the rest. At most
     half of a kind may be held out (one-digit sums have only 100 problems).
     """
