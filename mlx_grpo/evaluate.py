@@ -113,18 +113,7 @@ def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any
     batch = rollout(lm.model, [r.prompt_ids for r in chunk], n, sampling, lm.eos_ids, lm.pad_id)
     ids = batch.completion_lists()
     texts = [lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
-    columns = {
-        k: [r.columns.get(k) for r in chunk for _ in range(n)]
-        for k in sorted({k for r in chunk for k in r.columns})
-    }
-    per_func = rewards_mod.score_completions(
-        funcs,
-        [r.prompt for r in chunk for _ in range(n)],
-        texts,
-        ids,
-        columns,
-        [r.source for r in chunk for _ in range(n)],
-    )
+    per_func = rewards_mod.score_groups(funcs, chunk, n, texts, ids)
     weights = np.array([f.weight for f in funcs])
     totals = np.nansum(per_func * weights, axis=1)
     out = []
@@ -136,7 +125,9 @@ def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any
                 "prompt": row.prompt,
                 "sample": i % n,
                 "completion": text,
-                "rewards": {f.name: _num(per_func[i, k]) for k, f in enumerate(funcs)},
+                "rewards": {
+                    f.name: rewards_mod.optional_float(per_func[i, k]) for k, f in enumerate(funcs)
+                },
                 "reward": float(totals[i]),
                 "correct": bool(totals[i] >= threshold),
                 "truncated": batch.truncated[i],
@@ -144,10 +135,6 @@ def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any
             }
         )
     return out
-
-
-def _num(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
 
 
 def summarize(records: list[dict], n: int, group_by: str | None) -> dict[str, dict[str, float]]:

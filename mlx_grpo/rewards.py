@@ -235,6 +235,33 @@ def score_completions(
     return scores
 
 
+def score_groups(
+    rewards: list[Reward],
+    rows: list,
+    g: int,
+    completions: list[str],
+    completion_ids: list[list[int]],
+) -> np.ndarray:
+    """`score_completions` for G completions per row (rows b * G .. b * G + G - 1 are row b's).
+
+    Each row's prompt, columns and source are repeated for its completions.
+    """
+    names = sorted({k for r in rows for k in r.columns})
+    return score_completions(
+        rewards,
+        [r.prompt for r in rows for _ in range(g)],
+        completions,
+        completion_ids,
+        {k: [r.columns.get(k) for r in rows for _ in range(g)] for k in names},
+        [r.source for r in rows for _ in range(g)],
+    )
+
+
+def optional_float(x: float) -> float | None:
+    """A reward value for JSON: NaN (a None reward) becomes None."""
+    return None if math.isnan(x) else float(x)
+
+
 def _accepted_columns(fn: RewardFn, columns: dict[str, list]) -> dict[str, list]:
     try:
         params = inspect.signature(fn).parameters.values()

@@ -11,7 +11,6 @@ makes one AdamW update. The math lives in objective.py.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,7 +140,7 @@ def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
         _checkpoint_layers(lm.model)
     mx.eval(lm.model.parameters())
 
-    max_prompt = cfg.max_prompt_length or _context_length(lm.config)
+    max_prompt = cfg.max_prompt_length or lm.config.get("max_position_embeddings")
     rows = data_mod.load_prompts(
         cfg.data,
         lm.tokenizer,
@@ -185,10 +184,6 @@ def _prepare_output(cfg: TrainConfig) -> Path:
         for name in (METRICS_FILE, "completions.jsonl"):
             (out / name).unlink(missing_ok=True)
     return out
-
-
-def _context_length(config: dict) -> int | None:
-    return config.get("max_position_embeddings")
 
 
 def _checkpoint_layers(model: nn.Module) -> None:
@@ -263,14 +258,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     ids = batch.completion_lists()
     texts = [run.lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
     g = cfg.num_generations
-    per_func = rewards_mod.score_completions(
-        run.rewards,
-        [r.prompt for r in rows for _ in range(g)],
-        texts,
-        ids,
-        _columns(rows, g),
-        [r.source for r in rows for _ in range(g)],
-    )
+    per_func = rewards_mod.score_groups(run.rewards, rows, g, texts, ids)
     weights = np.array([r.weight for r in run.rewards], dtype=np.float32)
     adv = group_advantages(per_func, weights, g, cfg.scale_rewards)
 
@@ -303,21 +291,15 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         {
             "prompt": rows[i // g].prompt,
             "completion": texts[i],
-            "rewards": {r.name: _float(per_func[i, k]) for k, r in enumerate(run.rewards)},
+            "rewards": {
+                r.name: rewards_mod.optional_float(per_func[i, k])
+                for k, r in enumerate(run.rewards)
+            },
             "advantage": float(adv.advantages[i]),
         }
         for i in range(g)
     ]
     return metrics, samples
-
-
-def _columns(rows: list[data_mod.PromptRow], g: int) -> dict[str, list]:
-    names = sorted({k for r in rows for k in r.columns})
-    return {k: [r.columns.get(k) for r in rows for _ in range(g)] for k in names}
-
-
-def _float(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
 
 
 def _save(run: Run) -> Path:
