@@ -1,9 +1,10 @@
 """mlx-grpo: GRPO fine-tuning through LoRA adapters on Apple's MLX."""
 
-from mlx_grpo._backend import load_openblas
+from mlx_grpo._backend import keep_freed_memory, load_openblas
 
 # Must run before anything imports mlx.core (see _backend).
 load_openblas()
+keep_freed_memory()
 
 __all__ = ["TrainConfig", "train"]
 __version__ = "0.1.0"

@@ -4,6 +4,13 @@ The Linux `mlx[cpu]` wheel links a reference BLAS (~6 GFLOP/s for fp32
 matmul). Loading OpenBLAS into the global symbol namespace first makes MLX
 resolve its BLAS calls there (~30x faster). On macOS MLX uses Accelerate and
 Metal, and nothing is done.
+
+Second, glibc's malloc serves every buffer over 32 MB with a fresh mmap and
+returns it to the system when freed, so each large MLX array (activations,
+logits, KV caches) is page-faulted in again, step after step: 0.75 s per GB
+on the 2-core Linux VM this was measured on, more than the arithmetic on it.
+`keep_freed_memory` makes malloc take every block from its heap and keep
+freed blocks for reuse (7x faster on a recycled 940 MB buffer).
 """
 
 from __future__ import annotations
@@ -44,6 +51,32 @@ def load_openblas() -> str | None:
             openblas_path = path
             return path
     return None
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+malloc_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Linux/glibc: no mmap per large block, no trimming of freed heap; True if done.
+
+    The process keeps the memory it has freed (up to its peak) instead of
+    handing it back. Set MLX_GRPO_NO_MALLOC_TUNING=1 to skip.
+    """
+    global malloc_tuned
+    if not sys.platform.startswith("linux") or os.environ.get("MLX_GRPO_NO_MALLOC_TUNING"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    malloc_tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return malloc_tuned
 
 
 def cpu_only() -> bool:

@@ -120,7 +120,7 @@ class TrainConfig:
         None, "Stop after the step that passes this many minutes of training."
     )
     logits_chunk_size: int = _opt(
-        256, "Completion tokens per LM-head chunk when scoring (bounds memory)."
+        256, "Completion tokens (rows x positions) per LM-head chunk when scoring (bounds memory)."
     )
     grad_checkpoint: bool = _opt(False, "Recompute layer activations in backward to save memory.")
 

@@ -202,12 +202,24 @@ class RolloutCache(BatchKVCache):
     def make_mask(self, n: int, return_array: bool = False, **kwargs) -> mx.array:
         return padded_mask(n, self._idx, self.left_padding)
 
-    def repeat(self, g: int) -> None:
-        """Give every row g copies, in place: (B, ...) -> (B * g, ...)."""
-        self.keys = mx.repeat(self.keys[..., : self._idx, :], g, axis=0)
-        self.values = mx.repeat(self.values[..., : self._idx, :], g, axis=0)
+    def repeat(self, g: int, room: int = 0) -> None:
+        """Give every row g copies, in place: (B, ...) -> (B * g, ...).
+
+        `room` reserves space for that many more positions, so decoding them
+        never reallocates (nor over-allocates) the keys and values.
+        """
+        self.keys, self.values = (
+            _repeat_rows(a[..., : self._idx, :], g, room) for a in (self.keys, self.values)
+        )
         self.offset = mx.repeat(self.offset, g)
         self.left_padding = mx.repeat(self.left_padding, g)
+
+
+def _repeat_rows(a: mx.array, g: int, room: int) -> mx.array:
+    b, h, n, d = a.shape
+    out = mx.zeros((b * g, h, n + room, d), dtype=a.dtype)
+    out[..., :n, :] = mx.repeat(a, g, axis=0)
+    return out
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[mx.array, mx.array]:

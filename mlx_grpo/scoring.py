@@ -2,18 +2,22 @@
 
 One forward pass over (prompt + completion) gives the final hidden states,
 with each prompt computed once for all the completions that share it; the
-LM head then runs over chunks of completion positions. Each chunk is
-wrapped in `mx.checkpoint`, so the backward pass recomputes its logits
-instead of keeping full-vocabulary logits for every token alive at once.
+LM head then runs over chunks of completion positions, so full-vocabulary
+logits exist for at most `chunk_size` positions at a time. The log-probs
+have their own backward pass (`head_logprobs`): it recomputes a chunk's
+logits and reuses the log-normaliser saved by the forward pass, instead of
+re-running the forward pass under `mx.checkpoint`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_grpo.models import PrefixCache, body_of, head_and_body
 from mlx_grpo.objective import exact_kl, token_logprobs
@@ -61,9 +65,79 @@ def prompt_groups(prompt_tokens: mx.array, padding: mx.array) -> tuple[mx.array,
     return mx.array(owner), mx.array(first)
 
 
-def _head(model: nn.Module):
+def _head(model: nn.Module) -> tuple[Callable, bool]:
+    """(head, frozen): the LM head, and whether it has no trainable parameters."""
     split = head_and_body(model)
-    return split[1] if split is not None else (lambda h: h)
+    if split is None:
+        return (lambda h: h), False
+    head = split[1]
+    module = getattr(head, "__self__", head)  # embed_tokens.as_linear is a bound method
+    return head, not tree_flatten(module.trainable_parameters())
+
+
+def _chunk_logprobs(
+    logits: mx.array, targets: mx.array, temperature: float
+) -> tuple[mx.array, mx.array, mx.array]:
+    """(logp, entropy, lse) per row of (R, V) logits, with one exp pass over the vocabulary."""
+    x = logits.astype(mx.float32) / temperature
+    peak = x.max(axis=-1, keepdims=True)
+    e = mx.exp(x - peak)
+    total = e.sum(axis=-1)
+    lse = peak[:, 0] + mx.log(total)
+    logp = mx.take_along_axis(x, targets[:, None], axis=-1)[:, 0] - lse
+    entropy = lse - (e * x).sum(axis=-1) / total
+    return logp, entropy, lse
+
+
+def head_logprobs(
+    head: Callable[[mx.array], mx.array],
+    hidden: mx.array,  # (..., D)
+    targets: mx.array,  # (...) int
+    temperature: float,
+    chunk_size: int,
+) -> tuple[mx.array, mx.array]:
+    """(logp, entropy) of `targets` under softmax(head(hidden) / temperature).
+
+    Rows are processed `chunk_size` at a time. The backward pass gives the
+    gradient with respect to `hidden` only (the head must be frozen); the
+    entropy is a metric and carries no gradient. For one row with logits
+    x / T = z and target y: d logp / d z = onehot(y) - softmax(z).
+    """
+    shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1).astype(mx.int32)
+    spans = [slice(i, min(i + chunk_size, t.shape[0])) for i in range(0, t.shape[0], chunk_size)]
+
+    def logits_of(x: mx.array) -> mx.array:
+        return head(x).astype(mx.float32) / temperature
+
+    @mx.custom_function
+    def scored(h: mx.array, t: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        # One (3, rows) array per chunk: a chunk's three results are computed
+        # together, so its (rows, V) temporaries are freed before the next chunk.
+        parts = [mx.stack(_chunk_logprobs(head(h[sl]), t[sl], temperature)) for sl in spans]
+        logp, entropy, lse = mx.concatenate(parts, axis=1)
+        return logp, entropy, lse
+
+    @scored.vjp
+    def scored_vjp(primals, cotangents, outputs):
+        h, t = primals
+        d_logp, lse = cotangents[0], outputs[2]
+        grads = []
+        for sl in spans:
+            z = logits_of(h[sl])
+            g = -mx.exp(z - lse[sl, None]) * d_logp[sl, None]  # -softmax * upstream
+            g = mx.put_along_axis(
+                g,
+                t[sl, None],
+                mx.take_along_axis(g, t[sl, None], axis=-1) + d_logp[sl, None],
+                axis=-1,
+            )
+            grads.append(mx.vjp(logits_of, [h[sl]], [g])[1][0])
+        return mx.concatenate(grads), mx.zeros_like(t)
+
+    logp, entropy, _ = scored(h, t)
+    return logp.reshape(shape), mx.stop_gradient(entropy).reshape(shape)
 
 
 def score_completions(
@@ -75,10 +149,19 @@ def score_completions(
     chunk_size: int = 256,
     ref_hidden: mx.array | None = None,  # (N, T, D) for the exact KL
 ) -> Scores:
-    """Log-probs (with gradient), entropy and optionally the exact KL per token."""
-    hidden = completion_hidden(model, prompt_tokens, padding, completion_ids)
-    head = _head(model)
+    """Log-probs (with gradient), entropy and optionally the exact KL per token.
 
+    `chunk_size` counts completion tokens (rows x positions) per LM-head chunk.
+    """
+    hidden = completion_hidden(model, prompt_tokens, padding, completion_ids)
+    head, frozen = _head(model)
+    if ref_hidden is None and frozen:
+        logp, entropy = head_logprobs(head, hidden, completion_ids, temperature, chunk_size)
+        return Scores(logp, entropy, None)
+
+    # The exact KL needs both full distributions per position, and a head
+    # with trainable weights needs autodiff: chunks of positions, recomputed
+    # in the backward pass.
     def chunk_fn(h: mx.array, targets: mx.array, *ref: mx.array) -> tuple[mx.array, ...]:
         logits = head(h)
         logp, entropy = token_logprobs(logits, mx.stop_gradient(targets), temperature)
@@ -90,8 +173,9 @@ def score_completions(
     step = mx.checkpoint(chunk_fn)
     outs: list[tuple[mx.array, ...]] = []
     t = completion_ids.shape[1]
-    for start in range(0, t, chunk_size):
-        sl = slice(start, min(start + chunk_size, t))
+    positions = max(1, chunk_size // max(1, completion_ids.shape[0]))
+    for start in range(0, t, positions):
+        sl = slice(start, min(start + positions, t))
         args = (hidden[:, sl], completion_ids[:, sl])
         if ref_hidden is not None:
             args += (ref_hidden[:, sl],)

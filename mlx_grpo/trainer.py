@@ -202,12 +202,27 @@ def _checkpoint_layers(model: nn.Module) -> None:
     def call(self, x, mask=None, cache=None, **kwargs):
         if not (self.training and getattr(self, "_grad_checkpoint", False)):
             return plain(self, x, mask, cache, **kwargs)
+        # The block's keys and values pass through the checkpoint as explicit
+        # inputs and outputs: later blocks' gradients reach them only that way.
+        # The backward pass calls `inner` again, on the cache as it was before.
+        before = dict(vars(cache)) if cache is not None else {}
+        state = [a for a in (before.get("keys"), before.get("values")) if a is not None]
 
-        def inner(params, h):
+        def inner(params, h, *state):
+            if cache is None:
+                self.update(params)
+                return (plain(self, h, mask, None, **kwargs),)
+            vars(cache).update(before)
+            if state:
+                cache.keys, cache.values = state
             self.update(params)
-            return plain(self, h, mask, cache, **kwargs)
+            out = plain(self, h, mask, cache, **kwargs)
+            return out, cache.keys, cache.values
 
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+        outs = mx.checkpoint(inner)(self.trainable_parameters(), x, *state)
+        if cache is not None:
+            cache.keys, cache.values = outs[1], outs[2]
+        return outs[0]
 
     cls.__call__ = call
 
@@ -254,6 +269,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         run.lm.pad_id,
     )
     t_rollout = time.perf_counter() - t0
+    peaks = {"memory/rollout_gb": mx.get_peak_memory() / 1e9}
 
     ids = batch.completion_lists()
     texts = [run.lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
@@ -263,12 +279,16 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     adv = group_advantages(per_func, weights, g, cfg.scale_rewards)
 
     t1 = time.perf_counter()
+    mx.reset_peak_memory()
     micro = micro_batches(model, batch, mx.array(adv.advantages), cfg)
     t_reference = time.perf_counter() - t1
+    peaks["memory/reference_gb"] = mx.get_peak_memory() / 1e9
 
     t2 = time.perf_counter()
+    mx.reset_peak_memory()
     update = optimise(model, run.optimizer, micro, cfg, lr_at(step, cfg))
     t_update = time.perf_counter() - t2
+    peaks["memory/update_gb"] = mx.get_peak_memory() / 1e9
 
     n_completion = int(batch.completion_mask.sum().item())
     run.num_tokens += n_completion + int(
@@ -285,7 +305,8 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         "time/rollout": t_rollout,
         "time/reference": t_reference,
         "time/update": t_update,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "peak_memory_gb": max(peaks.values()),
+        **peaks,
     }
     samples = [
         {

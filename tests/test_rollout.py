@@ -10,11 +10,12 @@ import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx.core; must come first)
 
 # isort: split
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 
 from mlx_grpo.models import load_model
-from mlx_grpo.rollout import SamplingSettings, rollout
+from mlx_grpo.rollout import SamplingSettings, inverse_cdf, make_draw, rollout
 from mlx_grpo.toy import build_tiny_qwen3
 
 PROMPTS = [[10, 20, 30], [5, 6, 7, 8, 9, 11, 12], [40, 41, 42, 43, 44]]  # lengths 3, 7, 5
@@ -187,3 +188,52 @@ def test_sampled_logprobs_equal_a_full_forward_pass_at_temperature(lm):
         assert all(x == 0.0 for x in logprobs[row][len(completion) :])
         checked += len(completion)
     assert checked > 0
+
+
+# --------------------------------------------------------------------------- the sampler
+
+LOGITS = [2.0, 1.0, 0.5, -1.0, 0.0, 1.5]
+
+
+def frequencies(sampling: SamplingSettings, draws: int = 20000) -> tuple[list[float], list]:
+    mx.random.seed(3)
+    logits = mx.broadcast_to(mx.array(LOGITS), (draws, len(LOGITS)))
+    tokens, logp = make_draw(sampling)(logits)
+    counts = np.bincount(np.array(tokens), minlength=len(LOGITS))
+    return list(counts / draws), [np.array(tokens), np.array(logp)]
+
+
+def softmax(x, t=1.0):
+    e = np.exp(np.array(x) / t - max(x) / t)
+    return e / e.sum()
+
+
+def test_sampling_follows_the_tempered_distribution_and_reports_its_log_probs():
+    freq, (tokens, logp) = frequencies(SamplingSettings(temperature=0.7))
+    p = softmax(LOGITS, 0.7)
+    # 20,000 draws: a frequency's standard error is at most 0.0035.
+    np.testing.assert_allclose(freq, p, atol=0.015)
+    np.testing.assert_allclose(logp, np.log(p)[tokens], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "sampling, kept",
+    [
+        (SamplingSettings(top_k=2), [0, 5]),
+        (SamplingSettings(top_p=0.6), [0, 5]),  # p = .42, .25, .15, ...: the top two pass 0.6
+        (SamplingSettings(min_p=0.3), [0, 1, 5]),  # p >= 0.3 * p_max
+    ],
+)
+def test_filters_keep_only_their_tokens_renormalised_and_log_probs_stay_unfiltered(sampling, kept):
+    freq, (tokens, logp) = frequencies(sampling)
+    p = softmax(LOGITS)
+    expected = np.zeros(len(LOGITS))
+    expected[kept] = p[kept] / p[kept].sum()
+    np.testing.assert_allclose(freq, expected, atol=0.015)
+    np.testing.assert_allclose(logp, np.log(p)[tokens], atol=1e-5)
+
+
+def test_inverse_cdf_never_draws_a_zero_weight_entry():
+    mx.random.seed(0)
+    cdf = mx.cumsum(mx.broadcast_to(mx.array([0.0, 1.0, 0.0, 0.0, 2.0, 0.0]), (5000, 6)), axis=-1)
+    assert set(np.array(inverse_cdf(cdf)).tolist()) == {1, 4}

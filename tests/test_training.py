@@ -162,6 +162,27 @@ def test_gradient_accumulation_matches_one_big_batch(quick_settings):
     assert grads[0] == pytest.approx(grads[1], rel=1e-4)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(quick_settings):
+    # The recomputation in backward must see each block's cache as it was in forward.
+    seen = []
+    for checkpoint in (False, True):
+        cfg = resolve(None, **{**quick_settings, "beta": 0.1, "grad_checkpoint": checkpoint})
+        run = setup(cfg, [])
+        update = run.optimizer.update
+
+        def record(model, grads, update=update):
+            seen.append(snapshot(grads))
+            update(model, grads)
+
+        run.optimizer.update = record
+        train_step(run, 0)
+    plain, recomputed = seen
+    assert plain.keys() == recomputed.keys()
+    assert any(np.abs(v).max() > 0 for v in plain.values())
+    for k, v in plain.items():
+        np.testing.assert_allclose(recomputed[k], v, atol=1e-6, rtol=1e-4)
+
+
 def test_training_over_a_4bit_quantized_base(tiny_model_dir, toy_data, tmp_path):
     from mlx_lm import convert
 
