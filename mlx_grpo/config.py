@@ -122,7 +122,9 @@ class TrainConfig:
     logits_chunk_size: int = _opt(
         256, "Completion tokens (rows x positions) per LM-head chunk when scoring (bounds memory)."
     )
-    grad_checkpoint: bool = _opt(False, "Recompute layer activations in backward to save memory.")
+    grad_checkpoint: bool = _opt(
+        True, "Recompute each block's activations in backward: much less memory, a little slower."
+    )
 
     # Reporting
     logging_steps: int = _opt(1, "Print a sample of completions every this many steps.")

@@ -26,7 +26,7 @@ from mlx_grpo.objective import exact_kl, token_logprobs
 @dataclass
 class Scores:
     logp: mx.array  # (N, T) log-prob of each completion token, at temperature
-    entropy: mx.array  # (N, T) policy entropy (metric, no gradient)
+    entropy: mx.array | None  # (N, T) policy entropy (metric, no gradient)
     kl: mx.array | None  # (N, T) exact KL to the reference, when reference hidden given
 
 
@@ -79,7 +79,9 @@ def _chunk_logprobs(
     logits: mx.array, targets: mx.array, temperature: float
 ) -> tuple[mx.array, mx.array, mx.array]:
     """(logp, entropy, lse) per row of (R, V) logits, with one exp pass over the vocabulary."""
-    x = logits.astype(mx.float32) / temperature
+    x = logits.astype(mx.float32)
+    if temperature != 1.0:
+        x = x / temperature
     peak = x.max(axis=-1, keepdims=True)
     e = mx.exp(x - peak)
     total = e.sum(axis=-1)
@@ -87,6 +89,15 @@ def _chunk_logprobs(
     logp = mx.take_along_axis(x, targets[:, None], axis=-1)[:, 0] - lse
     entropy = lse - (e * x).sum(axis=-1) / total
     return logp, entropy, lse
+
+
+def _after(x: mx.array, done: list[mx.array]) -> mx.array:
+    """`x`, computed only once the last array of `done` is.
+
+    MLX schedules independent chunks side by side, which would keep every
+    chunk's (rows, V) logits alive at once; this makes them take turns.
+    """
+    return mx.depends(x, done[-1]) if done else x
 
 
 def head_logprobs(
@@ -109,13 +120,14 @@ def head_logprobs(
     spans = [slice(i, min(i + chunk_size, t.shape[0])) for i in range(0, t.shape[0], chunk_size)]
 
     def logits_of(x: mx.array) -> mx.array:
-        return head(x).astype(mx.float32) / temperature
+        z = head(x).astype(mx.float32)
+        return z / temperature if temperature != 1.0 else z
 
     @mx.custom_function
     def scored(h: mx.array, t: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        # One (3, rows) array per chunk: a chunk's three results are computed
-        # together, so its (rows, V) temporaries are freed before the next chunk.
-        parts = [mx.stack(_chunk_logprobs(head(h[sl]), t[sl], temperature)) for sl in spans]
+        parts: list[mx.array] = []
+        for sl in spans:
+            parts.append(mx.stack(_chunk_logprobs(head(_after(h[sl], parts)), t[sl], temperature)))
         logp, entropy, lse = mx.concatenate(parts, axis=1)
         return logp, entropy, lse
 
@@ -125,7 +137,7 @@ def head_logprobs(
         d_logp, lse = cotangents[0], outputs[2]
         grads = []
         for sl in spans:
-            z = logits_of(h[sl])
+            z = logits_of(_after(h[sl], grads))
             g = -mx.exp(z - lse[sl, None]) * d_logp[sl, None]  # -softmax * upstream
             g = mx.put_along_axis(
                 g,
@@ -140,6 +152,27 @@ def head_logprobs(
     return logp.reshape(shape), mx.stop_gradient(entropy).reshape(shape)
 
 
+def split_head(model: nn.Module) -> bool:
+    return head_and_body(model) is not None
+
+
+def _logprobs_now(
+    head: Callable, hidden: mx.array, targets: mx.array, temperature: float, chunk_size: int
+) -> Scores:
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1).astype(mx.int32)
+    mx.eval(h)
+    parts = []
+    for i in range(0, t.shape[0], chunk_size):
+        logits = head(h[i : i + chunk_size]).astype(mx.float32)
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = mx.logsumexp(logits, axis=-1)
+        parts.append(mx.take_along_axis(logits, t[i : i + chunk_size, None], axis=-1)[:, 0] - lse)
+        mx.eval(parts[-1])
+    return Scores(mx.concatenate(parts).reshape(targets.shape), None, None)
+
+
 def score_completions(
     model: nn.Module,
     prompt_tokens: mx.array,  # (N, P)
@@ -148,13 +181,18 @@ def score_completions(
     temperature: float,
     chunk_size: int = 256,
     ref_hidden: mx.array | None = None,  # (N, T, D) for the exact KL
+    no_grad: bool = False,
 ) -> Scores:
     """Log-probs (with gradient), entropy and optionally the exact KL per token.
 
     `chunk_size` counts completion tokens (rows x positions) per LM-head chunk.
+    With `no_grad` (pi_old, reference) only the log-probs are computed, now,
+    one chunk after another; entropy is then None.
     """
     hidden = completion_hidden(model, prompt_tokens, padding, completion_ids)
     head, frozen = _head(model)
+    if no_grad and ref_hidden is None and split_head(model):
+        return _logprobs_now(head, hidden, completion_ids, temperature, chunk_size)
     if ref_hidden is None and frozen:
         logp, entropy = head_logprobs(head, hidden, completion_ids, temperature, chunk_size)
         return Scores(logp, entropy, None)

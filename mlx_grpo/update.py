@@ -1,10 +1,16 @@
 """Policy optimisation on one rollout: micro-batches, the loss, mu AdamW updates.
 
 The rollout is split into `gradient_accumulation_steps` micro-batches, each
-trimmed to its own padding and longest completion. pi_old log-probs (mu > 1)
-and reference inputs (beta != 0) are computed once per micro-batch, before
-the first update; each of the mu passes sums the micro-batch gradients, clips
-their global norm and makes one AdamW step.
+trimmed to its own padding and longest completion. Reference inputs
+(beta != 0) are computed once per micro-batch, before the first update; each
+of the mu passes sums the micro-batch gradients, clips their global norm and
+makes one AdamW step.
+
+pi_old log-probs (mu > 1) are the ones the rollout sampled with: the same
+weights, so they equal a fresh forward pass up to float32 rounding (TRL
+recomputes them with one more forward pass). A model that computes in
+16-bit floats rounds decode and training passes differently, so there the
+forward pass is run.
 """
 
 from __future__ import annotations
@@ -72,7 +78,10 @@ def micro_batches(
             ref=None,
         )
         if cfg.num_iterations > 1:
-            mb.old_logp = _score(model, mb, cfg).logp
+            if computes_in_float32(model):
+                mb.old_logp = batch.sampled_logprobs[sl, :length]
+            else:
+                mb.old_logp = _score(model, mb, cfg, no_grad=True).logp
         if cfg.beta != 0.0:
             with adapters_disabled(model):
                 if cfg.kl_estimator == "exact":
@@ -80,13 +89,21 @@ def micro_batches(
                         model, mb.prompt_tokens, mb.padding, mb.completion_ids
                     )
                 else:
-                    mb.ref = _score(model, mb, cfg).logp
+                    mb.ref = _score(model, mb, cfg, no_grad=True).logp
         mx.eval(mb.old_logp, mb.ref)
         out.append(mb)
     return out
 
 
-def _score(model: nn.Module, mb: MicroBatch, cfg: TrainConfig, ref_hidden=None) -> Scores:
+def computes_in_float32(model: nn.Module) -> bool:
+    """True when the model's activations are float32 (its norm weights are)."""
+    norm = getattr(model.layers[0], "input_layernorm", None)
+    return norm is not None and norm.weight.dtype == mx.float32
+
+
+def _score(
+    model: nn.Module, mb: MicroBatch, cfg: TrainConfig, ref_hidden=None, no_grad=False
+) -> Scores:
     temperature = SamplingSettings(cfg.temperature).logprob_temperature
     return score_completions(
         model,
@@ -96,6 +113,7 @@ def _score(model: nn.Module, mb: MicroBatch, cfg: TrainConfig, ref_hidden=None) 
         temperature,
         cfg.logits_chunk_size,
         ref_hidden=ref_hidden,
+        no_grad=no_grad,
     )
 
 

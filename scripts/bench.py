@@ -1,41 +1,51 @@
-"""Benchmark GRPO-LoRA training steps on a random model with Qwen3-0.6B's shapes.
+"""Side-by-side GRPO step benchmark: mlx-grpo, mlx-lm-lora, and the hardware bound.
 
-What it measures: the real trainer path (`trainer.setup`, then `train_step`)
-on B prompts of ~96 tokens, G completions of exactly T tokens each (EOS is
-switched off so every step samples the same number of tokens). After one
-warm-up step it prints, per measured step and as the median:
+One run builds a random-weight model with Qwen3-0.6B's exact shapes and, for
+each configuration, times our GRPO step and (when `mlx-lm-lora` is installed)
+its GRPO step on the same model, prompts and settings. Each side runs in its
+own worker process, so its peak memory is its own; the two take turns, step
+by step, so both see the machine in the same state.
 
-    rollout    batched sampling of the B x G completions (prefill + T decode steps)
-    reference  pi_old / reference log-prob passes (zero unless beta != 0 or mu > 1)
-    update     forward + backward over the rollout and one AdamW step
-    other      the rest of train_step: rewards, decoding the texts, metrics
-    step       wall time of the whole train_step
-    tok/s      completion tokens / rollout time
-    peak GB    mx.get_peak_memory() during the step
+    A  the peer's defaults: 1 prompt,  G = 4, 64 completion tokens, beta 0.1
+    B  TRL-like:            2 prompts, G = 8, 64 completion tokens, beta 0.1
 
-plus the trainable parameter count, the BLAS MLX uses and the machine. It
-prints figures only and asserts nothing about them.
+Both sides: float32, LoRA r = 8 (alpha 16) on the seven projections of every
+layer, temperature 1 without filters, 96-token prompts, no EOS (every
+completion runs to 64 tokens), one AdamW step per rollout. The peer keeps a
+second copy of the model as its reference, as its CLI does.
 
-The model is built with `mlx_grpo.toy.build_tiny_qwen3` (random float32
-weights, 2.4 GB on disk, about 30 s to build on 2 cores); `--cache-dir` keeps
-it for later runs.
+Per configuration it prints per-step medians (rollout, reference, update,
+step), rollout tokens/s, peak memory (MLX's peak and the worker's maximum
+RSS), the ratio peer / ours, and a hardware bound for the same work from two
+probes run on the spot: a float32 GEMM (the best of MLX's and NumPy's) and
+the memory bandwidth of a matrix-vector product over a matrix 16x larger
+than the last-level cache. The bound takes each phase at the slower of its
+arithmetic and its weight reads; the backward pass of a frozen-base LoRA
+model costs one more forward (input gradients only). It prints figures
+only and asserts nothing about them.
 
 Run:
-    python scripts/bench.py                 # Qwen3-0.6B shapes, G=4, T=64, beta 0
-    python scripts/bench.py --beta 0.1      # include the reference pass
+    python scripts/bench.py                          # A and B, ~40 min with the peer
+    python scripts/bench.py --config B --steps 2
     python scripts/bench.py --cache-dir ~/.cache/mlx-grpo-bench --json bench.json
-    python scripts/bench.py --quick         # tiny model, a few seconds (CI smoke test)
+    python scripts/bench.py --quick                  # tiny model, both configs, for CI
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,65 +53,73 @@ import mlx_grpo  # first: loads OpenBLAS before mlx.core is imported (see mlx_gr
 
 # isort: split
 import mlx.core as mx
-from mlx.utils import tree_flatten
+import numpy as np
 
-from mlx_grpo.config import resolve
-from mlx_grpo.lora import total_count, trainable_count
 from mlx_grpo.toy import QWEN3_0_6B, TINY, build_tiny_qwen3
-from mlx_grpo.trainer import Run, setup, train_step
 
 # With the byte tokenizer's chat template (19 tokens around the user text),
 # 77 ASCII characters make a 96-token prompt.
 PROMPT_CHARS = 77
 PROMPT_WORDS = "count the vowels in this sentence and reply with the number only please "
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEER = "mlx_lm_lora"
 
-PHASES = ("time/rollout", "time/reference", "time/update")
 
-# (label, metrics key, format) of the per-step table.
+@dataclass(frozen=True)
+class Spec:
+    """One benchmark configuration, the same for both sides."""
+
+    name: str
+    prompts: int  # B
+    generations: int  # G
+    completion_length: int  # T
+    beta: float
+    rank: int = 8
+
+    @property
+    def sequences(self) -> int:
+        return self.prompts * self.generations
+
+
+CONFIGS = {
+    "A": Spec("A", prompts=1, generations=4, completion_length=64, beta=0.1),
+    "B": Spec("B", prompts=2, generations=8, completion_length=64, beta=0.1),
+}
+
+# (label, key, format) of the result table.
 COLUMNS = (
-    ("rollout s", "time/rollout", "{:.2f}"),
-    ("ref s", "time/reference", "{:.2f}"),
-    ("update s", "time/update", "{:.2f}"),
-    ("other s", "time/other", "{:.2f}"),
-    ("step s", "time/step", "{:.2f}"),
+    ("rollout s", "rollout", "{:.2f}"),
+    ("ref s", "reference", "{:.2f}"),
+    ("update s", "update", "{:.2f}"),
+    ("step s", "step", "{:.2f}"),
     ("tok/s", "tokens_per_second", "{:.1f}"),
-    ("tokens", "completion_tokens", "{:.0f}"),
-    ("peak GB", "peak_memory_gb", "{:.2f}"),
+    ("peak GB", "peak_gb", "{:.2f}"),
+    ("rss GB", "rss_gb", "{:.2f}"),
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="measured steps (default 3; quick 2)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up steps, not measured")
-    p.add_argument("--beta", type=float, default=0.0, help="KL weight; != 0 adds the ref pass")
-    p.add_argument("--generations", type=int, default=4, help="G: completions per prompt")
-    p.add_argument("--prompts", type=int, default=1, help="B: prompts per step")
-    p.add_argument(
-        "--completion-length", type=int, default=None, help="T: tokens (default 64; quick 16)"
-    )
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
-    p.add_argument("--quick", action="store_true", help="tiny model and few tokens, for CI")
+    p.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 3; quick 1)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up steps per side, not measured")
+    p.add_argument("--quick", action="store_true", help="tiny model, 8 tokens: a smoke test")
+    p.add_argument("--no-peer", action="store_true", help="measure mlx-grpo only")
     p.add_argument("--cache-dir", type=Path, default=None, help="build / reuse the model here")
-    p.add_argument("--json", type=Path, default=None, help="write the medians here")
+    p.add_argument("--json", type=Path, default=None, help="write every figure here")
+    p.add_argument("--worker", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", type=str, help=argparse.SUPPRESS)
+    p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--prompt-ids", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps is None:
-        args.steps = 2 if args.quick else 3
-    if args.completion_length is None:
-        args.completion_length = 16 if args.quick else 64
+        args.steps = 1 if args.quick else 3
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args
 
 
-def even_share(prompts, completions, completion_ids, **kwargs) -> list[float]:
-    """Cheap reward: the share of even token ids.
-
-    It reads ids, not text: most ids the random 152k-vocabulary model samples
-    lie beyond the byte tokenizer and decode to nothing. The rewards vary
-    within a group, so the advantages, and with them the update, are not zero.
-    """
-    return [sum(i % 2 == 0 for i in ids) / max(1, len(ids)) for ids in completion_ids]
+# --------------------------------------------------------------------------- model and data
 
 
 def model_dir(root: Path, quick: bool) -> tuple[Path, str]:
@@ -128,139 +146,415 @@ def write_prompts(path: Path, rows: int = 8) -> Path:
     return path
 
 
-def make_run(args: argparse.Namespace, model: Path, data: Path, output: Path) -> Run:
-    cfg = resolve(
-        None,
-        model=str(model),
-        data=str(data),
-        output_dir=str(output),
-        overwrite=True,
-        num_generations=args.generations,
-        prompts_per_step=args.prompts,
-        max_completion_length=args.completion_length,
-        lora_rank=args.rank,
-        lora_alpha=2.0 * args.rank,
-        beta=args.beta,
-        temperature=1.0,
-        max_steps=args.warmup + args.steps,
-        save_steps=0,
-        rewards=[],
-    )
-    run = setup(cfg, [even_share])
-    # No EOS: every completion runs to max_completion_length, so every step
-    # samples B x G x T tokens. rollout() handles an empty EOS list.
-    run.lm.eos_ids = []
-    return run
+def even_share(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """Cheap reward that varies within a group: the share of even token ids.
+
+    It reads ids, not text: most ids the random 152k-vocabulary model samples
+    lie beyond the byte tokenizer and decode to nothing.
+    """
+    return [sum(i % 2 == 0 for i in ids) / max(1, len(ids)) for ids in completion_ids]
 
 
-def measure(run: Run, warmup: int, steps: int) -> list[dict[str, float]]:
-    """Run warm-up then measured train_steps; return the measured steps' figures."""
-    n = run.cfg.prompts_per_step * run.cfg.num_generations
-    rows = []
-    for step in range(warmup + steps):
+def text_length_reward(prompts, completions, answer, types=None, **kwargs) -> list[float]:
+    """The peer's reward signature (text only): a cheap score that varies within a group."""
+    return [float(len(c) % 5) for c in completions]
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _peak_and_rss() -> dict[str, float]:
+    return {
+        "peak_gb": mx.get_peak_memory() / 1e9,
+        "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }
+
+
+class Ours:
+    """mlx-grpo's trainer: `trainer.setup`, then one `train_step` per step."""
+
+    def __init__(self, spec: Spec, model: Path, data: Path, output: Path):
+        from mlx_grpo.config import resolve
+        from mlx_grpo.trainer import setup
+
+        cfg = resolve(
+            None,
+            model=str(model),
+            data=str(data),
+            output_dir=str(output),
+            overwrite=True,
+            num_generations=spec.generations,
+            prompts_per_step=spec.prompts,
+            max_completion_length=spec.completion_length,
+            lora_rank=spec.rank,
+            lora_alpha=2.0 * spec.rank,
+            lora_targets=list(TARGETS),
+            beta=spec.beta,
+            temperature=1.0,
+            max_steps=10_000,
+            save_steps=0,
+            rewards=[],
+        )
+        self.run = setup(cfg, [even_share])
+        # No EOS: every completion runs to max_completion_length.
+        self.run.lm.eos_ids = []
+        self.step_index = 0
+
+    def info(self) -> dict[str, Any]:
+        from mlx_grpo.lora import total_count, trainable_count
+
+        model = self.run.lm.model
+        return {
+            "prompt_ids": [r.prompt_ids for r in self.run.rows],
+            "total_parameters": total_count(model),
+            "trainable_parameters": trainable_count(model),
+        }
+
+    def step(self) -> dict[str, float]:
+        from mlx_grpo.trainer import train_step
+
+        t0 = time.perf_counter()
+        metrics, _ = train_step(self.run, self.step_index)
+        elapsed = time.perf_counter() - t0
+        self.step_index += 1
+        tokens = metrics["completions/mean_length"] * self.run.cfg.prompts_per_step
+        tokens *= self.run.cfg.num_generations
+        return {
+            "rollout": metrics["time/rollout"],
+            "reference": metrics["time/reference"],
+            "update": metrics["time/update"],
+            "step": elapsed,
+            "tokens": tokens,
+            "tokens_per_second": tokens / metrics["time/rollout"],
+            **_peak_and_rss(),
+            "peak_gb": metrics["peak_memory_gb"],  # train_step resets the peak per phase
+        }
+
+
+class Peer:
+    """mlx-lm-lora's GRPO: `train_grpo` for one iteration per step, phases timed by wrapping."""
+
+    def __init__(self, spec: Spec, model: Path, prompt_ids: list[list[int]], output: Path):
+        import mlx.optimizers as optim
+        from mlx_lm import load
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+        from mlx_lm_lora.trainer import grpo_trainer
+
+        self.spec, self.g = spec, grpo_trainer
+        self.model, self.tokenizer = load(str(model))
+        self.tokenizer.eos_token_ids = []  # no EOS, as on our side
+        self.model.freeze()
+        keys = [f"self_attn.{t}" for t in TARGETS[:4]] + [f"mlp.{t}" for t in TARGETS[4:]]
+        lora = {"rank": spec.rank, "scale": 2.0, "dropout": 0.0, "keys": keys}
+        linear_to_lora_layers(self.model, len(self.model.layers), lora)
+        # The peer's CLI loads a second copy of the model as the reference.
+        self.ref = load(str(model))[0].freeze() if spec.beta else None
+        self.optimizer = optim.AdamW(learning_rate=1e-5)
+        self.dataset = [(ids, [0], f"prompt {i}", "0") for i, ids in enumerate(prompt_ids)]
+        self.args = grpo_trainer.GRPOTrainingArgs(
+            batch_size=spec.prompts,
+            iters=1,
+            group_size=spec.generations,
+            beta=spec.beta,
+            epsilon=0.2,
+            max_completion_length=spec.completion_length,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            min_p=0.0,
+            steps_per_report=1,
+            steps_per_save=10**9,
+            adapter_file=str(output / "peer_adapters.safetensors"),
+        )
+        self.times: dict[str, float] = {}
+        self.tokens = 0
+        self._wrap()
+
+    def _wrap(self) -> None:
+        g, times = self.g, self.times
+        generate, token_logps = g.generate_grpo, g._get_token_logps
+
+        def timed_generate(*a, **kw):
+            t0 = time.perf_counter()
+            completions, texts, indices = generate(*a, **kw)
+            times["rollout"] += time.perf_counter() - t0
+            self.tokens += sum(len(c) for c in completions)
+            return completions, texts, indices
+
+        def timed_logps(model, *a, **kw):
+            if model is not self.ref:
+                return token_logps(model, *a, **kw)
+            t0 = time.perf_counter()
+            out = token_logps(model, *a, **kw)
+            mx.eval(out)  # the reference pass, forced here so it can be timed alone
+            times["reference"] += time.perf_counter() - t0
+            return out
+
+        g.generate_grpo, g._get_token_logps = timed_generate, timed_logps
+
+    def info(self) -> dict[str, Any]:
+        return {"version": importlib.metadata.version("mlx-lm-lora")}
+
+    def step(self) -> dict[str, float]:
+        self.times.update(rollout=0.0, reference=0.0)
+        self.tokens = 0
         mx.reset_peak_memory()
         t0 = time.perf_counter()
-        metrics, _ = train_step(run, step)
+        self.g.train_grpo(
+            model=self.model,
+            ref_model=self.ref,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            train_dataset=self.dataset,
+            reward_funcs=[text_length_reward],
+            args=self.args,
+            end_answer_token="",
+        )
         elapsed = time.perf_counter() - t0
-        row = {key: float(metrics[key]) for _, key, _ in COLUMNS if key in metrics}
-        row["time/step"] = elapsed
-        row["time/other"] = elapsed - sum(row[k] for k in PHASES)
-        row["completion_tokens"] = metrics["completions/mean_length"] * n
-        row["peak_memory_gb"] = mx.get_peak_memory() / 1e9
-        label = "warm-up" if step < warmup else f"step {step - warmup + 1}"
-        print(table_row(label, row), flush=True)
-        if step >= warmup:
-            rows.append(row)
-    return rows
+        return {
+            **self.times,
+            "update": elapsed - self.times["rollout"] - self.times["reference"],
+            "step": elapsed,
+            "tokens": self.tokens,
+            "tokens_per_second": self.tokens / self.times["rollout"],
+            **_peak_and_rss(),
+        }
 
 
-def table_row(label: str, row: dict[str, float]) -> str:
-    cells = [fmt.format(row[key]).rjust(max(len(name), 7)) for name, key, fmt in COLUMNS]
-    return f"{label:<8} | " + " | ".join(cells)
+def worker_main(args: argparse.Namespace) -> None:
+    """Serve steps: one JSON line per request on the real stdout, all chatter on stderr."""
+    out = sys.stdout
+    spec = Spec(**json.loads(args.spec))
+    with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory() as tmp:
+        if args.worker == "ours":
+            side = Ours(spec, args.model, args.prompt_ids, Path(tmp) / "run")
+        else:
+            ids = json.loads(args.prompt_ids.read_text())
+            side = Peer(spec, args.model, ids, Path(tmp))
+        print(json.dumps({"info": side.info()}), file=out, flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            print(json.dumps(side.step()), file=out, flush=True)
+
+
+class Worker:
+    """A benchmark side running in its own process."""
+
+    def __init__(self, side: str, spec: Spec, model: Path, extra: Path, log: Path):
+        cmd = [sys.executable, __file__, "--worker", side, "--spec", json.dumps(asdict(spec))]
+        cmd += ["--model", str(model), "--prompt-ids", str(extra)]
+        self.side, self.log = side, log
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True
+        )
+        self.info = self._read()["info"]
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = self.log.read_text()[-3000:]
+            raise SystemExit(f"the {self.side} worker stopped; its log ends with:\n{tail}")
+        return json.loads(line)
+
+    def step(self) -> dict[str, float]:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+
+
+# --------------------------------------------------------------------------- hardware bound
+
+
+def probe_hardware() -> dict[str, float]:
+    """Best float32 GEMM rate (FLOP/s) and matrix-vector read bandwidth (bytes/s) seen here."""
+
+    def best(fn, repeats: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    n = 2048
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a, b)
+    gemm_mlx = 2 * n**3 / best(lambda: mx.eval(a @ b))
+    an, bn = np.array(a), np.array(b)
+    gemm_numpy = 2 * n**3 / best(lambda: an @ bn)
+    # 512 MB, far beyond the last-level cache: every product streams it from memory.
+    w = np.random.default_rng(0).standard_normal((131072, 1024), dtype=np.float32)
+    x = np.ones(1024, dtype=np.float32)
+    bandwidth = w.nbytes / best(lambda: w @ x)
+    return {
+        "gemm_flops": max(gemm_mlx, gemm_numpy),
+        "gemm_mlx_flops": gemm_mlx,
+        "gemm_numpy_flops": gemm_numpy,
+        "bandwidth": bandwidth,
+    }
+
+
+def hardware_bound(shapes: dict, spec: Spec, prompt_len: int, hw: dict) -> dict[str, float]:
+    """Seconds the step's work needs at the probed GEMM rate and bandwidth, phase by phase."""
+    d, layers, v = shapes["hidden_size"], shapes["num_hidden_layers"], shapes["vocab_size"]
+    q = shapes["num_attention_heads"] * shapes["head_dim"]
+    kv = shapes["num_key_value_heads"] * shapes["head_dim"]
+    body = layers * (d * q + 2 * d * kv + q * d + 3 * d * shapes["intermediate_size"])
+    head = v * d
+    weight_bytes = 4 * (body + head)
+    gemm, bw = hw["gemm_flops"], hw["bandwidth"]
+    b, n, p, t = spec.prompts, spec.sequences, prompt_len, spec.completion_length
+
+    def attention(queries: int, context: float) -> float:  # QK^T and PV
+        return 4 * layers * q * queries * context
+
+    prefill = b * (2 * body * p + attention(p, p / 2)) + b * 2 * head
+    decode = 0.0
+    for i in range(1, t):  # token 0 comes from the prefill's logits
+        flops = n * (2 * body + 2 * head) + attention(n, p + i)
+        decode += max(weight_bytes / bw, flops / gemm)
+    # Scoring: each prompt once per group, then the completions, head on completion tokens.
+    forward = 2 * body * (b * p + n * t) + attention(n * t, p + t / 2) + 2 * head * n * t
+    out = {
+        "rollout": max(weight_bytes / bw, prefill / gemm) + decode,
+        "reference": forward / gemm if spec.beta else 0.0,
+        "update": 2 * forward / gemm,  # forward + input-gradient backward
+    }
+    out["step"] = sum(out.values())
+    return out
+
+
+# --------------------------------------------------------------------------- the run
 
 
 def medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    med["peak_gb"] = max(r["peak_gb"] for r in rows)
+    med["rss_gb"] = max(r["rss_gb"] for r in rows)
+    return med
+
+
+def table_row(label: str, row: dict[str, float]) -> str:
+    cells = []
+    for name, key, fmt in COLUMNS:
+        cell = fmt.format(row[key]) if key in row else "-"
+        cells.append(cell.rjust(max(len(name), 7)))
+    return f"{label:<12} | " + " | ".join(cells)
+
+
+def ratio_row(ours: dict[str, float], peer: dict[str, float]) -> str:
+    cells = []
+    for name, key, _ in COLUMNS:
+        if key == "tokens_per_second":
+            r = ours[key] / peer[key]  # higher is better: ours / peer
+        elif ours.get(key):
+            r = peer[key] / ours[key]
+        else:
+            r = None
+        cells.append(("-" if r is None else f"{r:.2f}x").rjust(max(len(name), 7)))
+    return f"{'peer / ours':<12} | " + " | ".join(cells)
+
+
+def run_config(spec: Spec, args, model: Path, data: Path, tmp: Path, with_peer: bool) -> dict:
+    ours = Worker("ours", spec, model, data, tmp / f"ours-{spec.name}.log")
+    ids_file = tmp / "prompt_ids.json"
+    ids_file.write_text(json.dumps(ours.info["prompt_ids"]))
+    peer = None
+    if with_peer:
+        peer = Worker("peer", spec, model, ids_file, tmp / f"peer-{spec.name}.log")
+    sides = [("mlx-grpo", ours)] + ([("mlx-lm-lora", peer)] if peer else [])
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _ in sides}
+    header = f"{'':<12} | " + " | ".join(name.rjust(7) for name, _, _ in COLUMNS)
+    print(f"\n{header}\n{'-' * len(header)}", flush=True)
+    try:
+        for i in range(args.warmup + args.steps):
+            for name, worker in sides:  # taking turns, step by step
+                row = worker.step()
+                label = f"{name[:8]} {'w' if i < args.warmup else i - args.warmup + 1}"
+                print(table_row(label, row), flush=True)
+                if i >= args.warmup:
+                    rows[name].append(row)
+    finally:
+        for _, worker in sides:
+            worker.close()
+    med = {name: medians(r) for name, r in rows.items()}
+    print("-" * len(header))
+    for name in med:
+        print(table_row(name, med[name]))
+    if peer:
+        print(ratio_row(med["mlx-grpo"], med["mlx-lm-lora"]))
+    return {
+        "spec": asdict(spec),
+        "medians": med,
+        "steps": rows,
+        "prompt_tokens": len(ours.info["prompt_ids"][0]),
+        "trainable_parameters": ours.info["trainable_parameters"],
+        "total_parameters": ours.info["total_parameters"],
+        "peer": peer.info if peer else None,
+    }
 
 
 def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
-        "blas": mlx_grpo._backend.openblas_path or "reference BLAS",
+        "blas": mlx_grpo._backend.openblas_path or "MLX's own BLAS",
     }
-
-
-def describe(run: Run, args: argparse.Namespace, how: str, t_setup: float) -> dict[str, Any]:
-    """Print what is measured, where; return it as a dict for the JSON report."""
-    cfg, model = run.cfg, run.lm.model
-    host = machine()
-    info = {
-        "model": "tiny (TINY shapes)" if args.quick else "Qwen3-0.6B shapes, random weights",
-        "dtype": str(tree_flatten(model.parameters())[0][1].dtype).removeprefix("mlx.core."),
-        "total_parameters": total_count(model),
-        "trainable_parameters": trainable_count(model),
-        "prompt_tokens": len(run.rows[0].prompt_ids),
-        "prompts_per_step": cfg.prompts_per_step,
-        "num_generations": cfg.num_generations,
-        "max_completion_length": cfg.max_completion_length,
-        "lora_rank": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha,
-        "lora_modules": len(run.lora_paths),
-        "beta": cfg.beta,
-        "warmup_steps": args.warmup,
-        "measured_steps": args.steps,
-        "machine": host,
-    }
-    print(f"machine    {host['platform']} | {host['cpu_count']} CPUs | {host['device']}")
-    print(f"BLAS       {host['blas']} | mlx {host['mlx']} | python {host['python']}")
-    print(
-        f"model      {info['model']}, {info['total_parameters']:,} parameters, "
-        f"{info['dtype']} | {how} | setup {t_setup:.1f} s"
-    )
-    print(
-        f"LoRA       r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {info['lora_modules']} "
-        f"modules | trainable parameters {info['trainable_parameters']:,}"
-    )
-    print(
-        f"rollout    B={cfg.prompts_per_step} prompts x G={cfg.num_generations} | prompt "
-        f"{info['prompt_tokens']} tokens | completion {cfg.max_completion_length} tokens "
-        f"(no EOS) | temperature {cfg.temperature:g} | beta {cfg.beta:g}"
-    )
-    return info
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    specs = list(CONFIGS.values()) if args.config == "all" else [CONFIGS[args.config]]
+    if args.quick:  # same phases, a few seconds each
+        specs = [Spec(s.name, s.prompts, s.generations, 8, s.beta, rank=4) for s in specs]
+    with_peer = not args.no_peer and importlib.util.find_spec(PEER) is not None
+    host = machine()
+    print(f"machine    {host['platform']} | {host['cpu_count']} CPUs | {host['device']}")
+    print(f"BLAS       {host['blas']} | mlx {host['mlx']} | python {host['python']}")
+    hw = probe_hardware()
+    gf = {k: v / 1e9 for k, v in hw.items()}
+    print(
+        f"probes     GEMM {gf['gemm_flops']:.0f} GFLOP/s (MLX {gf['gemm_mlx_flops']:.0f}, "
+        f"NumPy {gf['gemm_numpy_flops']:.0f}) | bandwidth {gf['bandwidth']:.1f} GB/s"
+    )
+    if not with_peer:
+        print("peer       not measured" + ("" if args.no_peer else f" ({PEER} is not installed)"))
+    report: dict[str, Any] = {"machine": host, "probes": hw, "configs": {}}
     with tempfile.TemporaryDirectory(prefix="mlx-grpo-bench-") as tmp:
         tmp = Path(tmp)
         root = args.cache_dir.expanduser() if args.cache_dir else tmp
         model, how = model_dir(root, args.quick)
-        t0 = time.perf_counter()
-        run = make_run(args, model, write_prompts(tmp / "prompts.jsonl"), tmp / "run")
-        info = describe(run, args, how, time.perf_counter() - t0)
-
-        header = f"{'':<8} | " + " | ".join(name.rjust(7) for name, _, _ in COLUMNS)
-        print(f"\n{header}\n{'-' * len(header)}")
-        rows = measure(run, args.warmup, args.steps)
-        print("-" * len(header))
-
-    med = medians(rows)
-    peak = max(r["peak_memory_gb"] for r in rows)
-    print(table_row("median", med))
-    print(
-        f"\nmedian over {len(rows)} steps: step {med['time/step']:.2f} s | "
-        f"rollout {med['time/rollout']:.2f} s, reference {med['time/reference']:.2f} s, "
-        f"update {med['time/update']:.2f} s, other {med['time/other']:.2f} s | "
-        f"rollout {med['tokens_per_second']:.1f} tok/s | peak memory {peak:.2f} GB"
-    )
+        shapes = json.loads((model / "config.json").read_text())
+        data = write_prompts(tmp / "prompts.jsonl")
+        kind = "tiny" if args.quick else "Qwen3-0.6B"
+        print(f"model      {kind} shapes, random weights, float32 | {how}")
+        for spec in specs:
+            print(
+                f"\nconfig {spec.name}   {spec.prompts} prompt(s) x G={spec.generations} | "
+                f"{spec.completion_length} tokens | beta {spec.beta:g} | LoRA r={spec.rank} on "
+                f"{len(TARGETS)} targets | {args.warmup} warm-up + {args.steps} measured steps"
+            )
+            result = run_config(spec, args, model, data, tmp, with_peer)
+            bound = hardware_bound(shapes, spec, result["prompt_tokens"], hw)
+            result["bound"] = bound
+            print(table_row("bound", bound))
+            ours = result["medians"]["mlx-grpo"]
+            print(f"ours / bound: {ours['step'] / bound['step']:.2f}x the bound's step time")
+            report["configs"][spec.name] = result
     if args.json:
-        result = {"median": med, "peak_memory_gb": peak, "steps": rows, **info}
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

@@ -1,31 +1,82 @@
-"""The benchmark script still runs end to end (its --quick mode, as in CI)."""
+"""The side-by-side benchmark still runs end to end (its --quick mode, as in CI)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+HAS_PEER = importlib.util.find_spec("mlx_lm_lora") is not None
 
 
-def test_quick_benchmark_runs_and_writes_positive_medians(tmp_path):
-    out = tmp_path / "bench.json"
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "\nmedian " in proc.stdout
-    assert "median over 2 steps" in proc.stdout
+    return proc.stdout, json.loads(out.read_text())
 
-    result = json.loads(out.read_text())
-    median = result["median"]
-    assert median["time/rollout"] > 0
-    assert median["time/update"] > 0
-    assert median["tokens_per_second"] > 0
-    # EOS is off, so every completion is exactly 16 tokens: G=4 x 16.
-    assert median["completion_tokens"] == 4 * 16
-    assert result["trainable_parameters"] > 0
-    assert len(result["steps"]) == 2
+
+def test_quick_benchmark_measures_both_configurations_with_every_phase(report):
+    stdout, result = report
+    assert set(result["configs"]) == {"A", "B"}
+    for name, config in result["configs"].items():
+        spec, ours = config["spec"], config["medians"]["mlx-grpo"]
+        for phase in ("rollout", "reference", "update", "step"):
+            assert ours[phase] > 0, (name, phase)  # beta 0.1: the reference pass runs
+        assert ours["step"] >= ours["rollout"] + ours["reference"] + ours["update"]
+        # EOS is off, so every completion has exactly T tokens.
+        assert ours["tokens"] == spec["prompts"] * spec["generations"] * spec["completion_length"]
+        assert config["bound"]["step"] > 0
+        assert config["trainable_parameters"] > 0
+    assert "ours / bound" in stdout
+
+
+def test_quick_benchmark_probes_the_hardware(report):
+    _, result = report
+    probes = result["probes"]
+    assert probes["gemm_flops"] >= max(probes["gemm_mlx_flops"], probes["gemm_numpy_flops"])
+    assert probes["bandwidth"] > 1e8
+
+
+@pytest.mark.skipif(not HAS_PEER, reason="mlx-lm-lora is not installed")
+def test_quick_benchmark_runs_the_peer_on_the_same_work(report):
+    stdout, result = report
+    for config in result["configs"].values():
+        ours, peer = config["medians"]["mlx-grpo"], config["medians"]["mlx-lm-lora"]
+        assert peer["tokens"] == ours["tokens"]
+        assert peer["reference"] > 0 and peer["update"] > 0
+    assert "peer / ours" in stdout
+
+
+def test_hardware_bound_adds_up_the_phases():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench
+
+    shapes = {
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "vocab_size": 10,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "intermediate_size": 8,
+    }
+    spec = bench.Spec("X", prompts=1, generations=2, completion_length=3, beta=0.0)
+    hw = {"gemm_flops": 1e3, "bandwidth": 1e12}  # compute-bound everywhere
+    bound = bench.hardware_bound(shapes, spec, prompt_len=4, hw=hw)
+    assert bound["reference"] == 0.0  # beta 0: no reference pass
+    assert bound["update"] > bound["rollout"] > 0
+    assert bound["step"] == pytest.approx(bound["rollout"] + bound["update"])
+    # body: q, k, v, o (4 x 64) + gate, up, down (3 x 64) = 448 weights; head 80
+    body, head = 448, 80
+    forward = 2 * body * (4 + 2 * 3) + 4 * 8 * 2 * 3 * (4 + 1.5) + 2 * head * 2 * 3
+    assert bound["update"] == pytest.approx(2 * forward / 1e3)

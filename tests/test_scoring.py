@@ -166,3 +166,11 @@ def test_a_prompt_shared_by_its_group_gives_the_values_and_gradients_of_separate
     assert got.keys() == want.keys() and got
     for k in want:
         np.testing.assert_allclose(np.array(got[k]), np.array(want[k]), atol=2e-4, rtol=1e-3)
+
+
+def test_no_grad_scoring_gives_the_same_log_probs_chunk_by_chunk(lm):
+    tokens, padding, completions = padded_batch(lm)
+    full = score_completions(lm.model, tokens, padding, completions, 0.8, chunk_size=64)
+    now = score_completions(lm.model, tokens, padding, completions, 0.8, 4, no_grad=True)
+    assert now.entropy is None
+    np.testing.assert_allclose(np.array(now.logp), np.array(full.logp), atol=1e-5)

@@ -132,6 +132,32 @@ def test_reference_pass_only_when_beta_is_nonzero(quick_settings, monkeypatch):
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_pi_old_is_the_rollouts_log_probs_without_another_forward_pass(quick_settings, monkeypatch):
+    cfg = resolve(None, **{**quick_settings, "num_iterations": 2})
+    run = setup(cfg, [])
+    calls, seen = [], []
+    real_score, real_micro = update_mod._score, update_mod.micro_batches
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(update_mod, "_score", counting)
+
+    def micro(model, batch, advantages, cfg):
+        out = real_micro(model, batch, advantages, cfg)
+        fresh = real_score(model, out[0], cfg).logp  # what TRL's extra forward pass gives
+        seen.append((out[0].old_logp, fresh, out[0].mask))
+        return out
+
+    monkeypatch.setattr(update_mod, "micro_batches", micro)
+    monkeypatch.setattr("mlx_grpo.trainer.micro_batches", micro)
+    train_step(run, 0)
+    assert len(calls) == 2  # the two update passes only
+    old, fresh, mask = seen[0]
+    np.testing.assert_allclose(np.array(old * mask), np.array(fresh * mask), atol=1e-4)
+
+
 @pytest.mark.parametrize("estimator", ["k3", "exact"])
 def test_kl_grows_as_the_policy_leaves_the_reference(quick_settings, estimator):
     settings = {**quick_settings, "max_steps": 4, "beta": 0.05, "kl_estimator": estimator}
