@@ -15,10 +15,12 @@ freed blocks for reuse (7x faster on a recycled 940 MB buffer).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Iterator
 
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -77,6 +79,23 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     malloc_tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return malloc_tuned
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None) -> Iterator[None]:
+    """Run the block with OpenBLAS using `n` threads (no-op for None or without OpenBLAS)."""
+    lib = ctypes.CDLL(openblas_path) if n and openblas_path else None
+    setter = getattr(lib, "openblas_set_num_threads", None)
+    getter = getattr(lib, "openblas_get_num_threads", None)
+    if setter is None or getter is None:
+        yield
+        return
+    before = getter()
+    setter(n)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 def cpu_only() -> bool:

@@ -16,6 +16,37 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+# Matmuls of at most this many rows may be split over CPU streams (see split_matmul).
+_SMALL = 8
+_split_streams: list | None = None
+
+
+def split_matmul(x: mx.array, weight: mx.array, streams: list) -> mx.array:
+    """x @ weight.T with weight's rows split into one block per stream, run in parallel.
+
+    On a CPU, a float32 matmul of 2-8 rows (decoding a few sequences) runs on
+    one core inside OpenBLAS and reads the weights at ~5.5 GB/s; two blocks on
+    two MLX CPU streams, each single-threaded, read them at ~9 GB/s (measured
+    on 2 cores over Qwen3-0.6B's 196 projection matrices).
+    """
+    n = weight.shape[0]
+    edges = [n * i // len(streams) for i in range(len(streams) + 1)]
+    parts = [
+        mx.matmul(x, weight[a:b].T, stream=s) for s, a, b in zip(streams, edges[:-1], edges[1:])
+    ]
+    return mx.concatenate(parts, axis=-1)
+
+
+@contextmanager
+def split_small_matmuls(streams: list | None) -> Iterator[None]:
+    """Within the block, LoRA layers split small matmuls over `streams` (None: off)."""
+    global _split_streams
+    before, _split_streams = _split_streams, streams
+    try:
+        yield
+    finally:
+        _split_streams = before
+
 
 class LoRALinear(nn.Module):
     """A Linear or QuantizedLinear with a low-rank update that can be disabled."""
@@ -62,7 +93,12 @@ class LoRALinear(nn.Module):
         return fused
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.linear(x)
+        if _split_streams and type(self.linear) is nn.Linear and x.size <= _SMALL * x.shape[-1]:
+            y = split_matmul(x, self.linear.weight, _split_streams)
+            if "bias" in self.linear:
+                y = y + self.linear.bias
+        else:
+            y = self.linear(x)
         if not self.enabled:
             return y
         z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)

@@ -245,7 +245,8 @@ def head_and_body(model: nn.Module) -> tuple[Callable, Callable] | None:
         return None
     if hasattr(model, "lm_head"):
         return body, model.lm_head
-    if getattr(model.args, "tie_word_embeddings", False) and hasattr(body, "embed_tokens"):
+    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
+    if tied and hasattr(body, "embed_tokens"):
         return body, body.embed_tokens.as_linear
     return None
 

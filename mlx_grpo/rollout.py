@@ -13,13 +13,16 @@ entry plus as many random numbers: 15% of a decode step on a CPU.)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from mlx_grpo.models import RolloutCache, left_pad
+from mlx_grpo._backend import blas_threads, cpu_only
+from mlx_grpo.lora import split_matmul, split_small_matmuls
+from mlx_grpo.models import RolloutCache, head_and_body, left_pad
 
 
 @dataclass(frozen=True)
@@ -92,17 +95,20 @@ def rollout(
     n = logits.shape[0]
     done = mx.zeros((n,), dtype=mx.bool_)
     steps_ids, steps_mask, steps_logp = [], [], []
-    for step in range(sampling.max_tokens):
-        token, token_logp = draw(logits)
-        live = ~done
-        steps_ids.append(mx.where(live, token, pad_id))
-        steps_mask.append(live)
-        steps_logp.append(mx.where(live, token_logp, 0.0))
-        done = done | (token[:, None] == eos[None]).any(axis=1)
-        mx.eval(done, steps_ids[-1], steps_logp[-1])
-        if step + 1 == sampling.max_tokens or done.all().item():
-            break
-        logits = model(token[:, None], cache=cache)[:, -1, :]
+    streams = decode_streams(n)
+    step_fn = decode_step(model, streams)
+    with split_small_matmuls(streams), blas_threads(1 if streams else None):
+        for step in range(sampling.max_tokens):
+            token, token_logp = draw(logits)
+            live = ~done
+            steps_ids.append(mx.where(live, token, pad_id))
+            steps_mask.append(live)
+            steps_logp.append(mx.where(live, token_logp, 0.0))
+            done = done | (token[:, None] == eos[None]).any(axis=1)
+            mx.eval(done, steps_ids[-1], steps_logp[-1])
+            if step + 1 == sampling.max_tokens or done.all().item():
+                break
+            logits = step_fn(token[:, None], cache)
 
     ids = mx.stack(steps_ids, axis=1)
     mask = mx.stack(steps_mask, axis=1).astype(mx.float32)
@@ -116,6 +122,34 @@ def rollout(
         truncated=truncated,
         num_generations=g,
     )
+
+
+_STREAMS: list = []
+
+
+def decode_streams(rows: int) -> list | None:
+    """CPU streams to split small decode matmuls over, one per core; None when not worth it.
+
+    Only on a CPU backend with 2+ cores and at most 8 rows (see `split_matmul`);
+    bigger batches already keep every core busy inside BLAS.
+    """
+    cores = min(os.cpu_count() or 1, 8)
+    if rows > 8 or cores < 2 or not cpu_only():
+        return None
+    while len(_STREAMS) < cores:
+        _STREAMS.append(mx.default_stream(mx.cpu) if not _STREAMS else mx.new_stream(mx.cpu))
+    return _STREAMS[:cores]
+
+
+def decode_step(model: nn.Module, streams: list | None):
+    """(tokens (N, 1), cache) -> next-token logits (N, V); the LM head split too when asked."""
+    split = head_and_body(model) if streams else None
+    head = getattr(split[1], "__self__", split[1]) if split else None
+    weight = getattr(head, "weight", None)
+    if split is None or type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:
+        return lambda tokens, cache: model(tokens, cache=cache)[:, -1, :]
+    body = split[0]
+    return lambda tokens, cache: split_matmul(body(tokens, cache=cache)[:, -1, :], weight, streams)
 
 
 def make_draw(sampling: SamplingSettings):

@@ -6,6 +6,8 @@ The model is a random tiny Qwen3 with a wide init (init_std=0.3), so its next-to
 distributions are peaky and greedy choices are far from ties.
 """
 
+import os
+
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx.core; must come first)
 
 # isort: split
@@ -237,3 +239,28 @@ def test_inverse_cdf_never_draws_a_zero_weight_entry():
     mx.random.seed(0)
     cdf = mx.cumsum(mx.broadcast_to(mx.array([0.0, 1.0, 0.0, 0.0, 2.0, 0.0]), (5000, 6)), axis=-1)
     assert set(np.array(inverse_cdf(cdf)).tolist()) == {1, 4}
+
+
+def test_split_matmul_equals_one_matmul_and_small_decodes_use_it(lm):
+    from mlx_grpo.lora import split_matmul
+    from mlx_grpo.rollout import decode_streams
+
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(3, 16)), rng.normal(size=(10, 16))
+    streams = [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    got = split_matmul(mx.array(x, dtype=mx.float32), mx.array(w, dtype=mx.float32), streams)
+    np.testing.assert_allclose(np.array(got), x @ w.T, rtol=1e-5, atol=1e-5)
+    if mx.default_device() == mx.cpu and (os.cpu_count() or 1) > 1:
+        assert decode_streams(4) is not None and decode_streams(64) is None
+
+
+def test_greedy_decoding_is_the_same_with_and_without_split_matmuls(lm, monkeypatch):
+    import mlx_grpo.rollout as rollout_mod
+
+    split = run(lm, PROMPTS, 2, GREEDY)
+    monkeypatch.setattr(rollout_mod, "decode_streams", lambda rows: None)
+    plain = run(lm, PROMPTS, 2, GREEDY)
+    assert split.completion_ids.tolist() == plain.completion_ids.tolist()
+    np.testing.assert_allclose(
+        np.array(split.sampled_logprobs), np.array(plain.sampled_logprobs), atol=1e-5
+    )
