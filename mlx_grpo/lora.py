@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 # Matmuls of at most this many rows may be split over CPU streams (see split_matmul).
-_SMALL = 8
+SMALL_MATMUL_ROWS = 8
 _split_streams: list | None = None
 
 
@@ -93,7 +93,8 @@ class LoRALinear(nn.Module):
         return fused
 
     def __call__(self, x: mx.array) -> mx.array:
-        if _split_streams and type(self.linear) is nn.Linear and x.size <= _SMALL * x.shape[-1]:
+        small = x.size <= SMALL_MATMUL_ROWS * x.shape[-1]
+        if _split_streams and small and type(self.linear) is nn.Linear:
             y = split_matmul(x, self.linear.weight, _split_streams)
             if "bias" in self.linear:
                 y = y + self.linear.bias

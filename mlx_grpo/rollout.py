@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from mlx_grpo._backend import blas_threads, cpu_only
-from mlx_grpo.lora import split_matmul, split_small_matmuls
+from mlx_grpo.lora import SMALL_MATMUL_ROWS, split_matmul, split_small_matmuls
 from mlx_grpo.models import RolloutCache, head_and_body, left_pad
 
 
@@ -134,7 +134,7 @@ def decode_streams(rows: int) -> list | None:
     bigger batches already keep every core busy inside BLAS.
     """
     cores = min(os.cpu_count() or 1, 8)
-    if rows > 8 or cores < 2 or not cpu_only():
+    if rows > SMALL_MATMUL_ROWS or cores < 2 or not cpu_only():
         return None
     while len(_STREAMS) < cores:
         _STREAMS.append(mx.default_stream(mx.cpu) if not _STREAMS else mx.new_stream(mx.cpu))
