@@ -36,6 +36,7 @@ TRAINING: dict[str, Any] = dict(
     learning_rate=1e-4,
     beta=0.0,
     loss_type="dapo",
+    grad_checkpoint=False,  # 32 short sequences of a 135M model: memory is no concern, time is
     max_steps=10_000,  # the time limit ends the run
     logging_steps=10,
     save_steps=20,
