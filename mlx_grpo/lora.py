@@ -93,8 +93,11 @@ class LoRALinear(nn.Module):
         return fused
 
     def __call__(self, x: mx.array) -> mx.array:
-        small = x.size <= SMALL_MATMUL_ROWS * x.shape[-1]
-        if _split_streams and small and type(self.linear) is nn.Linear:
+        if (
+            _split_streams
+            and x.size <= SMALL_MATMUL_ROWS * x.shape[-1]
+            and type(self.linear) is nn.Linear
+        ):
             y = split_matmul(x, self.linear.weight, _split_streams)
             if "bias" in self.linear:
                 y = y + self.linear.bias

@@ -90,12 +90,24 @@ def token_logprobs(
     logits (..., V), targets (...) -> (logp (...), entropy (...)); the
     entropy is a metric and carries no gradient.
     """
-    logits = logits.astype(mx.float32) / temperature
-    lse = mx.logsumexp(logits, axis=-1)
-    logp = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
-    probs = mx.stop_gradient(mx.exp(logits - lse[..., None]))
-    entropy = mx.stop_gradient(lse - mx.sum(probs * logits, axis=-1))
+    logp, entropy, _ = logprob_stats(logits, targets, temperature)
     return logp, entropy
+
+
+def logprob_stats(
+    logits: mx.array, targets: mx.array, temperature: float = 1.0
+) -> tuple[mx.array, mx.array, mx.array]:
+    """`token_logprobs` plus the log-normaliser lse (...), from one exp pass over V."""
+    x = logits.astype(mx.float32)
+    if temperature != 1.0:
+        x = x / temperature
+    peak = mx.stop_gradient(x.max(axis=-1, keepdims=True))
+    e = mx.exp(x - peak)
+    total = e.sum(axis=-1)
+    lse = peak[..., 0] + mx.log(total)
+    logp = mx.take_along_axis(x, targets[..., None], axis=-1)[..., 0] - lse
+    entropy = mx.stop_gradient(lse - (e * x).sum(axis=-1) / total)
+    return logp, entropy, lse
 
 
 def exact_kl(logits: mx.array, ref_logits: mx.array, temperature: float = 1.0) -> mx.array:

@@ -20,7 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_grpo.models import PrefixCache, body_of, head_and_body
-from mlx_grpo.objective import exact_kl, token_logprobs
+from mlx_grpo.objective import exact_kl, logprob_stats, token_logprobs
 
 
 @dataclass
@@ -65,30 +65,14 @@ def prompt_groups(prompt_tokens: mx.array, padding: mx.array) -> tuple[mx.array,
     return mx.array(owner), mx.array(first)
 
 
-def _head(model: nn.Module) -> tuple[Callable, bool]:
-    """(head, frozen): the LM head, and whether it has no trainable parameters."""
+def _head(model: nn.Module) -> tuple[Callable | None, bool]:
+    """(head, frozen): the LM head (None if it cannot be split off the model), and
+    whether it has no trainable parameters."""
     split = head_and_body(model)
     if split is None:
-        return (lambda h: h), False
-    head = split[1]
-    module = getattr(head, "__self__", head)  # embed_tokens.as_linear is a bound method
-    return head, not tree_flatten(module.trainable_parameters())
-
-
-def _chunk_logprobs(
-    logits: mx.array, targets: mx.array, temperature: float
-) -> tuple[mx.array, mx.array, mx.array]:
-    """(logp, entropy, lse) per row of (R, V) logits, with one exp pass over the vocabulary."""
-    x = logits.astype(mx.float32)
-    if temperature != 1.0:
-        x = x / temperature
-    peak = x.max(axis=-1, keepdims=True)
-    e = mx.exp(x - peak)
-    total = e.sum(axis=-1)
-    lse = peak[:, 0] + mx.log(total)
-    logp = mx.take_along_axis(x, targets[:, None], axis=-1)[:, 0] - lse
-    entropy = lse - (e * x).sum(axis=-1) / total
-    return logp, entropy, lse
+        return None, False
+    module = getattr(split[1], "__self__", split[1])  # embed_tokens.as_linear is a bound method
+    return split[1], not tree_flatten(module.trainable_parameters())
 
 
 def _after(x: mx.array, done: list[mx.array]) -> mx.array:
@@ -127,7 +111,7 @@ def head_logprobs(
     def scored(h: mx.array, t: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         parts: list[mx.array] = []
         for sl in spans:
-            parts.append(mx.stack(_chunk_logprobs(head(_after(h[sl], parts)), t[sl], temperature)))
+            parts.append(mx.stack(logprob_stats(head(_after(h[sl], parts)), t[sl], temperature)))
         logp, entropy, lse = mx.concatenate(parts, axis=1)
         return logp, entropy, lse
 
@@ -152,10 +136,6 @@ def head_logprobs(
     return logp.reshape(shape), mx.stop_gradient(entropy).reshape(shape)
 
 
-def split_head(model: nn.Module) -> bool:
-    return head_and_body(model) is not None
-
-
 def _logprobs_now(
     head: Callable, hidden: mx.array, targets: mx.array, temperature: float, chunk_size: int
 ) -> Scores:
@@ -164,11 +144,8 @@ def _logprobs_now(
     mx.eval(h)
     parts = []
     for i in range(0, t.shape[0], chunk_size):
-        logits = head(h[i : i + chunk_size]).astype(mx.float32)
-        if temperature != 1.0:
-            logits = logits / temperature
-        lse = mx.logsumexp(logits, axis=-1)
-        parts.append(mx.take_along_axis(logits, t[i : i + chunk_size, None], axis=-1)[:, 0] - lse)
+        sl = slice(i, i + chunk_size)
+        parts.append(logprob_stats(head(h[sl]), t[sl], temperature)[0])
         mx.eval(parts[-1])
     return Scores(mx.concatenate(parts).reshape(targets.shape), None, None)
 
@@ -191,11 +168,13 @@ def score_completions(
     """
     hidden = completion_hidden(model, prompt_tokens, padding, completion_ids)
     head, frozen = _head(model)
-    if no_grad and ref_hidden is None and split_head(model):
-        return _logprobs_now(head, hidden, completion_ids, temperature, chunk_size)
-    if ref_hidden is None and frozen:
-        logp, entropy = head_logprobs(head, hidden, completion_ids, temperature, chunk_size)
-        return Scores(logp, entropy, None)
+    if head is not None and ref_hidden is None:
+        if no_grad:
+            return _logprobs_now(head, hidden, completion_ids, temperature, chunk_size)
+        if frozen:
+            logp, entropy = head_logprobs(head, hidden, completion_ids, temperature, chunk_size)
+            return Scores(logp, entropy, None)
+    head = head or (lambda h: h)  # models whose logits cannot be split: hidden are the logits
 
     # The exact KL needs both full distributions per position, and a head
     # with trainable weights needs autodiff: chunks of positions, recomputed

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -163,11 +164,9 @@ def text_length_reward(prompts, completions, answer, types=None, **kwargs) -> li
 # --------------------------------------------------------------------------- workers
 
 
-def _peak_and_rss() -> dict[str, float]:
-    return {
-        "peak_gb": mx.get_peak_memory() / 1e9,
-        "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-    }
+def _rss_gb() -> float:
+    """The worker's maximum resident set size so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 class Ours:
@@ -226,8 +225,8 @@ class Ours:
             "step": elapsed,
             "tokens": tokens,
             "tokens_per_second": tokens / metrics["time/rollout"],
-            **_peak_and_rss(),
-            "peak_gb": metrics["peak_memory_gb"],  # train_step resets the peak per phase
+            "peak_gb": metrics["peak_memory_gb"],  # train_step takes the peak phase by phase
+            "rss_gb": _rss_gb(),
         }
 
 
@@ -317,7 +316,8 @@ class Peer:
             "step": elapsed,
             "tokens": self.tokens,
             "tokens_per_second": self.tokens / self.times["rollout"],
-            **_peak_and_rss(),
+            "peak_gb": mx.get_peak_memory() / 1e9,
+            "rss_gb": _rss_gb(),
         }
 
 
