@@ -56,7 +56,13 @@ def load_rows(
     if path.is_dir():
         raise DataError(f"{path_or_id} is a folder; give a .jsonl or .json file of prompt rows.")
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path_or_id} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#x}); "
+                "save it as UTF-8 JSON lines."
+            ) from exc
         pairs = _parse_json_list(text, path_or_id) if _is_json_list(path, text) else None
         if pairs is None:
             pairs = _parse_jsonl(text, path_or_id)
@@ -170,7 +176,10 @@ def _validate_row(row: Any, source: str, prompt_column: str) -> None:
     prompt = row[prompt_column]
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise DataError(f"{source}: the {prompt_column!r} column is empty; give a prompt.")
+            raise DataError(
+                f"{source}: the {prompt_column!r} column is empty; write a prompt there or "
+                "delete that row."
+            )
     elif isinstance(prompt, list):
         _validate_messages(prompt, source, prompt_column)
     else:
@@ -279,8 +288,11 @@ def load_prompts(
             ) from exc
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             raise DataError(
-                f"{source}: the prompt has {len(ids)} tokens, more than max_prompt_tokens="
-                f"{max_prompt_tokens}. Shorten or drop that row, or raise max_prompt_tokens."
+                f"{source}: the prompt has {len(ids)} tokens (chat template included), more "
+                f"than the limit of {max_prompt_tokens}: --max-prompt-length, or when unset the "
+                "model's context (max_position_embeddings in its config.json). Shorten or drop "
+                "that row, raise --max-prompt-length if you set it, or use a model with a longer "
+                "context."
             )
         columns = {k: v for k, v in row.items() if k != prompt_column}
         out.append(PromptRow(prompt=prompt, prompt_ids=ids, columns=columns, source=source))

@@ -24,6 +24,7 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 # Model types whose __call__ does more than head(model(x)) (soft-capping, scaling).
 _OWN_HEAD = {"gemma", "gemma2", "gemma3", "gemma3_text", "cohere", "cohere2", "granite"}
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz"}
 
 
 @dataclass
@@ -55,13 +56,10 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
     if looks_local and not local.exists():
         raise ValueError(
             f"model directory {local} does not exist; pass --model a local model directory "
-            "or a Hugging Face id like Qwen/Qwen3-0.6B"
+            "or a Hugging Face id like Qwen/Qwen3-0.6B."
         )
-    if local.exists() and not (local / "config.json").is_file():
-        raise ValueError(
-            f"model directory {local} has no config.json; point --model at a directory "
-            "holding an mlx-lm or transformers model (config.json + *.safetensors)"
-        )
+    if local.exists():
+        _check_model_dir(local)
     try:
         model, tokenizer, config = mlx_lm.load(
             str(local) if local.exists() else path_or_id,
@@ -82,6 +80,44 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
     tokenizer.eos_token_ids = eos  # so mlx-lm's own generate stops there too
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     return LoadedModel(model, tokenizer, config, path_or_id, sorted(eos), int(pad))
+
+
+def _check_model_dir(folder: Path) -> None:
+    """Refuse a local folder mlx-lm cannot load, saying what is missing and how to fix it."""
+    whole = "or point --model at the complete model directory"
+    if not folder.is_dir():
+        raise ValueError(
+            f"--model {folder} is a file, not a model directory; point --model at the folder "
+            "holding config.json and the model*.safetensors weights (a .gguf file also works)."
+        )
+    file = folder / "config.json"
+    if not file.is_file():
+        raise ValueError(
+            f"model directory {folder} has no config.json; point --model at a directory "
+            "holding an mlx-lm or transformers model (config.json + model*.safetensors)."
+        )
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        bad_json = isinstance(e, json.JSONDecodeError)
+        detail = f"{e.msg} at line {e.lineno}, column {e.colno}" if bad_json else e
+        raise ValueError(
+            f"{file} is not valid JSON ({detail}); restore the model's original config.json, "
+            f"{whole}."
+        ) from e
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{file} holds {json.dumps(config)[:40]}, not a JSON object of model settings; "
+            f"restore the model's original config.json, {whole}."
+        )
+    if not list(folder.glob("model*.safetensors")):
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+        found = f" (it holds {', '.join(others)})" if others else ""
+        raise ValueError(
+            f"model directory {folder} has no weights: mlx-lm reads model*.safetensors and "
+            f"there are none{found}. Copy the model's model*.safetensors files into it, convert "
+            f"other formats with `mlx_lm.convert`, {whole}."
+        )
 
 
 def converted_gguf(gguf: Path) -> Path:
@@ -255,3 +291,44 @@ def body_of(model: nn.Module):
     """The part of the model that gives the hidden states the head reads (or the model)."""
     split = head_and_body(model)
     return model if split is None else split[0]
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each transformer block's activations during backward.
+
+    Only blocks marked here and only in training mode are affected, so other
+    models of the same class in the process keep their plain forward.
+    """
+    cls = type(model.layers[0])
+    for layer in model.layers:
+        layer._grad_checkpoint = True
+    if getattr(cls, "_plain_call", None) is not None:
+        return
+    cls._plain_call = plain = cls.__call__
+
+    def call(self, x, mask=None, cache=None, **kwargs):
+        if not (self.training and getattr(self, "_grad_checkpoint", False)):
+            return plain(self, x, mask, cache, **kwargs)
+        # The block's keys and values pass through the checkpoint as explicit
+        # inputs and outputs: later blocks' gradients reach them only that way.
+        # The backward pass calls `inner` again, on the cache as it was before.
+        before = dict(vars(cache)) if cache is not None else {}
+        state = [a for a in (before.get("keys"), before.get("values")) if a is not None]
+
+        def inner(params, h, *state):
+            if cache is None:
+                self.update(params)
+                return (plain(self, h, mask, None, **kwargs),)
+            vars(cache).update(before)
+            if state:
+                cache.keys, cache.values = state
+            self.update(params)
+            out = plain(self, h, mask, cache, **kwargs)
+            return out, cache.keys, cache.values
+
+        outs = mx.checkpoint(inner)(self.trainable_parameters(), x, *state)
+        if cache is not None:
+            cache.keys, cache.values = outs[1], outs[2]
+        return outs[0]
+
+    cls.__call__ = call

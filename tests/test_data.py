@@ -222,7 +222,7 @@ def test_a_prompt_longer_than_the_limit_names_the_row_and_counts(tmp_path, plain
         load_prompts(path, plain_tokenizer, max_prompt_tokens=39)
     message = str(info.value)
     assert f"{path}:2" in message and "40 tokens" in message
-    assert "max_prompt_tokens=39" in message and "raise max_prompt_tokens" in message
+    assert "the limit of 39" in message and "raise --max-prompt-length" in message
 
 
 def test_a_hub_id_without_datasets_installed_says_how_to_get_it(tmp_path, monkeypatch):
