@@ -48,14 +48,23 @@ debug_option = click.option("--debug", is_flag=True, help="Show Python traceback
 
 
 def _run(fn: Callable, debug: bool) -> Any:
-    """Call the library; user errors become one message and exit code 2."""
+    """Call the library; user errors become one message and exit code 2.
+
+    A run stopped by Ctrl-C/SIGTERM exits 128 + the signal number, one that
+    cannot go on (non-finite updates) exits 1; both after saving a checkpoint.
+    """
+    from mlx_grpo.trainer import TrainingInterrupted, TrainingStopped
+
     try:
         return fn()
-    except (ValueError, FileNotFoundError) as e:
+    except TrainingInterrupted as e:
+        click.echo(f"\n{e}", err=True)
+        sys.exit(e.exit_code)
+    except (ValueError, FileNotFoundError, PermissionError, TrainingStopped) as e:
         if debug:
             raise
         click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, TrainingStopped) else 2)
 
 
 @click.group()
@@ -71,21 +80,31 @@ def main() -> None:
     type=click.Path(dir_okay=False),
     help="YAML file of settings; flags override it.",
 )
+@click.option(
+    "--resume",
+    type=click.Path(),
+    help="Continue the run in this output directory from its newest checkpoint.",
+)
 @debug_option
 @_config_options
-def train(config_file: str | None, debug: bool, **flags: Any) -> None:
+def train(config_file: str | None, resume: str | None, debug: bool, **flags: Any) -> None:
     """Train a LoRA adapter with GRPO.
+
+    Checkpoints go to OUTPUT_DIR/checkpoints every --save-steps steps, at the
+    end, on Ctrl-C/SIGTERM and on errors; --resume OUTPUT_DIR continues from
+    the newest one exactly as if the run had not stopped.
 
     \b
     Example:
       mlx-grpo train --model Qwen/Qwen3-0.6B --data gsm8k.jsonl \\
           --prompt-column question --rewards math_answer --max-steps 200
+      mlx-grpo train --resume runs/grpo --max-steps 400
     """
     from mlx_grpo.trainer import train as run_training
 
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     given = {k: v for k, v in given.items() if v is not None and v != []}
-    result = _run(lambda: run_training(config_file, **given), debug)
+    result = _run(lambda: run_training(config_file, resume=resume, **given), debug)
     click.echo(f"adapter saved in {result.output_dir}")
 
 

@@ -128,7 +128,23 @@ class TrainConfig:
 
     # Reporting
     logging_steps: int = _opt(1, "Print a sample of completions every this many steps.")
-    save_steps: int = _opt(50, "Save the adapter every this many steps (0 = only at the end).")
+    save_steps: int = _opt(
+        50,
+        "Write a checkpoint (adapter, optimizer, data position, RNG, metrics) every this many "
+        "steps (0 = only at the end).",
+    )
+    save_total_limit: int = _opt(3, "Keep this many newest checkpoints (0 = keep all).")
+
+    # Failures
+    on_reward_error: str = _opt(
+        "raise",
+        "When a reward function raises: stop the run (raise), score the completion 0 (zero), "
+        "or leave it unscored like a None reward (skip). Every failure is logged.",
+        choices=("raise", "zero", "skip"),
+    )
+    max_nonfinite_updates: int = _opt(
+        5, "Stop after this many updates in a row skipped for a NaN or Inf loss or gradient."
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -150,10 +166,13 @@ class TrainConfig:
                 raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
         positive = ("lora_rank", "num_generations", "prompts_per_step", "max_completion_length")
         positive += ("num_iterations", "gradient_accumulation_steps", "max_steps")
-        positive += ("logits_chunk_size", "logging_steps")
+        positive += ("logits_chunk_size", "logging_steps", "max_nonfinite_updates")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_steps", "save_total_limit", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 < self.top_p <= 1.0:

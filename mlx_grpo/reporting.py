@@ -14,6 +14,8 @@ from mlx_grpo.objective import Advantages, nanstd
 
 METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"
+REWARD_ERRORS_FILE = "reward_errors.jsonl"
+CONFIG_FILE = "config.yaml"
 
 
 def _clean(value: Any) -> Any:
@@ -22,19 +24,53 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def clean_record(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A metrics dict as written to metrics.jsonl (NaN and Inf become None)."""
+    return {k: _clean(v) for k, v in metrics.items()}
+
+
+def rewrite_logs(output_dir: Path, metrics: list[dict[str, Any]], step: int) -> None:
+    """Set a run's logs back to step `step`: its metrics, and records of steps <= `step`.
+
+    Used on resume, so the logs read as if the run had never stopped.
+    """
+    _replace(output_dir / METRICS_FILE, [json.dumps(m) for m in metrics])
+    for name in (COMPLETIONS_FILE, REWARD_ERRORS_FILE):
+        path = output_dir / name
+        if path.exists():
+            lines = path.read_text().splitlines()
+            _replace(path, [x for x in lines if x.strip() and json.loads(x)["step"] <= step])
+
+
+def _replace(path: Path, lines: list[str]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in lines))
+    partial.replace(path)
+
+
 class Reporter:
     """Writes step metrics and completion samples; shows a progress bar."""
 
-    def __init__(self, output_dir: Path, total_steps: int | None, show_progress: bool = True):
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int | None,
+        show_progress: bool = True,
+        initial: int = 0,
+    ):
         self.output_dir = output_dir
         self.metrics_file = open(output_dir / METRICS_FILE, "a")
         self.samples_file = open(output_dir / COMPLETIONS_FILE, "a")
         self.bar = tqdm(
-            total=total_steps, disable=not show_progress, unit="step", dynamic_ncols=True
+            total=total_steps,
+            initial=initial,
+            disable=not show_progress,
+            unit="step",
+            dynamic_ncols=True,
         )
 
     def log(self, metrics: dict[str, Any]) -> None:
-        record = {k: _clean(v) for k, v in metrics.items()}
+        record = clean_record(metrics)
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         shown = {"reward": "reward", "loss": "loss", "kl": "kl", "completions/mean_length": "len"}

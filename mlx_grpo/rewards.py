@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import reprlib
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,12 +148,14 @@ def _get_function(module: Any, attr: str, spec: str) -> RewardFn:
     fn = getattr(module, attr)
     if not callable(fn):
         raise RewardSpecError(
-            f"{attr!r} in {where} is a {type(fn).__name__}, not a function (from reward {spec!r}); "
-            "point the spec at a function f(prompts, completions, completion_ids, **kwargs)."
+            f"{attr!r} in {where} is the {type(fn).__name__} {reprlib.repr(fn)}, not a function "
+            f"(from reward {spec!r}); point the spec at a function "
+            "f(prompts, completions, completion_ids, **kwargs)."
         )
     try:
         signature = inspect.signature(fn)
-        signature.bind([], [], [])
+        # Dataset columns come as keywords, so only the three positionals must fit.
+        signature.bind_partial([], [], [])
     except ValueError:
         return fn  # no signature to read (some C functions): trust it
     except TypeError as exc:
@@ -206,13 +209,20 @@ def score_completions(
     completion_ids: list[list[int]],
     columns: dict[str, list],
     row_sources: list[str],
+    on_error: str = "raise",
+    log: Callable[[dict[str, Any]], None] | None = None,
 ) -> np.ndarray:
     """Call each reward function once on the batch; return raw scores (N, K) float32.
 
     All lists are aligned with `completions` (N of them); `columns` go to the
     functions as keyword arguments (a function without **kwargs gets only the
     columns it names). None becomes NaN. Weights are not applied here.
-    Raises RewardError naming the function and, where it can, the row.
+
+    When a function raises or returns something invalid, `on_error` "raise"
+    raises RewardError naming the function and, where it can, the row;
+    "zero" and "skip" call it again one completion at a time and score the
+    failing ones 0 or NaN (unscored). Each failure goes to `log` with its
+    traceback and completion.
 
     Example:
         >>> score_completions(load_rewards(["think_format"]), ["q"], ["4"], [[52]], {},
@@ -229,10 +239,67 @@ def score_completions(
         args, kwargs = (prompts, completions, completion_ids), _accepted_columns(reward.fn, columns)
         try:
             values = reward.fn(*args, **kwargs)
+            scores[:, k] = _check_values(reward.name, values, completions, row_sources)
         except Exception as exc:
-            raise _raised_error(reward, args, kwargs, row_sources, exc) from exc
-        scores[:, k] = _check_values(reward.name, values, completions, row_sources)
+            if on_error == "raise":
+                invalid = isinstance(exc, RewardError)  # it ran but returned bad values
+                i = None if invalid else _failing_row(reward, args, kwargs)
+                if i is None:
+                    _report(log, reward, "batch", completions, exc, on_error)
+                else:
+                    _report(log, reward, row_sources[i], completions[i], exc, on_error)
+                if invalid:
+                    raise
+                raise _raised_error(reward, args, row_sources, exc, i) from exc
+            scores[:, k] = _score_rows(reward, args, kwargs, row_sources, on_error, log)
     return scores
+
+
+def _score_rows(
+    reward: Reward,
+    args: tuple,
+    kwargs: dict,
+    row_sources: list[str],
+    on_error: str,
+    log: Callable[[dict[str, Any]], None] | None,
+) -> np.ndarray:
+    """Score a failing function one completion at a time; failed ones get 0 or NaN."""
+    out = np.full(len(row_sources), np.nan, dtype=np.float32)
+    for i in range(len(row_sources)):
+        one = tuple(a[i : i + 1] for a in args)
+        try:
+            values = reward.fn(*one, **{k: v[i : i + 1] for k, v in kwargs.items()})
+            out[i] = _check_values(reward.name, values, one[1], row_sources[i : i + 1])[0]
+        except Exception as exc:
+            _report(log, reward, row_sources[i], args[1][i], exc, on_error)
+            out[i] = 0.0 if on_error == "zero" else np.nan
+    return out
+
+
+def _report(
+    log: Callable[[dict[str, Any]], None] | None,
+    reward: Reward,
+    row: str,
+    completion: Any,
+    exc: Exception,
+    on_error: str,
+) -> None:
+    if log is None:
+        return
+    if row == "batch":
+        completion = [completion_text(c) for c in completion]
+    else:
+        completion = completion_text(completion)
+    log(
+        {
+            "function": reward.name,
+            "row": row,
+            "completion": completion,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            "action": on_error,
+        }
+    )
 
 
 def score_groups(
@@ -241,6 +308,8 @@ def score_groups(
     g: int,
     completions: list[str],
     completion_ids: list[list[int]],
+    on_error: str = "raise",
+    log: Callable[[dict[str, Any]], None] | None = None,
 ) -> np.ndarray:
     """`score_completions` for G completions per row (rows b * G .. b * G + G - 1 are row b's).
 
@@ -254,6 +323,8 @@ def score_groups(
         completion_ids,
         {k: [r.columns.get(k) for r in rows for _ in range(g)] for k in names},
         [r.source for r in rows for _ in range(g)],
+        on_error,
+        log,
     )
 
 
@@ -280,24 +351,32 @@ def _row(i: int, completions: list, row_sources: list[str]) -> str:
 
 
 def _raised_error(
-    reward: Reward, args: tuple, kwargs: dict, row_sources: list[str], exc: Exception
+    reward: Reward, args: tuple, row_sources: list[str], exc: Exception, i: int | None
 ) -> RewardError:
-    """The error for a function that raised; re-runs it row by row to find the row."""
+    """The error for a function that raised on the batch and, alone, on row `i` (or none)."""
     frames = traceback.extract_tb(exc.__traceback__)
     at = f" at {frames[-1].filename}:{frames[-1].lineno}" if len(frames) > 1 else ""
     message = f"{type(exc).__name__}: {exc}{at}"
-    for i in range(len(row_sources)):
-        try:
-            reward.fn(*(a[i : i + 1] for a in args), **{k: v[i : i + 1] for k, v in kwargs.items()})
-        except Exception:
-            return RewardError(
-                f"reward function {reward.name!r} raised on {_row(i, args[1], row_sources)}: "
-                f"{message}. Fix the function, or return None for rows it cannot score."
-            )
+    if i is not None:
+        return RewardError(
+            f"reward function {reward.name!r} raised on {_row(i, args[1], row_sources)}: "
+            f"{message}. Fix the function, return None for rows it cannot score, or set "
+            "on_reward_error to zero or skip."
+        )
     return RewardError(
         f"reward function {reward.name!r} raised on a batch of {len(row_sources)} completions "
         f"(rows {', '.join(dict.fromkeys(row_sources))}) but on no single row: {message}."
     )
+
+
+def _failing_row(reward: Reward, args: tuple, kwargs: dict) -> int | None:
+    """The first completion the function raises on when called on it alone."""
+    for i in range(len(args[1])):
+        try:
+            reward.fn(*(a[i : i + 1] for a in args), **{k: v[i : i + 1] for k, v in kwargs.items()})
+        except Exception:
+            return i
+    return None
 
 
 def _check_values(name: str, values: Any, completions: list, row_sources: list[str]) -> np.ndarray:

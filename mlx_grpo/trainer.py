@@ -11,6 +11,8 @@ makes one AdamW update. The math lives in objective.py.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,18 +20,29 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
 
+from mlx_grpo import checkpoint
 from mlx_grpo import data as data_mod
 from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.adapters import Adapter
 from mlx_grpo.config import TrainConfig, resolve
+from mlx_grpo.interrupts import Interrupted, stop_on_signals
 from mlx_grpo.lora import apply_lora, parse_layers, total_count, trainable_count
-from mlx_grpo.models import LoadedModel, load_model
+from mlx_grpo.models import LoadedModel, checkpoint_blocks, load_model
 from mlx_grpo.objective import group_advantages
-from mlx_grpo.reporting import METRICS_FILE, Reporter, length_metrics, reward_metrics
+from mlx_grpo.reporting import (
+    CONFIG_FILE,
+    REWARD_ERRORS_FILE,
+    Reporter,
+    clean_record,
+    length_metrics,
+    reward_metrics,
+    rewrite_logs,
+)
 from mlx_grpo.rollout import SamplingSettings, rollout
 from mlx_grpo.update import lr_at, micro_batches, optimise
 
@@ -49,6 +62,10 @@ class Run:
     queue: list[int] = field(default_factory=list)
     epoch: int = 0
     num_tokens: int = 0
+    bad_updates: int = 0  # updates skipped in a row for non-finite values
+    step: int = 0  # steps completed
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics, JSON-ready
+    saved_step: int = 0  # step of the newest checkpoint on disk
 
 
 @dataclass
@@ -57,11 +74,24 @@ class TrainResult:
     metrics: list[dict[str, Any]]
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite updates); its last good state is saved."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def train(
     config: TrainConfig | str | Path | None = None,
     *,
     reward_funcs: list[Callable] | None = None,
     show_progress: bool = True,
+    resume: str | Path | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train a LoRA adapter with GRPO; return the output directory and metrics.
@@ -71,6 +101,12 @@ def train(
     rewards; `reward_weights` then covers both, in that order. Given alone
     (no `rewards`, no config), the callables are the only rewards.
 
+    `resume` continues the run in that output directory from its newest
+    checkpoint, with the settings it started with (`overrides` may change
+    only `checkpoint.RESUMABLE` ones, e.g. max_steps). The result equals an
+    uninterrupted run's. Ctrl-C or SIGTERM saves a checkpoint and raises
+    TrainingInterrupted; any other error saves one too before propagating.
+
     Example:
         >>> import mlx_grpo
         >>> def short(prompts, completions, completion_ids, **kw):
@@ -79,41 +115,140 @@ def train(
         ...                         rewards=["math_answer"], reward_funcs=[short],
         ...                         max_steps=50, output_dir="runs/demo")
         >>> result.metrics[-1]["reward"]
+        >>> mlx_grpo.train(resume="runs/demo", max_steps=100)  # 50 more steps
     """
-    if reward_funcs and config is None and "rewards" not in overrides:
-        overrides["rewards"] = []  # callables alone, not the default math_answer too
-    if isinstance(config, TrainConfig):
-        cfg = resolve(None, **{**config.to_dict(), **overrides})
+    if resume is not None:
+        cfg = checkpoint.resume_settings(resume, config, overrides)
     else:
-        cfg = resolve(config, **overrides)
-    run = setup(cfg, reward_funcs or [])
+        if reward_funcs and config is None and "rewards" not in overrides:
+            overrides["rewards"] = []  # callables alone, not the default math_answer too
+        if isinstance(config, TrainConfig):
+            cfg = resolve(None, **{**config.to_dict(), **overrides})
+        else:
+            cfg = resolve(config, **overrides)
+    run = setup(cfg, reward_funcs or [], resume=resume is not None)
     # A time limit makes the step count unknown: show elapsed time and rate instead.
     total = None if cfg.max_minutes else cfg.max_steps
-    reporter = Reporter(run.output_dir, total, show_progress)
+    reporter = Reporter(run.output_dir, total, show_progress, initial=run.step)
     reporter.write(_summary(run))
-    history = []
+    if resume is not None:
+        reporter.write(_resumed(run))
+    try:
+        with stop_on_signals():
+            _loop(run, reporter)
+    finally:
+        reporter.close()
+    return TrainResult(run.output_dir, run.history)
+
+
+def _loop(run: Run, reporter: Reporter) -> None:
+    """Steps until max_steps or max_minutes; checkpoints; saving on every way out."""
+    cfg = run.cfg
+    last = snapshot(run)
     started = time.perf_counter()
     try:
-        for step in range(cfg.max_steps):
+        for step in range(run.step, cfg.max_steps):
             metrics, samples = train_step(run, step)
-            history.append(metrics)
+            last = snapshot(run)  # before the logs show the step, so a save includes it
             reporter.log(metrics)
             if step % cfg.logging_steps == 0:
                 reporter.samples(step + 1, samples)
-            if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
-                _save(run)
+            if cfg.save_steps and run.step % cfg.save_steps == 0:
+                _save_checkpoint(run, last)
+            if run.bad_updates >= cfg.max_nonfinite_updates:
+                raise TrainingStopped(
+                    f"{run.bad_updates} updates in a row had a NaN or Inf loss or gradient "
+                    f"(up to step {run.step}); none was applied, so the adapter holds its last "
+                    "finite weights. Lower learning_rate, check the rewards and data for extreme "
+                    f"values, then continue with `mlx-grpo train --resume {run.output_dir}`."
+                )
             if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
                 reporter.write(f"stopping after {step + 1} steps: {cfg.max_minutes:g} minutes")
                 break
+        _save_checkpoint(run, last)
         _save(run)
-    finally:
-        reporter.close()
-    return TrainResult(run.output_dir, history)
+    except Interrupted as exc:
+        where = _save_checkpoint(run, last)
+        raise TrainingInterrupted(
+            f"{exc} received: stopped after step {last.step}; {where}. "
+            f"Resume with: mlx-grpo train --resume {run.output_dir}",
+            exc.exit_code,
+        ) from None
+    except BaseException:
+        reporter.write(f"run stopped by an error; {_save_checkpoint(run, last)}")
+        raise
 
 
-def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
-    """Seed, prepare the output directory, load model, adapters, rewards and data."""
-    output_dir = _prepare_output(cfg)
+def _save_checkpoint(run: Run, snap: checkpoint.Snapshot) -> str:
+    """Write `snap` unless it is already on disk; say where the progress is."""
+    if snap.step > run.saved_step:
+        checkpoint.write(run.output_dir, snap, run.cfg.save_total_limit)
+        run.saved_step = snap.step
+    if run.saved_step == 0:
+        return "no step completed, nothing to save"
+    return (
+        f"checkpoint of step {run.saved_step} in {checkpoint.path(run.output_dir, run.saved_step)}"
+    )
+
+
+def snapshot(run: Run) -> checkpoint.Snapshot:
+    """The run's state after its last completed step (array references: no copy)."""
+    cfg = run.cfg
+    adapter = Adapter.from_model(
+        run.lm.model, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, base_model=cfg.model
+    )
+    state = {
+        "step": run.step,
+        "epoch": run.epoch,
+        "queue": list(run.queue),
+        "order": checkpoint.order_state(run.order),
+        "rng": checkpoint.take_rng(),
+        "num_tokens": run.num_tokens,
+        "bad_updates": run.bad_updates,
+        "metrics": list(run.history),
+        "rewards": [r.name for r in run.rewards],
+        "model_fingerprint": checkpoint.fingerprint(cfg.model),
+        "config": cfg.to_dict(),
+    }
+    return checkpoint.Snapshot(run.step, adapter, dict(tree_flatten(run.optimizer.state)), state)
+
+
+def restore(run: Run, saved: checkpoint.Loaded) -> None:
+    """Put a checkpoint's adapter, optimizer, data position and RNG into `run`."""
+    state = saved.state
+    checkpoint.check_compatible(saved, run.cfg, [r.name for r in run.rewards])
+    weights = {f"{p}.lora_a": a for p, a in saved.adapter.lora_a.items()}
+    weights |= {f"{p}.lora_b": b for p, b in saved.adapter.lora_b.items()}
+    current = dict(tree_flatten(run.lm.model.trainable_parameters()))
+    if set(weights) != set(current) or any(weights[k].shape != current[k].shape for k in current):
+        raise ValueError(
+            f"the adapter in {saved.path} does not fit the model as this run configures it "
+            f"({len(weights)} factors saved, {len(current)} expected); the checkpoint belongs "
+            "to another model or LoRA shape. Resume with the run's own model, or start anew."
+        )
+    run.lm.model.update(tree_unflatten(list(weights.items())))
+    run.optimizer.state = tree_unflatten(list(saved.optimizer.items()))
+    mx.eval(run.lm.model.parameters(), run.optimizer.state)
+    run.step = run.saved_step = saved.step
+    run.epoch, run.queue = state["epoch"], list(state["queue"])
+    run.order = checkpoint.order_from_state(state["order"])
+    run.num_tokens, run.bad_updates = state["num_tokens"], state["bad_updates"]
+    run.history = list(state["metrics"])
+    checkpoint.restore_rng(state["rng"])
+    rewrite_logs(run.output_dir, run.history, run.step)
+
+
+def _resumed(run: Run) -> str:
+    return f"resumed at step {run.step} from {checkpoint.path(run.output_dir, run.step)}"
+
+
+def setup(cfg: TrainConfig, reward_funcs: list[Callable], resume: bool = False) -> Run:
+    """Seed, load rewards, model, adapters and data, then prepare the output directory.
+
+    With `resume`, the output directory's newest checkpoint is restored.
+    Nothing is written before every input has been checked.
+    """
+    output_dir = checkpoint.check_output(cfg, resume)
     mx.random.seed(cfg.seed)
     rewards = rewards_mod.load_rewards(cfg.rewards, None) if cfg.rewards or not reward_funcs else []
     rewards += [rewards_mod.Reward(getattr(f, "__name__", "reward"), f) for f in reward_funcs]
@@ -137,7 +272,7 @@ def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
             lm.model, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_targets, layers
         )
     if cfg.grad_checkpoint:
-        _checkpoint_layers(lm.model)
+        checkpoint_blocks(lm.model)
     mx.eval(lm.model.parameters())
 
     max_prompt = cfg.max_prompt_length or lm.config.get("max_position_embeddings")
@@ -156,10 +291,14 @@ def setup(cfg: TrainConfig, reward_funcs: list[Callable]) -> Run:
         weight_decay=cfg.weight_decay,
         bias_correction=True,  # as torch.optim.AdamW
     )
-    cfg.save(output_dir / "config.yaml")
-    return Run(
-        cfg, lm, paths, rewards, rows, optimizer, output_dir, np.random.default_rng(cfg.seed)
-    )
+    optimizer.init(lm.model.trainable_parameters())  # so a checkpoint before step 1 has it
+    run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, np.random.default_rng(cfg.seed))
+    if resume:
+        restore(run, checkpoint.latest(output_dir))
+    else:
+        checkpoint.prepare_output(cfg)
+        cfg.save(output_dir / CONFIG_FILE)
+    return run
 
 
 def _adopt_adapter_shape(cfg: TrainConfig, adapter: Adapter) -> None:
@@ -170,61 +309,6 @@ def _adopt_adapter_shape(cfg: TrainConfig, adapter: Adapter) -> None:
         {int(part) for p in adapter.modules for part in p.split(".") if part.isdigit()}
     )
     cfg.lora_layers = ",".join(map(str, indices))
-
-
-def _prepare_output(cfg: TrainConfig) -> Path:
-    out = Path(cfg.output_dir)
-    if (out / METRICS_FILE).exists() and not cfg.overwrite:
-        raise ValueError(
-            f"output directory {out} already holds a run ({METRICS_FILE}); "
-            "choose another --output-dir or pass --overwrite"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        for name in (METRICS_FILE, "completions.jsonl"):
-            (out / name).unlink(missing_ok=True)
-    return out
-
-
-def _checkpoint_layers(model: nn.Module) -> None:
-    """Recompute each transformer block's activations during backward.
-
-    Only blocks marked here and only in training mode are affected, so other
-    models of the same class in the process keep their plain forward.
-    """
-    cls = type(model.layers[0])
-    for layer in model.layers:
-        layer._grad_checkpoint = True
-    if getattr(cls, "_plain_call", None) is not None:
-        return
-    cls._plain_call = plain = cls.__call__
-
-    def call(self, x, mask=None, cache=None, **kwargs):
-        if not (self.training and getattr(self, "_grad_checkpoint", False)):
-            return plain(self, x, mask, cache, **kwargs)
-        # The block's keys and values pass through the checkpoint as explicit
-        # inputs and outputs: later blocks' gradients reach them only that way.
-        # The backward pass calls `inner` again, on the cache as it was before.
-        before = dict(vars(cache)) if cache is not None else {}
-        state = [a for a in (before.get("keys"), before.get("values")) if a is not None]
-
-        def inner(params, h, *state):
-            if cache is None:
-                self.update(params)
-                return (plain(self, h, mask, None, **kwargs),)
-            vars(cache).update(before)
-            if state:
-                cache.keys, cache.values = state
-            self.update(params)
-            out = plain(self, h, mask, cache, **kwargs)
-            return out, cache.keys, cache.values
-
-        outs = mx.checkpoint(inner)(self.trainable_parameters(), x, *state)
-        if cache is not None:
-            cache.keys, cache.values = outs[1], outs[2]
-        return outs[0]
-
-    cls.__call__ = call
 
 
 def _summary(run: Run) -> str:
@@ -274,7 +358,9 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     ids = batch.completion_lists()
     texts = [run.lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
     g = cfg.num_generations
-    per_func = rewards_mod.score_groups(run.rewards, rows, g, texts, ids)
+    per_func = rewards_mod.score_groups(
+        run.rewards, rows, g, texts, ids, cfg.on_reward_error, _reward_error_log(run, step)
+    )
     weights = np.array([r.weight for r in run.rewards], dtype=np.float32)
     adv = group_advantages(per_func, weights, g, cfg.scale_rewards)
 
@@ -287,6 +373,8 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     t2 = time.perf_counter()
     mx.reset_peak_memory()
     update = optimise(model, run.optimizer, micro, cfg, lr_at(step, cfg))
+    for applied in update.applied:
+        run.bad_updates = 0 if applied else run.bad_updates + 1
     t_update = time.perf_counter() - t2
     peaks["memory/update_gb"] = mx.get_peak_memory() / 1e9
 
@@ -299,7 +387,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         "epoch": run.epoch,
         **reward_metrics([r.name for r in run.rewards], per_func, adv),
         **length_metrics(batch.lengths, batch.truncated),
-        **update,
+        **update.metrics,
         "num_tokens": run.num_tokens,
         "tokens_per_second": n_completion / max(t_rollout, 1e-9),
         "time/rollout": t_rollout,
@@ -308,6 +396,8 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         "peak_memory_gb": max(peaks.values()),
         **peaks,
     }
+    run.step = step + 1
+    run.history.append(clean_record(metrics))
     samples = [
         {
             "prompt": rows[i // g].prompt,
@@ -321,6 +411,23 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         for i in range(g)
     ]
     return metrics, samples
+
+
+def _reward_error_log(run: Run, step: int) -> Callable[[dict[str, Any]], None]:
+    """Append a reward failure to reward_errors.jsonl and say so on the console."""
+
+    def log(record: dict[str, Any]) -> None:
+        with open(run.output_dir / REWARD_ERRORS_FILE, "a") as f:
+            f.write(json.dumps({"step": step + 1, **record}) + "\n")
+        action = {"raise": "stopping", "zero": "scored 0", "skip": "left unscored"}
+        tqdm.write(
+            f"reward {record['function']} failed on {record['row']} at step {step + 1} "
+            f"({record['error']}); {action[record['action']]}. Details in "
+            f"{run.output_dir / REWARD_ERRORS_FILE}",
+            file=sys.stderr,
+        )
+
+    return log
 
 
 def _save(run: Run) -> Path:

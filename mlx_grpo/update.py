@@ -44,6 +44,14 @@ class MicroBatch:
     ref: mx.array | None  # (M, T) ref log-probs (k3) or (M, T, D) ref hidden (exact)
 
 
+@dataclass
+class Update:
+    """What `optimise` did: its metrics, and per pass whether the update was applied."""
+
+    metrics: dict[str, float]
+    applied: list[bool]  # False: a NaN/Inf loss or gradient skipped that pass
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of update `step` (0-based): linear warmup, then the schedule."""
     if step < cfg.warmup_steps:
@@ -148,8 +156,11 @@ def optimise(
     micro: list[MicroBatch],
     cfg: TrainConfig,
     lr: float,
-) -> dict[str, float]:
-    """mu passes over the rollout, each one accumulated AdamW update at rate `lr`."""
+) -> Update:
+    """mu passes over the rollout, each one accumulated AdamW update at rate `lr`.
+
+    A pass whose loss or gradient norm is not finite makes no update.
+    """
     model.train()
     normalizer = Normalizer(
         accumulation_steps=len(micro),
@@ -157,7 +168,7 @@ def optimise(
     )
     loss_and_grad = nn.value_and_grad(model, lambda m, mb: micro_loss(m, mb, cfg, normalizer))
     totals: dict[str, float] = {}
-    losses, norms = [], []
+    losses, norms, finite = [], [], []
     optimizer.learning_rate = lr
     for _ in range(cfg.num_iterations):
         grads, loss_sum = None, 0.0
@@ -172,13 +183,18 @@ def optimise(
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:
             norm = mx.sqrt(sum((v * v).sum() for _, v in tree_flatten(grads)))
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
         losses.append(loss_sum)
         norms.append(norm.item())
+        # A NaN or Inf anywhere in the gradients shows in its norm: skip the
+        # update so the adapter and AdamW moments keep their last finite values.
+        finite.append(math.isfinite(loss_sum) and math.isfinite(norms[-1]))
+        if finite[-1]:
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state)
     metrics = {
         "loss": float(np.mean(losses)),
         "grad_norm": float(np.mean(norms)),
+        "skipped_updates": float(finite.count(False)),
         "learning_rate": lr,
         "entropy": totals["entropy"] / max(totals["tokens"], 1.0),
     }
@@ -186,4 +202,4 @@ def optimise(
         metrics[key] = totals[key] / max(totals["count"], 1.0)
     if "kl" in totals:
         metrics["kl"] = totals["kl"] / max(totals["tokens"], 1.0)
-    return metrics
+    return Update(metrics, finite)

@@ -234,7 +234,7 @@ def test_load_reward_lists_callables_when_the_attribute_is_missing(reward_module
 
 
 def test_load_reward_rejects_something_not_callable(reward_module):
-    with pytest.raises(RewardSpecError, match="'NOT_A_FUNCTION'.* is a int, not a function"):
+    with pytest.raises(RewardSpecError, match="'NOT_A_FUNCTION'.* is the int 3, not a function"):
         load_reward("my_rewards:NOT_A_FUNCTION")
 
 
@@ -245,6 +245,18 @@ def test_load_reward_rejects_a_signature_that_cannot_take_trl_arguments(reward_m
     message = str(info.value)
     assert attr in message
     assert "def f(prompts, completions, completion_ids, **kwargs)" in message
+
+
+def test_load_reward_accepts_dataset_columns_as_named_parameters(tmp_path):
+    (tmp_path / "by_column.py").write_text(
+        "def matches(prompts, completions, completion_ids, answer):\n"
+        "    return [float(c == a) for c, a in zip(completions, answer)]\n"
+    )
+    _, fn = load_reward(f"{tmp_path / 'by_column.py'}:matches")
+    scores = score_completions(
+        [Reward("matches", fn)], ["q"], ["4"], [[1]], {"answer": ["4"]}, ["1"]
+    )
+    assert scores.tolist() == [[1.0]]
 
 
 def test_load_reward_reports_a_file_that_fails_to_import(tmp_path):
@@ -369,3 +381,73 @@ def test_a_reward_returning_a_non_number_names_the_function_and_row(bad):
     message = str(info.value)
     assert "'odd'" in message and "data/train.jsonl:7" in message and "'three'" in message
     assert "or None" in message
+
+
+# --------------------------------------------------------------------------- reward failures
+
+
+def fails_on_bad(prompts, completions, completion_ids, **kwargs):
+    return [1.0 / ("bad" not in c) for c in completions]  # ZeroDivisionError on "bad"
+
+
+def score_with(on_error):
+    logged = []
+    out = score_completions(
+        [Reward("fails_on_bad", fails_on_bad)],
+        ["p"] * 4,
+        COMPLETIONS,
+        [[1]] * 4,
+        {},
+        SOURCES,
+        on_error=on_error,
+        log=logged.append,
+    )
+    return out[:, 0], logged
+
+
+@pytest.mark.parametrize("on_error, value", [("zero", 0.0), ("skip", math.nan)])
+def test_a_failing_reward_scores_the_offending_completion_zero_or_none(on_error, value):
+    scores, logged = score_with(on_error)
+    assert scores[:3].tolist() == [1.0, 1.0, 1.0]  # the others keep their values
+    np.testing.assert_equal(scores[3], np.float32(value))
+    (record,) = logged
+    assert record["function"] == "fails_on_bad" and record["row"] == SOURCES[3]
+    assert record["completion"] == COMPLETIONS[3] and record["action"] == on_error
+    assert "ZeroDivisionError" in record["error"]
+    assert "Traceback" in record["traceback"] and "fails_on_bad" in record["traceback"]
+
+
+def test_a_failing_reward_with_raise_logs_the_completion_and_stops():
+    with pytest.raises(RewardError, match="'fails_on_bad' raised on row data/train.jsonl:7"):
+        score_with("raise")
+    logged = []
+    with pytest.raises(RewardError):
+        score_completions(
+            [Reward("fails_on_bad", fails_on_bad)],
+            ["p"] * 4,
+            COMPLETIONS,
+            [[1]] * 4,
+            {},
+            SOURCES,
+            log=logged.append,
+        )
+    assert logged[0]["completion"] == COMPLETIONS[3] and "ZeroDivisionError" in logged[0]["error"]
+
+
+def test_a_reward_returning_a_non_number_is_a_failure_too():
+    def text_for_bad(prompts, completions, completion_ids, **kwargs):
+        return ["oops" if "bad" in c else 0.5 for c in completions]
+
+    logged = []
+    out = score_completions(
+        [Reward("text_for_bad", text_for_bad)],
+        ["p"] * 4,
+        COMPLETIONS,
+        [[1]] * 4,
+        {},
+        SOURCES,
+        on_error="zero",
+        log=logged.append,
+    )
+    assert out[:, 0].tolist() == [0.5, 0.5, 0.5, 0.0]
+    assert len(logged) == 1 and logged[0]["row"] == SOURCES[3]

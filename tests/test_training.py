@@ -180,7 +180,9 @@ def test_gradient_accumulation_matches_one_big_batch(quick_settings):
     grads = []
     for ga in (1, 2):
         cfg = resolve(
-            None, **{**quick_settings, "loss_type": "grpo", "gradient_accumulation_steps": ga}
+            None,
+            **{**quick_settings, "loss_type": "grpo", "gradient_accumulation_steps": ga},
+            overwrite=True,
         )
         run = setup(cfg, [])
         metrics, _ = train_step(run, 0)
@@ -192,7 +194,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(quick_settings):
     # The recomputation in backward must see each block's cache as it was in forward.
     seen = []
     for checkpoint in (False, True):
-        cfg = resolve(None, **{**quick_settings, "beta": 0.1, "grad_checkpoint": checkpoint})
+        cfg = resolve(
+            None, **{**quick_settings, "beta": 0.1, "grad_checkpoint": checkpoint}, overwrite=True
+        )
         run = setup(cfg, [])
         update = run.optimizer.update
 
@@ -283,3 +287,43 @@ def test_learning_rate_warms_up_then_follows_the_schedule(scheduler, expected):
         lr_scheduler=scheduler,
     )
     assert [lr_at(s, cfg) for s in range(5)] == pytest.approx(expected)
+
+
+def flaky(prompts, completions, completion_ids, **kwargs):
+    """Fails on completions that start with an even token id."""
+    return [1.0 / (ids[0] % 2) for ids in completion_ids]
+
+
+def test_reward_errors_are_logged_and_skipped_when_asked(quick_settings, tmp_path):
+    out = tmp_path / "run"
+    result = train(
+        **{**quick_settings, "rewards": [], "output_dir": str(out)},
+        reward_funcs=[flaky],
+        on_reward_error="skip",
+        show_progress=False,
+    )
+    records = [json.loads(x) for x in (out / "reward_errors.jsonl").read_text().splitlines()]
+    assert records and {r["step"] for r in records} <= {1, 2}
+    assert all(r["function"] == "flaky" and "ZeroDivisionError" in r["traceback"] for r in records)
+    assert len(result.metrics) == 2
+
+
+def test_a_reward_error_stops_the_cli_run_with_the_function_and_row(quick_settings, tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_grpo.cli import main
+
+    (tmp_path / "rewards.py").write_text(
+        "def flaky(prompts, completions, completion_ids, **kw):\n"
+        "    return [1.0 / (ids[0] % 2) for ids in completion_ids]\n"
+    )
+    out = tmp_path / "run"
+    args = ["--model", quick_settings["model"], "--data", quick_settings["data"]]
+    args += ["--rewards", f"{tmp_path / 'rewards.py'}:flaky", "--output-dir", str(out)]
+    args += ["--num-generations", "4", "--max-completion-length", "8", "--max-steps", "3"]
+    result = CliRunner().invoke(main, ["train", *args])
+    assert result.exit_code == 2
+    assert "reward function 'flaky' raised on row" in result.output
+    assert "ZeroDivisionError" in result.output and "reward_errors.jsonl" in result.output
+    record = json.loads((out / "reward_errors.jsonl").read_text().splitlines()[0])
+    assert record["action"] == "raise" and "Traceback" in record["traceback"]

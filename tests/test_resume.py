@@ -1,0 +1,307 @@
+"""Checkpoints, resume, signals and non-finite updates: a run loses nothing."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_grpo import checkpoint
+from mlx_grpo import update as update_mod
+from mlx_grpo.adapters import Adapter
+from mlx_grpo.cli import main
+from mlx_grpo.trainer import TrainingStopped, train
+
+VOLATILE = ("time/", "memory/", "peak_memory_gb", "tokens_per_second")
+
+
+@pytest.fixture
+def settings(quick_settings):
+    # Dropout draws from the RNG in training too, so resuming must restore it exactly.
+    return {**quick_settings, "lora_dropout": 0.1, "save_steps": 2, "show_progress": False}
+
+
+def cli_args(settings, **changes):
+    """`mlx-grpo train` flags for these settings."""
+    args = []
+    for key, value in {**settings, **changes}.items():
+        if key == "show_progress":
+            continue
+        flag = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            args += [flag, str(v)]
+    return args
+
+
+def adapter(run_dir):
+    return {k: np.array(v) for k, v in mx.load(str(Path(run_dir) / "adapters.safetensors")).items()}
+
+
+def steady_metrics(run_dir):
+    """metrics.jsonl without the timing and memory figures, which differ run to run."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith(VOLATILE)} for x in lines]
+
+
+def assert_same_run(a, b):
+    wa, wb = adapter(a), adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)  # bit for bit
+    assert steady_metrics(a) == steady_metrics(b)
+
+
+@pytest.fixture
+def reference_run(settings, tmp_path):
+    """The uninterrupted run every resumed one must equal: 8 steps."""
+    out = tmp_path / "uninterrupted"
+    train(**{**settings, "output_dir": str(out), "max_steps": 8})
+    return out
+
+
+def spawn(args, tmp_path, prelude=""):
+    """`mlx-grpo train ARGS` in a new Python process (optionally after `prelude`)."""
+    code = f"{prelude}\nimport sys\nfrom mlx_grpo.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+
+
+def wait_for_steps(run_dir, steps, proc, timeout=120):
+    metrics = Path(run_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"{steps} steps not reached in {timeout} s")
+
+
+def resume(run_dir, **changes):
+    result = CliRunner().invoke(main, ["train", "--resume", str(run_dir), *cli_args(changes)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_run_stopped_and_resumed_equals_uninterrupted_run(settings, reference_run, tmp_path):
+    out = tmp_path / "resumed"
+    train(**{**settings, "output_dir": str(out), "max_steps": 3})
+    assert checkpoint.latest(out).step == 3
+    train(resume=out, max_steps=8, show_progress=False)
+    assert_same_run(reference_run, out)
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(settings, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = spawn(cli_args(settings, output_dir=out, max_steps=8), tmp_path)
+    wait_for_steps(out, 5, proc)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert 4 <= checkpoint.latest(out).step < 8
+    resume(out)
+    assert_same_run(reference_run, out)
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(
+    settings, reference_run, tmp_path
+):
+    out = tmp_path / "killed-in-save"
+    # Kill the process after the step-4 checkpoint's adapter is written, before the rest.
+    prelude = (
+        "import os, signal\n"
+        "from mlx_grpo import checkpoint\n"
+        "real = checkpoint._fsync\n"
+        "def fsync(path):\n"
+        "    if 'step-000004' in str(path) and path.name == 'optimizer.safetensors':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(path)\n"
+        "checkpoint._fsync = fsync\n"
+    )
+    proc = spawn(cli_args(settings, output_dir=out, max_steps=8), tmp_path, prelude)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    root = out / checkpoint.CHECKPOINTS
+    partial = [p.name for p in root.iterdir() if p.name.startswith(".partial-step-000004")]
+    assert partial and (root / partial[0] / "adapters.safetensors").exists()
+    assert checkpoint.latest(out).step == 2  # the half-written step 4 is not taken
+    assert not any(p.name.startswith(".partial") for p in root.iterdir())  # and is cleaned up
+    resume(out)
+    assert_same_run(reference_run, out)
+
+
+def test_sigint_saves_a_checkpoint_and_says_how_to_resume(settings, reference_run, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = spawn(cli_args(settings, output_dir=out, max_steps=8, save_steps=0), tmp_path)
+    wait_for_steps(out, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert f"Resume with: mlx-grpo train --resume {out}" in err
+    saved = checkpoint.latest(out)
+    assert 3 <= saved.step < 8  # save_steps=0: only the interrupt wrote it
+    assert f"checkpoint of step {saved.step}" in err
+    assert "Traceback" not in err
+    resume(out)
+    assert_same_run(reference_run, out)
+
+
+def test_sigterm_saves_a_checkpoint_too(settings, tmp_path):
+    out = tmp_path / "terminated"
+    proc = spawn(cli_args(settings, output_dir=out, max_steps=50, save_steps=0), tmp_path)
+    wait_for_steps(out, 2, proc)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM received" in err and "--resume" in err
+    assert checkpoint.latest(out).step >= 2
+
+
+def test_checkpoints_keep_the_newest_and_hold_the_whole_state(settings, tmp_path):
+    out = tmp_path / "run"
+    train(**{**settings, "output_dir": str(out), "max_steps": 7, "save_total_limit": 2})
+    names = sorted(p.name for p in (out / checkpoint.CHECKPOINTS).iterdir())
+    assert names == ["step-000006", "step-000007"]  # every 2 steps and at the end, last 2 kept
+    saved = checkpoint.latest(out)
+    assert saved.state["step"] == 7 and len(saved.state["metrics"]) == 7
+    assert saved.state["config"]["lora_rank"] == settings["lora_rank"]
+    assert {"order", "queue", "rng", "epoch", "num_tokens"} <= saved.state.keys()
+    assert int(saved.optimizer["step"].item()) == 7  # AdamW's own step counter
+    np.testing.assert_array_equal(
+        np.array(saved.adapter.lora_b[saved.adapter.modules[0]]),
+        adapter(out)[f"{saved.adapter.modules[0]}.lora_b"],
+    )
+
+
+def test_a_checkpoint_that_fails_its_checksum_is_skipped_for_the_one_before(settings, tmp_path):
+    out = tmp_path / "run"
+    train(**{**settings, "output_dir": str(out), "max_steps": 4})
+    newest = checkpoint.path(out, 4) / checkpoint.OPTIMIZER_FILE
+    newest.write_bytes(newest.read_bytes()[:-8])  # truncated behind the writer's back
+    saved = checkpoint.latest(out)
+    assert saved.step == 2
+    assert "optimizer.safetensors does not match its checksum" in saved.skipped[0]
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["--lora-rank", "8"], "lora_rank 4 -> 8"),
+        (["--lora-targets", "q_proj"], "lora_targets"),
+        (["--learning-rate", "0.5"], "learning_rate"),
+    ],
+)
+def test_resume_with_settings_that_cannot_continue_the_run_is_refused(
+    settings, tmp_path, change, named
+):
+    out = tmp_path / "run"
+    train(**{**settings, "output_dir": str(out), "max_steps": 2})
+    before = (out / "metrics.jsonl").read_bytes()
+    result = CliRunner().invoke(main, ["train", "--resume", str(out), *change])
+    assert result.exit_code == 2
+    assert named in result.output and "Start a new run" in result.output
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_refuses_a_model_whose_files_changed(settings, tiny_model_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "run"
+    train(**{**settings, "model": str(model), "output_dir": str(out), "max_steps": 2})
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    result = CliRunner().invoke(main, ["train", "--resume", str(out)])
+    assert result.exit_code == 2
+    assert "model files" in result.output and "changed" in result.output
+
+
+def test_resume_of_a_run_with_no_checkpoint_yet_says_so(settings, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    train(**{**settings, "output_dir": str(out), "max_steps": 1})
+    for p in (out / checkpoint.CHECKPOINTS).iterdir():
+        shutil.rmtree(p)
+    result = CliRunner().invoke(main, ["train", "--resume", str(out)])
+    assert result.exit_code == 2 and "holds no usable checkpoint" in result.output
+
+
+# --------------------------------------------------------------------------- NaN
+
+
+def poison(monkeypatch, bad_calls):
+    """Make the loss NaN on the given calls (one call per step at mu=1, no accumulation)."""
+    real, calls = update_mod.micro_loss, []
+
+    def micro_loss(*args, **kwargs):
+        calls.append(1)
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if len(calls) in bad_calls else loss), stats
+
+    monkeypatch.setattr(update_mod, "micro_loss", micro_loss)
+
+
+def test_a_nan_loss_skips_the_update_and_is_counted(settings, tmp_path, monkeypatch):
+    poison(monkeypatch, {2})
+    out = tmp_path / "run"
+    train(**{**settings, "output_dir": str(out), "max_steps": 3, "save_steps": 1})
+    metrics = steady_metrics(out)
+    assert [m["skipped_updates"] for m in metrics] == [0.0, 1.0, 0.0]
+    assert metrics[1]["loss"] is None
+    after_1 = Adapter.load(checkpoint.path(out, 1))
+    after_2 = Adapter.load(checkpoint.path(out, 2))
+    for p in after_1.modules:  # step 2 changed nothing
+        np.testing.assert_array_equal(np.array(after_1.lora_b[p]), np.array(after_2.lora_b[p]))
+    final = adapter(out)
+    assert all(np.isfinite(v).all() for v in final.values())
+    assert any(not np.array_equal(final[f"{p}.lora_b"], after_2.lora_b[p]) for p in after_2.modules)
+
+
+def test_consecutive_nan_updates_stop_the_run_with_the_last_good_weights(
+    settings, tmp_path, monkeypatch
+):
+    poison(monkeypatch, set(range(2, 100)))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="3 updates in a row had a NaN or Inf"):
+        train(
+            **{
+                **settings,
+                "output_dir": str(out),
+                "max_steps": 10,
+                "save_steps": 1,
+                "save_total_limit": 0,
+            },
+            max_nonfinite_updates=3,
+        )
+    assert len(steady_metrics(out)) == 4  # step 1 good, steps 2-4 skipped, then stop
+    saved = checkpoint.latest(out)
+    assert saved.step == 4
+    good = Adapter.load(checkpoint.path(out, 1))
+    for p in good.modules:
+        np.testing.assert_array_equal(np.array(saved.adapter.lora_a[p]), np.array(good.lora_a[p]))
+        assert np.isfinite(np.array(saved.adapter.lora_b[p])).all()
+
+
+def test_nan_stop_in_the_cli_exits_1_with_the_reason(settings, tmp_path, monkeypatch):
+    poison(monkeypatch, set(range(1, 100)))
+    out = tmp_path / "run"
+    args = cli_args(settings, output_dir=out, max_steps=5, max_nonfinite_updates=2)
+    result = CliRunner().invoke(main, ["train", *args])
+    assert result.exit_code == 1
+    assert "2 updates in a row had a NaN or Inf" in result.output and "--resume" in result.output
+    assert not (out / "adapters.safetensors").exists()  # no final adapter from a failed run
+    assert os.path.isdir(checkpoint.path(out, 2))
