@@ -305,3 +305,42 @@ def test_nan_stop_in_the_cli_exits_1_with_the_reason(settings, tmp_path, monkeyp
     assert "2 updates in a row had a NaN or Inf" in result.output and "--resume" in result.output
     assert not (out / "adapters.safetensors").exists()  # no final adapter from a failed run
     assert os.path.isdir(checkpoint.path(out, 2))
+
+
+def test_a_second_sigint_exits_at_once_without_waiting_for_the_save(settings, tmp_path):
+    out = tmp_path / "impatient"
+    # Saving takes "forever" here, so only the second Ctrl-C can end the process.
+    prelude = (
+        "import time\n"
+        "from mlx_grpo import checkpoint\n"
+        "checkpoint.write = lambda *a, **k: time.sleep(600)\n"
+    )
+    args = cli_args(settings, output_dir=out, max_steps=50, save_steps=0)
+    proc = spawn(args, tmp_path, prelude)
+    wait_for_steps(out, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # still "saving"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "SIGINT again: exiting without saving" in err
+
+
+def test_an_error_mid_run_saves_the_last_completed_step(settings, tmp_path):
+    calls = []
+
+    def breaks_at_step_3(prompts, completions, completion_ids, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("reward server went away")
+        return [0.5] * len(completions)
+
+    out = tmp_path / "run"
+    run = {**settings, "rewards": [], "output_dir": str(out), "max_steps": 6, "save_steps": 0}
+    with pytest.raises(ValueError, match="reward server went away"):
+        train(**run, reward_funcs=[breaks_at_step_3])
+    assert checkpoint.latest(out).step == 2
+    assert len(steady_metrics(out)) == 2
