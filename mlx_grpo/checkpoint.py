@@ -276,7 +276,7 @@ class Loaded:
     adapter: Adapter
     optimizer: dict[str, mx.array]
     state: dict[str, Any]
-    skipped: list[str]  # why newer checkpoints were not used
+    skipped: list[str]  # checkpoints not used (half written, damaged) and why
 
 
 def latest(run_dir: Path) -> Loaded:
@@ -286,9 +286,10 @@ def latest(run_dir: Path) -> Loaded:
     there is none.
     """
     root = Path(run_dir) / CHECKPOINTS
-    for leftover in root.glob(f"{_PARTIAL}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
     skipped = []
+    for leftover in sorted(root.glob(f"{_PARTIAL}*")):
+        skipped.append(f"{leftover.name}: half written when the run stopped; removed")
+        shutil.rmtree(leftover, ignore_errors=True)
     for path in reversed(_complete(root)):
         problem = verify(path)
         if problem:

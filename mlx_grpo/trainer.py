@@ -66,6 +66,7 @@ class Run:
     step: int = 0  # steps completed
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics, JSON-ready
     saved_step: int = 0  # step of the newest checkpoint on disk
+    skipped_checkpoints: list[str] = field(default_factory=list)  # on resume, and why
 
 
 @dataclass
@@ -234,12 +235,14 @@ def restore(run: Run, saved: checkpoint.Loaded) -> None:
     run.order = checkpoint.order_from_state(state["order"])
     run.num_tokens, run.bad_updates = state["num_tokens"], state["bad_updates"]
     run.history = list(state["metrics"])
+    run.skipped_checkpoints = saved.skipped
     checkpoint.restore_rng(state["rng"])
     rewrite_logs(run.output_dir, run.history, run.step)
 
 
 def _resumed(run: Run) -> str:
-    return f"resumed at step {run.step} from {checkpoint.path(run.output_dir, run.step)}"
+    notes = "".join(f"\n  not used: {why}" for why in run.skipped_checkpoints)
+    return f"resumed at step {run.step} from {checkpoint.path(run.output_dir, run.step)}{notes}"
 
 
 def setup(cfg: TrainConfig, reward_funcs: list[Callable], resume: bool = False) -> Run:

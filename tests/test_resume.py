@@ -139,9 +139,10 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(
     root = out / checkpoint.CHECKPOINTS
     partial = [p.name for p in root.iterdir() if p.name.startswith(".partial-step-000004")]
     assert partial and (root / partial[0] / "adapters.safetensors").exists()
-    assert checkpoint.latest(out).step == 2  # the half-written step 4 is not taken
+    resumed = resume(out)
+    assert "resumed at step 2" in resumed.output  # the half-written step 4 is not taken
+    assert f"not used: {partial[0]}: half written" in resumed.output
     assert not any(p.name.startswith(".partial") for p in root.iterdir())  # and is cleaned up
-    resume(out)
     assert_same_run(reference_run, out)
 
 
