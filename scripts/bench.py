@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class Spec:
     completion_length: int  # T
     beta: float
     rank: int = 8
+    micro_batches: int = 1  # ours: the update in this many accumulated micro-batches
 
     @property
     def sequences(self) -> int:
@@ -84,7 +85,8 @@ class Spec:
 
 CONFIGS = {
     "A": Spec("A", prompts=1, generations=4, completion_length=64, beta=0.1),
-    "B": Spec("B", prompts=2, generations=8, completion_length=64, beta=0.1),
+    # Two micro-batches: the same gradient, half the update's activation memory.
+    "B": Spec("B", prompts=2, generations=8, completion_length=64, beta=0.1, micro_batches=2),
 }
 
 # (label, key, format) of the result table.
@@ -187,6 +189,7 @@ class Ours:
             max_completion_length=spec.completion_length,
             lora_rank=spec.rank,
             lora_alpha=2.0 * spec.rank,
+            gradient_accumulation_steps=spec.micro_batches,
             lora_targets=list(TARGETS),
             beta=spec.beta,
             temperature=1.0,
@@ -518,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         return worker_main(args)
     specs = list(CONFIGS.values()) if args.config == "all" else [CONFIGS[args.config]]
     if args.quick:  # same phases, a few seconds each
-        specs = [Spec(s.name, s.prompts, s.generations, 8, s.beta, rank=4) for s in specs]
+        specs = [replace(s, completion_length=8, rank=4) for s in specs]
     with_peer = not args.no_peer and importlib.util.find_spec(PEER) is not None
     host = machine()
     print(f"machine    {host['platform']} | {host['cpu_count']} CPUs | {host['device']}")
@@ -544,7 +547,8 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"\nconfig {spec.name}   {spec.prompts} prompt(s) x G={spec.generations} | "
                 f"{spec.completion_length} tokens | beta {spec.beta:g} | LoRA r={spec.rank} on "
-                f"{len(TARGETS)} targets | {args.warmup} warm-up + {args.steps} measured steps"
+                f"{len(TARGETS)} targets | ours: update in {spec.micro_batches} micro-batch(es) | "
+                f"{args.warmup} warm-up + {args.steps} measured steps"
             )
             result = run_config(spec, args, model, data, tmp, with_peer)
             bound = hardware_bound(shapes, spec, result["prompt_tokens"], hw)
