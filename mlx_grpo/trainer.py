@@ -67,6 +67,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics, JSON-ready
     saved_step: int = 0  # step of the newest checkpoint on disk
     skipped_checkpoints: list[str] = field(default_factory=list)  # on resume, and why
+    model_fingerprint: str | None = None  # of the local model folder, taken once at setup
 
 
 @dataclass
@@ -208,7 +209,7 @@ def snapshot(run: Run) -> checkpoint.Snapshot:
         "bad_updates": run.bad_updates,
         "metrics": list(run.history),
         "rewards": [r.name for r in run.rewards],
-        "model_fingerprint": checkpoint.fingerprint(cfg.model),
+        "model_fingerprint": run.model_fingerprint,
         "config": cfg.to_dict(),
     }
     return checkpoint.Snapshot(run.step, adapter, dict(tree_flatten(run.optimizer.state)), state)
@@ -296,6 +297,7 @@ def setup(cfg: TrainConfig, reward_funcs: list[Callable], resume: bool = False) 
     )
     optimizer.init(lm.model.trainable_parameters())  # so a checkpoint before step 1 has it
     run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, np.random.default_rng(cfg.seed))
+    run.model_fingerprint = checkpoint.fingerprint(cfg.model)
     if resume:
         restore(run, checkpoint.latest(output_dir))
     else:

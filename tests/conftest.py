@@ -32,3 +32,14 @@ def quick_settings(tiny_model_dir, toy_data, tmp_path):
         max_steps=2,
         save_steps=0,
     )
+
+
+def cli_flags(settings: dict) -> list[str]:
+    """`mlx-grpo train` flags for keyword settings (lists comma-separated)."""
+    out = []
+    for key, value in settings.items():
+        if key == "show_progress":  # a Python API argument, not a setting
+            continue
+        flag = "--" + key.replace("_", "-")
+        out += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import cli_flags
 
 from mlx_grpo.cli import main
 from mlx_grpo.data import DataError
@@ -16,14 +17,6 @@ from mlx_grpo.data import DataError
 def train(*args):
     # Exceptions other than SystemExit propagate, so a traceback fails the test loudly.
     return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
-
-
-def flags(settings):
-    out = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        out += [flag, ",".join(value)] if isinstance(value, list) else [flag, str(value)]
-    return out
 
 
 def assert_refused(result, *phrases):
@@ -39,7 +32,7 @@ def assert_refused(result, *phrases):
 
 def refused(settings, *phrases, extra=()):
     """Run train with `settings`; it must refuse with `phrases` and leave no output dir."""
-    assert_refused(train(*flags(settings), *extra), *phrases)
+    assert_refused(train(*cli_flags(settings), *extra), *phrases)
     assert not Path(settings["output_dir"]).exists()
 
 
@@ -231,13 +224,13 @@ def test_an_output_directory_that_is_not_writable_is_refused(settings, tmp_path,
 
 def test_an_output_directory_holding_a_run_is_kept_until_overwrite(settings):
     out = Path(settings["output_dir"])
-    assert train(*flags(settings)).exit_code == 0
+    assert train(*cli_flags(settings)).exit_code == 0
     before = tree(out)
     assert {"config.yaml", "metrics.jsonl", "adapters.safetensors"} <= set(before)
     assert any(name.startswith("checkpoints/") for name in before)
 
     assert_refused(
-        train(*flags(settings)),
+        train(*cli_flags(settings)),
         f"output directory {out} already holds a run",
         f"`mlx-grpo train --resume {out}`",
         "choose another --output-dir",
@@ -245,7 +238,7 @@ def test_an_output_directory_holding_a_run_is_kept_until_overwrite(settings):
     )
     assert tree(out) == before
 
-    forced = train(*flags(settings), "--overwrite")
+    forced = train(*cli_flags(settings), "--overwrite")
     assert forced.exit_code == 0, forced.output
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # replaced, not appended
 
@@ -271,6 +264,6 @@ def test_resuming_a_folder_that_is_not_a_run_is_refused(tmp_path, monkeypatch, e
 def test_debug_lets_the_error_propagate_with_its_traceback(settings, tmp_path):
     path = tmp_path / "missing.jsonl"
     with pytest.raises(DataError, match="does not exist") as info:
-        train(*flags({**settings, "data": str(path)}), "--debug")
+        train(*cli_flags({**settings, "data": str(path)}), "--debug")
     assert info.traceback[-1].name == "load_rows"  # the frame that raised, not a summary
     assert not Path(settings["output_dir"]).exists()

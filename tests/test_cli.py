@@ -4,6 +4,7 @@ import json
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import cli_flags
 
 from mlx_grpo.cli import main
 from mlx_grpo.config import TrainConfig, resolve
@@ -11,14 +12,6 @@ from mlx_grpo.config import TrainConfig, resolve
 
 def run_cli(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def flags(settings):
-    out = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        out += [flag, ",".join(value)] if isinstance(value, list) else [flag, str(value)]
-    return out
 
 
 def test_flags_override_the_yaml_file_which_overrides_defaults(quick_settings, tmp_path):
@@ -48,7 +41,7 @@ def test_unknown_yaml_key_is_rejected_with_a_suggestion(tmp_path):
 def test_bad_data_row_names_file_and_line(quick_settings, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
-    result = run_cli("train", *flags({**quick_settings, "data": str(data)}))
+    result = run_cli("train", *cli_flags({**quick_settings, "data": str(data)}))
     assert result.exit_code == 2
     assert f"{data}:2" in result.output
     assert "Traceback" not in result.output
@@ -61,23 +54,23 @@ def test_failing_reward_names_the_function_and_row(quick_settings, tmp_path):
         "    raise RuntimeError('cannot score this')\n"
     )
     settings = {**quick_settings, "rewards": [f"{module}:broken"]}
-    result = run_cli("train", *flags(settings))
+    result = run_cli("train", *cli_flags(settings))
     assert result.exit_code == 2
     assert "broken" in result.output and "cannot score this" in result.output
     assert "toy.jsonl:" in result.output  # the dataset row it failed on
 
 
 def test_missing_reward_spec_is_a_clear_error(quick_settings):
-    result = run_cli("train", *flags({**quick_settings, "rewards": ["no_such_module:fn"]}))
+    result = run_cli("train", *cli_flags({**quick_settings, "rewards": ["no_such_module:fn"]}))
     assert result.exit_code == 2
     assert "no_such_module" in result.output
 
 
 def test_an_existing_run_is_not_overwritten_without_the_flag(quick_settings):
-    assert run_cli("train", *flags({**quick_settings, "max_steps": 1})).exit_code == 0
-    again = run_cli("train", *flags({**quick_settings, "max_steps": 1}))
+    assert run_cli("train", *cli_flags({**quick_settings, "max_steps": 1})).exit_code == 0
+    again = run_cli("train", *cli_flags({**quick_settings, "max_steps": 1}))
     assert again.exit_code == 2 and "--overwrite" in again.output
-    forced = run_cli("train", *flags({**quick_settings, "max_steps": 1}), "--overwrite")
+    forced = run_cli("train", *cli_flags({**quick_settings, "max_steps": 1}), "--overwrite")
     assert forced.exit_code == 0
 
 
@@ -114,7 +107,7 @@ def test_mlx_lm_generate_accepts_the_trained_adapter(quick_settings):
     import subprocess
     import sys
 
-    assert run_cli("train", *flags(quick_settings)).exit_code == 0
+    assert run_cli("train", *cli_flags(quick_settings)).exit_code == 0
     out = subprocess.run(
         [
             sys.executable,

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import cli_flags
 
 from mlx_grpo import checkpoint
 from mlx_grpo import update as update_mod
@@ -30,15 +31,7 @@ def settings(quick_settings):
 
 
 def cli_args(settings, **changes):
-    """`mlx-grpo train` flags for these settings."""
-    args = []
-    for key, value in {**settings, **changes}.items():
-        if key == "show_progress":
-            continue
-        flag = "--" + key.replace("_", "-")
-        for v in value if isinstance(value, list) else [value]:
-            args += [flag, str(v)]
-    return args
+    return cli_flags({**settings, **changes})
 
 
 def adapter(run_dir):
