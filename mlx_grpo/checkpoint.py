@@ -48,6 +48,7 @@ RESUMABLE = (
     "logging_steps",
     "on_reward_error",
     "max_nonfinite_updates",
+    "distributed_timeout",
     "overwrite",
 )
 

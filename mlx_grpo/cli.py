@@ -53,6 +53,7 @@ def _run(fn: Callable, debug: bool) -> Any:
     A run stopped by Ctrl-C/SIGTERM exits 128 + the signal number, one that
     cannot go on (non-finite updates) exits 1; both after saving a checkpoint.
     """
+    from mlx_grpo.distributed import PeerLost, where
     from mlx_grpo.trainer import TrainingInterrupted, TrainingStopped
 
     try:
@@ -60,11 +61,11 @@ def _run(fn: Callable, debug: bool) -> Any:
     except TrainingInterrupted as e:
         click.echo(f"\n{e}", err=True)
         sys.exit(e.exit_code)
-    except (ValueError, FileNotFoundError, PermissionError, TrainingStopped) as e:
+    except (ValueError, FileNotFoundError, PermissionError, TrainingStopped, PeerLost) as e:
         if debug:
             raise
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1 if isinstance(e, TrainingStopped) else 2)
+        click.echo(f"Error{where()}: {e}", err=True)
+        sys.exit(1 if isinstance(e, (TrainingStopped, PeerLost)) else 2)
 
 
 @click.group()
@@ -105,7 +106,8 @@ def train(config_file: str | None, resume: str | None, debug: bool, **flags: Any
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     given = {k: v for k, v in given.items() if v is not None and v != []}
     result = _run(lambda: run_training(config_file, resume=resume, **given), debug)
-    click.echo(f"adapter saved in {result.output_dir}")
+    if result.rank == 0:  # the other processes of a distributed run write nothing
+        click.echo(f"adapter saved in {result.output_dir}")
 
 
 @main.command()

@@ -75,7 +75,9 @@ class TrainConfig:
 
     # Rollout
     num_generations: int = _opt(8, "G: completions sampled per prompt.")
-    prompts_per_step: int = _opt(1, "B: prompts per optimisation step (B x G sequences).")
+    prompts_per_step: int = _opt(
+        1, "B: prompts per optimisation step (B x G sequences); per process when distributed."
+    )
     max_completion_length: int = _opt(512, "Maximum tokens per completion.")
     temperature: float = _opt(1.0, "Sampling temperature (log-probs use it too).")
     top_p: float = _opt(1.0, "Nucleus sampling threshold (1 = off).")
@@ -145,6 +147,11 @@ class TrainConfig:
     max_nonfinite_updates: int = _opt(
         5, "Stop after this many updates in a row skipped for a NaN or Inf loss or gradient."
     )
+    distributed_timeout: float = _opt(
+        1800.0,
+        "Distributed runs: seconds a process waits for the others at a synchronisation point "
+        "before it stops the run (a hung process or a broken network).",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -170,6 +177,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.distributed_timeout <= 0:
+            raise ValueError(f"distributed_timeout must be > 0, got {self.distributed_timeout}")
         for name in ("save_steps", "save_total_limit", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -49,7 +49,11 @@ def _replace(path: Path, lines: list[str]) -> None:
 
 
 class Reporter:
-    """Writes step metrics and completion samples; shows a progress bar."""
+    """Writes step metrics and completion samples; shows a progress bar.
+
+    A reporter that is not `enabled` (the other processes of a distributed
+    run) writes and shows nothing.
+    """
 
     def __init__(
         self,
@@ -57,19 +61,23 @@ class Reporter:
         total_steps: int | None,
         show_progress: bool = True,
         initial: int = 0,
+        enabled: bool = True,
     ):
         self.output_dir = output_dir
-        self.metrics_file = open(output_dir / METRICS_FILE, "a")
-        self.samples_file = open(output_dir / COMPLETIONS_FILE, "a")
+        self.enabled = enabled
+        self.metrics_file = open(output_dir / METRICS_FILE, "a") if enabled else None
+        self.samples_file = open(output_dir / COMPLETIONS_FILE, "a") if enabled else None
         self.bar = tqdm(
             total=total_steps,
             initial=initial,
-            disable=not show_progress,
+            disable=not (show_progress and enabled),
             unit="step",
             dynamic_ncols=True,
         )
 
     def log(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = clean_record(metrics)
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
@@ -81,6 +89,8 @@ class Reporter:
 
     def samples(self, step: int, rows: list[dict[str, Any]], show: int = 1) -> None:
         """Record completions of this step; print the first `show` of them."""
+        if not self.enabled:
+            return
         for row in rows:
             self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
         self.samples_file.flush()
@@ -95,12 +105,14 @@ class Reporter:
             )
 
     def write(self, text: str) -> None:
-        self.bar.write(text)
+        if self.enabled:
+            self.bar.write(text)
 
     def close(self) -> None:
         self.bar.close()
-        self.metrics_file.close()
-        self.samples_file.close()
+        if self.enabled:
+            self.metrics_file.close()
+            self.samples_file.close()
 
 
 def _fmt(v: float | None) -> str:

@@ -8,7 +8,10 @@ the completion and counted in its mask.
 Sampling draws one uniform number per row and inverts the cumulative
 distribution: one exp pass over the vocabulary gives both the token and its
 log-prob. (Gumbel-max sampling, mlx-lm's, costs two logs per vocabulary
-entry plus as many random numbers: 15% of a decode step on a CPU.)
+entry plus as many random numbers: 15% of a decode step on a CPU.) The
+number of row i at decode step t depends only on the rollout's seed, t and
+i's place in the step's batch (`Noise`), so a data-parallel process samples
+exactly what one process holding the whole batch would.
 """
 
 from __future__ import annotations
@@ -37,6 +40,24 @@ class SamplingSettings:
     def logprob_temperature(self) -> float:
         # Greedy decoding has no sampling temperature; score at 1.
         return self.temperature if self.temperature > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Where a rollout's uniform numbers come from.
+
+    Decode step t draws `total_rows` numbers from the t-th split of
+    key(seed) and this batch uses rows first_row .. first_row + N - 1.
+    """
+
+    seed: int
+    first_row: int = 0  # this batch's first row in the step's batch over all processes
+    total_rows: int | None = None  # rows in that batch (None: just this one)
+
+    @staticmethod
+    def fresh() -> Noise:
+        """A seed drawn from MLX's global random stream (one draw)."""
+        return Noise(int(mx.random.randint(0, 2**31 - 1).item()))
 
 
 @dataclass
@@ -73,8 +94,11 @@ def rollout(
     sampling: SamplingSettings,
     eos_ids: list[int],
     pad_id: int,
+    noise: Noise | None = None,
 ) -> RolloutBatch:
     """Sample `num_generations` completions for every prompt, all in one batch.
+
+    `noise` defaults to a fresh seed from MLX's global random stream.
 
     Example:
         >>> batch = rollout(model, [tok.encode("2+2=")], 4, SamplingSettings(max_tokens=8),
@@ -93,13 +117,17 @@ def rollout(
     draw = make_draw(sampling)
     eos = mx.array(sorted(set(eos_ids)), dtype=mx.int32)
     n = logits.shape[0]
+    noise = noise or Noise.fresh()
+    key, rows = mx.random.key(noise.seed), noise.total_rows or n
     done = mx.zeros((n,), dtype=mx.bool_)
     steps_ids, steps_mask, steps_logp = [], [], []
     streams = decode_streams(n)
     step_fn = decode_step(model, streams)
     with split_small_matmuls(streams), blas_threads(1 if streams else None):
         for step in range(sampling.max_tokens):
-            token, token_logp = draw(logits)
+            key, sub = mx.random.split(key)
+            u = mx.random.uniform(shape=(rows, 1), key=sub)[noise.first_row : noise.first_row + n]
+            token, token_logp = draw(logits, u)
             live = ~done
             steps_ids.append(mx.where(live, token, pad_id))
             steps_mask.append(live)
@@ -168,7 +196,7 @@ def make_draw(sampling: SamplingSettings):
         filters.append(lambda lp: apply_min_p(lp, sampling.min_p))
     greedy = sampling.temperature <= 0
 
-    def draw(logits: mx.array) -> tuple[mx.array, mx.array]:
+    def draw(logits: mx.array, u: mx.array | None = None) -> tuple[mx.array, mx.array]:
         scaled = logits.astype(mx.float32) / sampling.logprob_temperature
         peak = scaled.max(axis=-1, keepdims=True)
         weights = mx.exp(scaled - peak)
@@ -183,18 +211,21 @@ def make_draw(sampling: SamplingSettings):
                 for f in filters:
                     logprobs = f(logprobs)
                 cdf = mx.cumsum(mx.exp(logprobs), axis=-1)
-            token = inverse_cdf(cdf)
+            token = inverse_cdf(cdf, u)
         token = token.astype(mx.int32)
         return token, mx.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - lse[:, 0]
 
     return draw
 
 
-def inverse_cdf(cdf: mx.array) -> mx.array:
+def inverse_cdf(cdf: mx.array, u: mx.array | None = None) -> mx.array:
     """Sample row i from the unnormalised cumulative weights cdf[i] (N, V): (N,) ids.
 
     The id is the first entry whose cumulative weight exceeds u * total, for
-    u uniform in [0, 1): zero-weight entries are never drawn.
+    u (N, 1) uniform in [0, 1) (drawn here when not given): zero-weight
+    entries are never drawn.
     """
-    u = mx.random.uniform(shape=(cdf.shape[0], 1)) * cdf[:, -1:]
-    return mx.minimum((cdf <= u).sum(axis=-1), cdf.shape[-1] - 1)
+    if u is None:
+        u = mx.random.uniform(shape=(cdf.shape[0], 1))
+    threshold = u * cdf[:, -1:]
+    return mx.minimum((cdf <= threshold).sum(axis=-1), cdf.shape[-1] - 1)

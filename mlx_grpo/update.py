@@ -22,9 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_grpo.config import TrainConfig
+from mlx_grpo.distributed import Peers
 from mlx_grpo.lora import adapters_disabled
 from mlx_grpo.objective import LossSettings, Normalizer, grpo_loss, k3_kl
 from mlx_grpo.rollout import RolloutBatch, SamplingSettings
@@ -156,29 +157,37 @@ def optimise(
     micro: list[MicroBatch],
     cfg: TrainConfig,
     lr: float,
+    peers: Peers | None = None,
 ) -> Update:
     """mu passes over the rollout, each one accumulated AdamW update at rate `lr`.
 
-    A pass whose loss or gradient norm is not finite makes no update.
+    A pass whose loss or gradient norm is not finite makes no update. With
+    `peers` (a data-parallel run), `micro` is this process's share: losses
+    are divided for the micro-batches of all processes, and the gradients
+    and metric sums are summed over them before the update.
     """
+    peers = peers or Peers()
     model.train()
+    local_tokens = mx.array(sum(mb.mask.sum().item() for mb in micro))
     normalizer = Normalizer(
-        accumulation_steps=len(micro),
-        tokens_in_batch=float(sum(mb.mask.sum().item() for mb in micro)),
+        accumulation_steps=len(micro) * peers.size,
+        tokens_in_batch=peers.sum({"tokens": local_tokens}, "the token count")["tokens"].item(),
     )
     loss_and_grad = nn.value_and_grad(model, lambda m, mb: micro_loss(m, mb, cfg, normalizer))
     totals: dict[str, float] = {}
     losses, norms, finite = [], [], []
     optimizer.learning_rate = lr
     for _ in range(cfg.num_iterations):
-        grads, loss_sum = None, 0.0
+        grads, sums = None, {}
         for mb in micro:
             (loss, stats), g = loss_and_grad(model, mb)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(loss, grads, stats)
-            loss_sum += loss.item()
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v.item()
+            sums = {k: sums[k] + v if k in sums else v for k, v in {"loss": loss, **stats}.items()}
+            mx.eval(grads, sums)
+        grads, sums = _summed(peers, grads, sums)
+        loss_sum = sums.pop("loss").item()
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + v.item()
         if cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:
@@ -203,3 +212,14 @@ def optimise(
     if "kl" in totals:
         metrics["kl"] = totals["kl"] / max(totals["tokens"], 1.0)
     return Update(metrics, finite)
+
+
+def _summed(peers: Peers, grads: dict, sums: dict[str, mx.array]) -> tuple[dict, dict]:
+    """Gradients and metric sums of one pass, summed over the run's processes."""
+    if peers.size == 1:
+        return grads, sums
+    flat = {f"grad:{k}": v for k, v in tree_flatten(grads)}
+    flat |= {f"sum:{k}": v.astype(mx.float32) for k, v in sums.items()}
+    out = peers.sum(flat, "the gradient sum")
+    grads = tree_unflatten([(k[5:], v) for k, v in out.items() if k.startswith("grad:")])
+    return grads, {k[4:]: v for k, v in out.items() if k.startswith("sum:")}
