@@ -17,7 +17,7 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from mlx_grpo.models import load_model
-from mlx_grpo.rollout import SamplingSettings, inverse_cdf, make_draw, rollout
+from mlx_grpo.rollout import Noise, SamplingSettings, inverse_cdf, make_draw, rollout
 from mlx_grpo.toy import build_tiny_qwen3
 
 PROMPTS = [[10, 20, 30], [5, 6, 7, 8, 9, 11, 12], [40, 41, 42, 43, 44]]  # lengths 3, 7, 5
@@ -264,3 +264,25 @@ def test_greedy_decoding_is_the_same_with_and_without_split_matmuls(lm, monkeypa
     np.testing.assert_allclose(
         np.array(split.sampled_logprobs), np.array(plain.sampled_logprobs), atol=1e-5
     )
+
+
+def test_a_split_batch_samples_what_the_whole_batch_samples(lm):
+    # What a data-parallel run relies on: each process rolls out its share of the
+    # step's prompts and must draw the completions one process would draw.
+    g, sampling = 3, SamplingSettings(temperature=1.0, max_tokens=8)
+    whole = rollout(lm.model, PROMPTS, g, sampling, lm.eos_ids, lm.pad_id, Noise(seed=11))
+    total = len(PROMPTS) * g
+    for b, prompt in enumerate(PROMPTS):
+        part = rollout(
+            lm.model, [prompt], g, sampling, lm.eos_ids, lm.pad_id, Noise(11, b * g, total)
+        )
+        rows = slice(b * g, (b + 1) * g)
+        assert part.completion_lists() == whole.completion_lists()[rows]
+        t = part.completion_ids.shape[1]  # the whole batch may decode longer
+        np.testing.assert_allclose(
+            np.array(part.sampled_logprobs * part.completion_mask),
+            np.array(whole.sampled_logprobs * whole.completion_mask)[rows, :t],
+            atol=1e-5,
+        )
+    other = rollout(lm.model, PROMPTS, g, sampling, lm.eos_ids, lm.pad_id, Noise(seed=12))
+    assert other.completion_lists() != whole.completion_lists()  # the seed does matter
