@@ -20,7 +20,9 @@ prompts and N x gradient_accumulation_steps micro-batches, whose micro-batches
 are the processes' own (up to float32 rounding; for dapo the micro-batching
 does not matter). Only LoRA dropout differs: each process draws its own masks.
 
-Every collective goes through `Peers`: it is evaluated at once, a peer that
+Collectives run on the CPU stream (on Apple silicon too: the ring backend
+sends from host memory, which the GPU shares). Every collective goes through
+`Peers`: it is evaluated at once, a peer that
 died (its sockets closed) becomes `PeerLost`, and a watchdog ends a process
 that has waited `timeout` seconds for the others (a hung peer, a broken
 network) after letting process 0 save its checkpoint.
@@ -77,16 +79,14 @@ class Peers:
         """Element-wise sums over processes (one collective per dtype)."""
         if self.size == 1:
             return arrays
-        return self._packed(
-            arrays, lambda flat: mx.distributed.all_sum(flat, group=self.group), what
-        )
+        return self._packed(arrays, self._all_sum, what)
 
     def broadcast(self, arrays: dict[str, mx.array], what: str) -> dict[str, mx.array]:
         """Process 0's values of `arrays` on every process (same names and shapes)."""
         if self.size == 1:
             return arrays
         mine = arrays if self.main else {k: mx.zeros_like(v) for k, v in arrays.items()}
-        return self._packed(mine, lambda flat: mx.distributed.all_sum(flat, group=self.group), what)
+        return self._packed(mine, self._all_sum, what)  # x + 0 + ... + 0 == x, bit for bit
 
     def gather(self, rows: np.ndarray, what: str) -> np.ndarray:
         """Every process's `rows` (same shape everywhere), concatenated in rank order.
@@ -98,7 +98,7 @@ class Peers:
         rows = np.ascontiguousarray(rows)
         raw = rows.view(np.uint8).reshape(rows.shape[0], -1)
         out = self._collective(
-            lambda: mx.distributed.all_gather(mx.array(raw), group=self.group), what
+            lambda: mx.distributed.all_gather(mx.array(raw), group=self.group, stream=mx.cpu), what
         )
         flat = np.array(out).reshape(-1).view(rows.dtype)
         return flat.reshape(self.size * rows.shape[0], *rows.shape[1:])
@@ -129,7 +129,8 @@ class Peers:
         if self.size == 1:
             return flag
         out = self._collective(
-            lambda: mx.distributed.all_max(mx.array([int(flag)]), group=self.group), what
+            lambda: mx.distributed.all_max(mx.array([int(flag)]), group=self.group, stream=mx.cpu),
+            what,
         )
         return bool(out.item())
 
@@ -157,11 +158,14 @@ class Peers:
 
     # ---------------------------------------------------------------- plumbing
 
+    def _all_sum(self, flat: mx.array) -> mx.array:
+        return mx.distributed.all_sum(flat, group=self.group, stream=mx.cpu)
+
     def _packed(
         self,
         arrays: dict[str, mx.array],
         op: Callable[[mx.array], mx.array],
-        what: str = "",
+        what: str,
     ) -> dict[str, mx.array]:
         """Apply `op` to all arrays at once: one flat buffer per dtype.
 

@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import math
 import reprlib
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,9 +108,11 @@ def _import_file(target: str, spec: str) -> Any:
     module_spec = importlib.util.spec_from_file_location(name, resolved)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # as an import would: dataclasses and pickling look it up
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[name]
         raise RewardSpecError(
             f"reward file {resolved} (from {spec!r}) raised while being imported: "
             f"{type(exc).__name__}: {exc}"

@@ -277,6 +277,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         "time/rollout": t_rollout,
         "time/reference": t_reference,
         "time/update": t_update,
+        "time/step": time.perf_counter() - t0,  # with any wait for the other processes
         "peak_memory_gb": max(peaks.values()),
         **peaks,
     }

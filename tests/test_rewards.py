@@ -259,6 +259,18 @@ def test_load_reward_accepts_dataset_columns_as_named_parameters(tmp_path):
     assert scores.tolist() == [[1.0]]
 
 
+def test_load_reward_runs_a_file_that_defines_a_dataclass(tmp_path):
+    # dataclasses look their module up in sys.modules while the file runs
+    (tmp_path / "with_dataclass.py").write_text(
+        "from dataclasses import dataclass\n\n"
+        "@dataclass\nclass Target:\n    text: str\n\n"
+        "def exact(prompts, completions, completion_ids, **kwargs):\n"
+        "    return [float(c == Target('4').text) for c in completions]\n"
+    )
+    _, fn = load_reward(f"{tmp_path / 'with_dataclass.py'}:exact")
+    assert fn(["q", "q"], ["4", "5"], [[1], [2]]) == [1.0, 0.0]
+
+
 def test_load_reward_reports_a_file_that_fails_to_import(tmp_path):
     (tmp_path / "broken.py").write_text("import math\n1 / 0\n")
     with pytest.raises(RewardSpecError, match="raised while being imported: ZeroDivisionError"):
