@@ -260,9 +260,9 @@ def test_load_reward_accepts_dataset_columns_as_named_parameters(tmp_path):
 
 
 def test_load_reward_runs_a_file_that_defines_a_dataclass(tmp_path):
-    # dataclasses look their module up in sys.modules while the file runs
+    # with string annotations, dataclasses look their module up in sys.modules
     (tmp_path / "with_dataclass.py").write_text(
-        "from dataclasses import dataclass\n\n"
+        "from __future__ import annotations\n\nfrom dataclasses import dataclass\n\n"
         "@dataclass\nclass Target:\n    text: str\n\n"
         "def exact(prompts, completions, completion_ids, **kwargs):\n"
         "    return [float(c == Target('4').text) for c in completions]\n"
