@@ -49,7 +49,7 @@ class Run:
     step: int = 0  # steps completed
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics, JSON-ready
     saved_step: int = 0  # step of the newest checkpoint on disk
-    skipped_checkpoints: list[str] = field(default_factory=list)  # on resume, and why
+    resume_notes: list[str] = field(default_factory=list)  # checkpoints not used, and why, ...
     model_fingerprint: str | None = None  # of the local model folder, taken once at setup
     peers: Peers = field(default_factory=Peers)  # the processes of a data-parallel run
     last: checkpoint.Snapshot | None = None  # state after the last completed step
@@ -72,6 +72,7 @@ def snapshot(run: Run) -> checkpoint.Snapshot:
         "metrics": list(run.history),
         "rewards": [r.name for r in run.rewards],
         "model_fingerprint": run.model_fingerprint,
+        "processes": run.peers.size,
         "config": cfg.to_dict(),
     }
     return checkpoint.Snapshot(run.step, adapter, dict(tree_flatten(run.optimizer.state)), state)
@@ -98,7 +99,14 @@ def restore(run: Run, saved: checkpoint.Loaded) -> None:
     run.order = checkpoint.order_from_state(state["order"])
     run.num_tokens, run.bad_updates = state["num_tokens"], state["bad_updates"]
     run.history = list(state["metrics"])
-    run.skipped_checkpoints = saved.skipped
+    run.resume_notes = [f"not used: {why}" for why in saved.skipped]
+    before = state.get("processes", 1)
+    if before != run.peers.size:
+        run.resume_notes.append(
+            f"the run used {before} process(es), now {run.peers.size}: each step now takes "
+            f"{run.peers.size} x {run.cfg.prompts_per_step} prompts (it continues, but not "
+            "as the original run would have)"
+        )
     checkpoint.restore_rng(state["rng"])
     rewrite_logs(run.output_dir, run.history, run.step)
 

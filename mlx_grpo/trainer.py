@@ -201,7 +201,7 @@ def _save_checkpoint(run: Run, snap: checkpoint.Snapshot) -> str:
 
 
 def _resumed(run: Run) -> str:
-    notes = "".join(f"\n  not used: {why}" for why in run.skipped_checkpoints)
+    notes = "".join(f"\n  {note}" for note in run.resume_notes)
     return f"resumed at step {run.step} from {checkpoint.path(run.output_dir, run.step)}{notes}"
 
 

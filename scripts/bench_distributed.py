@@ -3,14 +3,19 @@
 Both sides run `mlx-grpo train` on the same model (random weights with
 Qwen3-0.6B's shapes, built as scripts/bench.py builds them, or --quick's
 tiny model), the same prompts and settings, for warm-up + measured steps;
-the N processes are started with `mlx.launch --backend ring` on this
-machine. Per-step figures come from each run's metrics.jsonl (process 0's
-timings; `time/step` includes waiting for the other processes). Prints
-figures; asserts nothing.
+the N processes join over MLX's ring backend on this machine. Per-step
+figures come from each run's metrics.jsonl (process 0's timings;
+`time/step` includes waiting for the other processes). Prints figures;
+asserts nothing.
 
 On one machine the N processes share its cores and memory bandwidth, so
 this measures the cost of the data-parallel machinery more than the gain
 of a second Mac, which adds its own cores and bandwidth.
+
+The ranks are started directly, with the environment `mlx.launch` gives them
+(MLX_RANK, MLX_HOSTFILE): mlx.launch's output-forwarding threads poll their
+processes' stdin pipes without blocking and keep one core busy, half of
+this 2-core machine. `--launcher` measures with mlx.launch anyway.
 
 Run:
     python scripts/bench_distributed.py --cache-dir ~/.cache/mlx-grpo-bench
@@ -51,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="OPENBLAS_NUM_THREADS of each process")
     p.add_argument("--quick", action="store_true", help="tiny model, 8 tokens")
     p.add_argument("--cache-dir", type=Path, help="build / reuse the model here")
+    p.add_argument("--launcher", action="store_true", help="start the N processes with mlx.launch")
     args = p.parse_args(argv)
     if args.prompts % args.processes:
         p.error("--prompts must be a multiple of --processes")
@@ -78,17 +84,20 @@ def flags(args: argparse.Namespace, model: Path, data: Path, out: Path, prompts:
     return [x for k, v in settings.items() for x in (f"--{k}", str(v))]
 
 
-def timed(command: list[str], out: Path, env: dict[str, str]) -> tuple[list[dict], float]:
-    """Run `command`; return its run's metrics and wall time."""
+def timed(commands: list[list[str]], out: Path, envs: list[dict]) -> tuple[list[dict], float]:
+    """Run `commands` side by side; return the run's metrics and wall time."""
     t0 = time.perf_counter()
     # stdin stays an open pipe: mlx.launch forwards stdin and spins on a closed one
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE, env=env, text=True)
-    proc.wait()
-    proc.stdin.close()
+    procs = [
+        subprocess.Popen(c, stdin=subprocess.PIPE, env=e, text=True) for c, e in zip(commands, envs)
+    ]
+    for proc in procs:
+        proc.wait()
+        proc.stdin.close()
     wall = time.perf_counter() - t0
     metrics = out / "metrics.jsonl"
     if not metrics.exists():
-        sys.exit(f"{command[0]} wrote no metrics; see its output above")
+        sys.exit(f"{commands[0][0]} wrote no metrics; see its output above")
     return [json.loads(x) for x in metrics.read_text().splitlines()], wall
 
 
@@ -121,14 +130,19 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     one = work / "one"
     command = [str(BIN / "mlx-grpo"), "train", *flags(args, model, data, one, args.prompts)]
-    rows.append(("1 process", *timed(command, one, env)))
+    rows.append(("1 process", *timed([command], one, [env])))
     many = work / "many"
-    launch = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", str(n)]
-    if args.threads:
-        launch += ["--env", f"OPENBLAS_NUM_THREADS={args.threads}"]
-    per = args.prompts // n
-    command = [*launch, "--", str(BIN / "mlx-grpo"), "train", *flags(args, model, data, many, per)]
-    rows.append((f"{n} processes", *timed(command, many, env)))
+    command = [str(BIN / "mlx-grpo"), "train", *flags(args, model, data, many, args.prompts // n)]
+    if args.launcher:
+        launch = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", str(n)]
+        if args.threads:
+            launch += ["--env", f"OPENBLAS_NUM_THREADS={args.threads}"]
+        rows.append((f"{n} processes", *timed([[*launch, "--", *command]], many, [env])))
+    else:
+        hosts = work / "hosts.json"
+        hosts.write_text(json.dumps([[f"127.0.0.1:{33300 + r}"] for r in range(n)]))
+        envs = [{**env, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)} for r in range(n)]
+        rows.append((f"{n} processes", *timed([command] * n, many, envs)))
 
     print(f"\n{'':14}| rollout s | ref s | update s | step s | tok/s | run wall s")
     print("-" * 72)

@@ -155,6 +155,14 @@ def test_a_distributed_run_resumes_and_matches_one_process(quick_settings, tmp_p
     assert_same_training(one, two)
 
 
+def test_resuming_with_another_process_count_says_so(quick_settings, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    launch(cli_flags({**quick_settings, "output_dir": str(run_dir), "max_steps": 1}), tmp_path)
+    train(resume=str(run_dir), max_steps=2, show_progress=False)  # one process now
+    assert "the run used 2 process(es), now 1: each step now takes 1 x 2" in capsys.readouterr().out
+    assert len(records(run_dir / "metrics.jsonl")) == 2
+
+
 @pytest.fixture
 def long_run(quick_settings, tmp_path):
     settings = {**quick_settings, "max_steps": 10_000, "save_steps": 0}
