@@ -18,14 +18,15 @@ adapter and optimizer, and each step:
 N processes with B prompts each therefore train like one process with N x B
 prompts and N x gradient_accumulation_steps micro-batches, whose micro-batches
 are the processes' own (up to float32 rounding; for dapo the micro-batching
-does not matter). Only LoRA dropout differs: each process draws its own masks.
+does not matter). Only LoRA dropout differs: the processes' random streams
+stay in step, so each draws the same masks for its own rows.
 
-Collectives run on the CPU stream (on Apple silicon too: the ring backend
-sends from host memory, which the GPU shares). Every collective goes through
-`Peers`: it is evaluated at once, a peer that
-died (its sockets closed) becomes `PeerLost`, and a watchdog ends a process
-that has waited `timeout` seconds for the others (a hung peer, a broken
-network) after letting process 0 save its checkpoint.
+Collectives run on the CPU stream, as mlx-lm's trainer runs its own (on
+Apple silicon the GPU's arrays live in the same memory). Every collective
+goes through `Peers`: it is evaluated at once, a peer that died (its
+sockets closed) becomes `PeerLost`, and a watchdog ends a process that has
+waited `timeout` seconds for the others (a hung peer, a broken network)
+after letting process 0 save its checkpoint.
 """
 
 from __future__ import annotations
