@@ -135,13 +135,13 @@ class Peers:
         )
         return bool(out.item())
 
-    def check_same(self, facts: dict[str, str]) -> None:
-        """Refuse to start when the processes differ in any of `facts` (name -> description)."""
+    def check_same(self, facts: dict[str, Any]) -> None:
+        """Refuse to start when the processes differ in any of `facts` (name -> JSON value)."""
         if self.size == 1:
             return
-        digests = np.stack(
-            [np.frombuffer(hashlib.sha256(v.encode()).digest(), np.uint8) for v in facts.values()]
-        )[None]
+        texts = [json.dumps(v, sort_keys=True).encode() for v in facts.values()]
+        digests = np.stack([np.frombuffer(hashlib.sha256(t).digest(), np.uint8) for t in texts])
+        digests = digests[None]
         every = self.gather(digests, "the start-up check")  # (N, F, 32)
         differ = [
             name

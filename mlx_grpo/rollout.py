@@ -55,9 +55,9 @@ class Noise:
     total_rows: int | None = None  # rows in that batch (None: just this one)
 
     @staticmethod
-    def fresh() -> Noise:
-        """A seed drawn from MLX's global random stream (one draw)."""
-        return Noise(int(mx.random.randint(0, 2**31 - 1).item()))
+    def fresh(first_row: int = 0, total_rows: int | None = None) -> Noise:
+        """Noise seeded with one draw from MLX's global random stream."""
+        return Noise(int(mx.random.randint(0, 2**31 - 1).item()), first_row, total_rows)
 
 
 @dataclass

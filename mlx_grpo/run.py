@@ -8,7 +8,6 @@ that moves a `Run` forward is in trainer.py.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,10 +173,10 @@ def setup(
     run.peers = peers
     peers.check_same(
         {
-            "versions": f"mlx {mx.__version__}, mlx-grpo {__version__}",
-            "model": json.dumps([lm.config, run.model_fingerprint, paths], sort_keys=True),
-            "data": json.dumps([r.prompt_ids for r in rows]),
-            "rewards": json.dumps([[r.name, r.weight] for r in rewards]),
+            "versions": [mx.__version__, __version__],
+            "model": [lm.config, run.model_fingerprint, paths],
+            "data": [r.prompt_ids for r in rows],
+            "rewards": [[r.name, r.weight] for r in rewards],
         }
     )
     if peers.main:

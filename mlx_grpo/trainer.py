@@ -222,7 +222,6 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     sampling = SamplingSettings(
         cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.max_completion_length
     )
-    noise = Noise.fresh()
     batch = rollout(
         model,
         [r.prompt_ids for r in rows],
@@ -230,7 +229,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         sampling,
         run.lm.eos_ids,
         run.lm.pad_id,
-        Noise(noise.seed, peers.rank * b * g, len(every_row) * g),
+        Noise.fresh(peers.rank * b * g, len(every_row) * g),
     )
     t_rollout = time.perf_counter() - t0
     peaks = {"memory/rollout_gb": mx.get_peak_memory() / 1e9}

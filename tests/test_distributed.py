@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -44,19 +46,31 @@ def free_ports(n: int) -> int:
     raise RuntimeError("no free ports")
 
 
-def launch(args: list[str], cwd: Path, n: int = 2, timeout: float = 300) -> str:
-    """`mlx.launch --backend ring -n N -- mlx-grpo train ARGS`; its stdout and stderr together."""
-    log = cwd / f"launch-{time.monotonic_ns()}.log"
+@contextmanager
+def launched(rest: list[str], cwd: Path, log: Path, n: int = 2) -> Iterator[subprocess.Popen]:
+    """`mlx.launch --backend ring -n N REST` on free ports, output to `log`; killed on exit."""
     command = [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port"]
-    command += [str(free_ports(n)), "--", str(CLI), "train", *args]
     with open(log, "w") as out:
         # stdin stays an open pipe: the launcher forwards stdin and spins on a closed one
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=out, cwd=cwd)
+        proc = subprocess.Popen(
+            [*command, str(free_ports(n)), *rest],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=out,
+            cwd=cwd,
+        )
         try:
-            proc.wait(timeout=timeout)
+            yield proc
         finally:
             proc.kill()
             proc.stdin.close()
+
+
+def launch(args: list[str], cwd: Path, timeout: float = 300) -> str:
+    """`mlx.launch ... -- mlx-grpo train ARGS` on 2 processes; its stdout and stderr together."""
+    log = cwd / f"launch-{time.monotonic_ns()}.log"
+    with launched(["--", str(CLI), "train", *args], cwd, log) as proc:
+        proc.wait(timeout=timeout)
     return log.read_text(errors="replace")
 
 
@@ -230,25 +244,13 @@ def _child_with_rank(parent: int, rank: int) -> int | None:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the launched process in /proc")
 def test_killing_a_process_under_mlx_launch_ends_the_run(long_run, tmp_path):
     args, run_dir = long_run
-    port = free_ports(2)
-    command = [str(LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(port)]
     log = tmp_path / "launch.log"
-    with open(log, "w") as out:
-        launcher = subprocess.Popen(
-            [*command, "--", str(CLI), "train", *args],
-            stdin=subprocess.PIPE,
-            stdout=out,
-            stderr=out,
-        )
-        try:
-            wait_for_steps(run_dir, 2, [launcher])
-            victim = _child_with_rank(launcher.pid, 1)
-            assert victim is not None
-            os.kill(victim, signal.SIGKILL)
-            launcher.wait(timeout=60)  # bounded: the launcher and process 0 both end
-        finally:
-            launcher.kill()
-            launcher.stdin.close()
+    with launched(["--", str(CLI), "train", *args], tmp_path, log) as launcher:
+        wait_for_steps(run_dir, 2, [launcher])
+        victim = _child_with_rank(launcher.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        launcher.wait(timeout=60)  # bounded: the launcher and process 0 both end
     text = log.read_text(errors="replace")
     step = stopped_step(text)  # process 0 saved its last completed step on the way out
     assert checkpoint.verify(checkpoint.path(run_dir, step)) is None
@@ -290,9 +292,9 @@ open(f"{sys.argv[1]}/rank{r}.json", "w").write(json.dumps(result))
 def test_collectives_give_every_process_the_same_exact_values(tmp_path):
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES)
-    command = [str(LAUNCH), "--backend", "ring", "-n", "2", "--starting-port"]
-    command += [str(free_ports(2)), "--python", sys.executable, str(script), str(tmp_path)]
-    subprocess.run(command, stdin=subprocess.PIPE, capture_output=True, timeout=120)
+    rest = ["--python", sys.executable, str(script), str(tmp_path)]
+    with launched(rest, tmp_path, tmp_path / "launch.log") as proc:
+        proc.wait(timeout=120)
     expected_rows = np.array([[1 / 3, np.nan], [1 / 3 + 1, np.nan]]).tobytes().hex()
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -402,10 +402,11 @@ def fails_on_bad(prompts, completions, completion_ids, **kwargs):
     return [1.0 / ("bad" not in c) for c in completions]  # ZeroDivisionError on "bad"
 
 
-def score_with(on_error):
-    logged = []
+def score_with(on_error, fn=fails_on_bad, logged=None):
+    """Scores of COMPLETIONS by `fn` alone, and what was logged about its failures."""
+    logged = [] if logged is None else logged
     out = score_completions(
-        [Reward("fails_on_bad", fails_on_bad)],
+        [Reward(fn.__name__, fn)],
         ["p"] * 4,
         COMPLETIONS,
         [[1]] * 4,
@@ -430,19 +431,9 @@ def test_a_failing_reward_scores_the_offending_completion_zero_or_none(on_error,
 
 
 def test_a_failing_reward_with_raise_logs_the_completion_and_stops():
-    with pytest.raises(RewardError, match="'fails_on_bad' raised on row data/train.jsonl:7"):
-        score_with("raise")
     logged = []
-    with pytest.raises(RewardError):
-        score_completions(
-            [Reward("fails_on_bad", fails_on_bad)],
-            ["p"] * 4,
-            COMPLETIONS,
-            [[1]] * 4,
-            {},
-            SOURCES,
-            log=logged.append,
-        )
+    with pytest.raises(RewardError, match="'fails_on_bad' raised on row data/train.jsonl:7"):
+        score_with("raise", logged=logged)
     assert logged[0]["completion"] == COMPLETIONS[3] and "ZeroDivisionError" in logged[0]["error"]
 
 
@@ -450,16 +441,6 @@ def test_a_reward_returning_a_non_number_is_a_failure_too():
     def text_for_bad(prompts, completions, completion_ids, **kwargs):
         return ["oops" if "bad" in c else 0.5 for c in completions]
 
-    logged = []
-    out = score_completions(
-        [Reward("text_for_bad", text_for_bad)],
-        ["p"] * 4,
-        COMPLETIONS,
-        [[1]] * 4,
-        {},
-        SOURCES,
-        on_error="zero",
-        log=logged.append,
-    )
-    assert out[:, 0].tolist() == [0.5, 0.5, 0.5, 0.0]
+    scores, logged = score_with("zero", text_for_bad)
+    assert scores.tolist() == [0.5, 0.5, 0.5, 0.0]
     assert len(logged) == 1 and logged[0]["row"] == SOURCES[3]

@@ -285,4 +285,4 @@ def test_a_split_batch_samples_what_the_whole_batch_samples(lm):
             atol=1e-5,
         )
     other = rollout(lm.model, PROMPTS, g, sampling, lm.eos_ids, lm.pad_id, Noise(seed=12))
-    assert other.completion_lists() != whole.completion_lists()  # the seed does matter
+    assert other.completion_lists() != whole.completion_lists()  # another seed, other samples
