@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,8 @@ class Adapter:
 
         Modules are named by full path with `num_layers` 0, which mlx-lm's
         loader applies exactly as given, so any set of layers round-trips.
+        Each file is written beside its place and renamed over it, so a crash
+        leaves the previous file and a symlink there is replaced, not followed.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -110,7 +113,7 @@ class Adapter:
                 "base_model": self.base_model,
             },
         }
-        (path / MLX_CONFIG).write_text(json.dumps(config, indent=2))
+        _atomic_write(path / MLX_CONFIG, json.dumps(config, indent=2))
         return path
 
     @classmethod
@@ -158,7 +161,8 @@ class Adapter:
         """Write a PEFT LoRA folder that `PeftModel.from_pretrained` loads unchanged.
 
         `num_layers` (the base model's layer count) lets the config omit
-        `layers_to_transform` when every layer is adapted.
+        `layers_to_transform` when every layer is adapted. Files are written
+        as in `save`: beside their place, then renamed over it.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -187,7 +191,7 @@ class Adapter:
             "alpha_pattern": {},
             **peft_targets(self.modules, num_layers),
         }
-        (path / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+        _atomic_write(path / PEFT_CONFIG, json.dumps(config, indent=2))
         return path
 
     @classmethod
@@ -291,9 +295,21 @@ def _set_factors(module: LoRALinear, path: str, a: mx.array, b: mx.array) -> Non
 
 
 def _atomic_save(path: Path, weights: dict[str, mx.array], metadata: dict | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), weights, metadata=metadata or {})
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
+    try:
+        mx.save_safetensors(str(tmp), weights, metadata=metadata or {})
+        os.replace(tmp, path)  # replaces a symlink at `path` rather than writing through it
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _natural(name: str) -> list:

@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mlx_grpo.builtin_rewards import completion_text
+
 KINDS = ("add1", "addsub2")
 INSTRUCTION = "Reply with the equation and its result, like 2 + 2 = 4."
 _NUMBER = re.compile(r"-?\d+")
@@ -86,7 +88,8 @@ def write_split(
 
 
 def _replies(completions: list, answer: list | None) -> list[tuple[str, str | None]]:
-    return [(c.strip(), a) for c, a in zip(completions, answer or [None] * len(completions))]
+    texts = [completion_text(c).strip() for c in completions]
+    return list(zip(texts, answer or [None] * len(completions)))
 
 
 def arithmetic(prompts, completions, completion_ids, answer=None, **kwargs) -> list[float | None]:
@@ -100,7 +103,7 @@ def arithmetic(prompts, completions, completion_ids, answer=None, **kwargs) -> l
 
 def equation_format(prompts, completions, completion_ids, **kwargs) -> list[float | None]:
     """Format: 1.0 when the reply is one equation "a op b = c" and nothing else."""
-    return [float(_EQUATION.fullmatch(c.strip()) is not None) for c in completions]
+    return [float(_EQUATION.fullmatch(completion_text(c).strip()) is not None) for c in completions]
 
 
 def exact_answer(

@@ -9,9 +9,18 @@
 A checkpoint is built in a hidden sibling folder; every file is fsynced, then
 the folder is renamed into place and its parent fsynced. A crash therefore
 leaves either the previous set of checkpoints or the new one, never half of
-one; the leftover hidden folder is removed on resume. A checkpoint whose files
-do not match its manifest (a disk that lied about fsync) is skipped in favour
-of the one before it.
+one; the leftover hidden folder is removed on resume. A checkpoint is used
+only when its manifest lists every file it needs, names only plain files of
+its own folder (no `../`, no symlinks, nothing unlisted beside them) and every
+file matches; otherwise (a disk that lied about fsync, a folder tampered with)
+it is skipped in favour of the one before it. Only `step-NNNNNN` folders count:
+anything else in checkpoints/ is ignored.
+
+On resume the newest checkpoint is checked against the run's model (a hash of
+its files' bytes) and data (row count and a hash of the rows) before anything
+is written. The newest `save_total_limit` checkpoints are kept, checked again
+on resume (a kill between a save and its pruning), and the newest usable one
+is never deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +37,34 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_grpo.adapters import Adapter
+from mlx_grpo import outputs
+from mlx_grpo.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
 from mlx_grpo.config import TrainConfig, resolve
 from mlx_grpo.reporting import COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, REWARD_ERRORS_FILE
+from mlx_grpo.runfolder import LOCK_FILE, SymlinkRefused, disk_full, is_disk_full
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 MANIFEST_FILE = "manifest.json"
 _PREFIX = "step-"
+_STEP_RE = re.compile(r"step-(\d+)")
 _PARTIAL = ".partial-"
+_REMOVING = ".removing-"  # an old checkpoint being pruned: never mistaken for a usable one
+# Every file a checkpoint needs; a manifest that omits one makes it unusable.
+NEEDED = (MLX_WEIGHTS, MLX_CONFIG, OPTIMIZER_FILE, STATE_FILE)
+# Files of a local model folder that decide what the model computes.
+_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template*",
+)
 
 
 # Settings a resumed run may change; any other change would make it another run.
@@ -87,7 +115,23 @@ def path(run_dir: str | Path, step: int) -> Path:
 
 
 def fingerprint(model: str) -> str | None:
-    """A hash of a local model directory's config and weight file sizes (None for Hub ids)."""
+    """SHA-256 of a local model folder's config, weights and tokenizer files (None for Hub ids).
+
+    The bytes are hashed, so a changed weight of the same size counts; read
+    once per setup, in chunks.
+    """
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return None
+    files = sorted({f for pattern in _MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _sizes_fingerprint(model: str) -> str | None:
+    """The fingerprint of checkpoints written before the bytes were hashed (config + sizes)."""
     folder = Path(model).expanduser()
     if not folder.is_dir():
         return None
@@ -99,11 +143,26 @@ def fingerprint(model: str) -> str | None:
     return digest.hexdigest()
 
 
+def data_fingerprint(rows: list[Any]) -> dict[str, Any]:
+    """Row count and SHA-256 of the prompt rows (prompt, encoded ids, other columns)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        record = [row.prompt, row.prompt_ids, row.columns]
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
+    return {"rows": len(rows), "sha256": digest.hexdigest()}
+
+
 # --------------------------------------------------------------------------- output directory
 
 
 def check_output(cfg: TrainConfig, resume: bool) -> Path:
-    """Refuse an output directory that cannot be written or holds a run (writes nothing)."""
+    """Refuse an output directory that cannot be written or holds something (writes nothing).
+
+    A run goes into a new or empty folder, or into a run this program marked
+    (outputs.MARKER): resumed with --resume, replaced with --overwrite. Any
+    other non-empty folder is refused, --overwrite or not: nothing of the
+    user's is deleted.
+    """
     out = Path(cfg.output_dir).expanduser()
     existing = next(p for p in [out, *out.parents] if p.exists())
     if not existing.is_dir():
@@ -117,27 +176,61 @@ def check_output(cfg: TrainConfig, resume: bool) -> Path:
             "this user). Choose a folder you can write to with --output-dir, or fix its "
             "permissions."
         )
-    held = [n for n in RUN_FILES if (out / n).exists()]
-    if held and not (cfg.overwrite or resume):
+    if resume:  # resume_settings found the run's config.yaml; resuming deletes nothing
+        return out
+    outputs.check_protected(
+        out, {"the model": cfg.model, "the starting adapter": cfg.adapter}, "--output-dir"
+    )
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    names = [n for n in names if n != LOCK_FILE]
+    held = [n for n in (*RUN_FILES, MLX_WEIGHTS) if n in names]
+    ours = outputs.kind_of(out) == "run"
+    if not names or (ours and (cfg.overwrite or not held)):
+        return out
+    if held and ours:
         raise ValueError(
             f"output directory {out} already holds a run ({', '.join(held)}). Continue it with "
             f"`mlx-grpo train --resume {out}`, choose another --output-dir, or pass --overwrite "
             "to replace it."
         )
-    return out
+    if held:  # a run of an mlx-grpo before the marker, or someone's adapter
+        what = "a run" if set(held) & set(RUN_FILES) else "an adapter"
+        raise ValueError(
+            f"output directory {out} already holds {what} ({', '.join(held)}) without the "
+            f"{outputs.MARKER} marker of a run this program made, so it is never deleted, "
+            f"--overwrite or not. Choose another --output-dir, resume a run of an earlier "
+            f"mlx-grpo with `mlx-grpo train --resume {out}`, or delete it yourself to start over."
+        )
+    found = outputs.kind_of(out)
+    what = f"{outputs.KINDS.get(found, found)} made by mlx-grpo" if found else "files"
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    why = (
+        "--overwrite replaces only a run that mlx-grpo made, never other files"
+        if cfg.overwrite
+        else "a run needs a new or empty folder"
+    )
+    raise ValueError(
+        f"output directory {out} is not empty and is not an mlx-grpo run: it holds {what} "
+        f"({listed}); {why}. Choose another --output-dir."
+    )
 
 
 def prepare_output(cfg: TrainConfig) -> None:
-    """Create the output directory; with overwrite, remove the previous run's files."""
+    """Create and mark the output directory; with overwrite, remove the previous run's files.
+
+    Only the files a run writes are removed, and only from a folder marked as
+    a run (check_output refused any other).
+    """
     out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        for name in RUN_FILES:
+    if cfg.overwrite and outputs.kind_of(out) == "run":
+        for name in (*RUN_FILES, MLX_WEIGHTS, MLX_CONFIG):
             path = out / name
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+    outputs.mark(out, "run")
 
 
 # --------------------------------------------------------------------------- resuming
@@ -189,22 +282,50 @@ def resume_settings(
     return resolve(None, **values)
 
 
-def check_compatible(saved: Loaded, cfg: TrainConfig, rewards: list[str]) -> None:
-    """Refuse a checkpoint written for another model, LoRA shape or reward set."""
+def check_compatible(
+    saved: Loaded, cfg: TrainConfig, model_sha256: str | None, data: dict[str, Any]
+) -> None:
+    """Refuse a checkpoint written for another model, LoRA shape or dataset.
+
+    `model_sha256` is `fingerprint(cfg.model)` and `data` is `data_fingerprint`
+    of the rows, both taken at setup. Checkpoints older than a field skip its check.
+    """
     state, problems = saved.state, []
     before = state.get("config", {})
     for key in ("model", "lora_rank", "lora_alpha", "lora_targets", "lora_layers", "use_rslora"):
         if key in before and before[key] != getattr(cfg, key):
             problems.append(f"{key} was {before[key]!r}, now {getattr(cfg, key)!r}")
-    now = fingerprint(cfg.model)
-    if state.get("model_fingerprint") not in (None, now):
-        problems.append(f"the model files in {cfg.model} changed (config.json or weights)")
-    if state.get("rewards") != rewards:
-        problems.append(f"rewards were {state.get('rewards')}, now {rewards}")
+    if "model_sha256" in state:
+        model_changed = state["model_sha256"] != model_sha256
+    else:  # written before the bytes were hashed: config.json and weight sizes
+        model_changed = state.get("model_fingerprint") not in (None, _sizes_fingerprint(cfg.model))
+    if model_changed:
+        problems.append(
+            f"the model files in {cfg.model} changed (config.json, weights or tokenizer)"
+        )
+    old = state.get("data")
+    if old and old["rows"] != data["rows"]:
+        problems.append(f"the data {cfg.data} had {old['rows']} rows, now {data['rows']}")
+    elif old and old["sha256"] != data["sha256"]:
+        problems.append(
+            f"the data {cfg.data} has the same number of rows ({data['rows']}) but its content "
+            "changed (prompts or other columns)"
+        )
     if problems:
         raise ValueError(
             f"checkpoint {saved.path} cannot continue with this setup: {'; '.join(problems)}. "
-            "Resume with the run's own model and rewards, or start a new run."
+            "Resume with the run's own model and data, or start a new run (another "
+            "--output-dir) to train on these."
+        )
+
+
+def check_rewards(saved: Loaded, rewards: list[str]) -> None:
+    """Refuse a checkpoint written with other reward functions (names, in order)."""
+    if saved.state.get("rewards") != rewards:
+        raise ValueError(
+            f"checkpoint {saved.path} cannot continue with these rewards: they were "
+            f"{saved.state.get('rewards')}, now {rewards}. Resume with the run's own reward "
+            "functions (pass the same reward_funcs), or start a new run."
         )
 
 
@@ -212,41 +333,81 @@ def check_compatible(saved: Loaded, cfg: TrainConfig, rewards: list[str]) -> Non
 
 
 def write(run_dir: Path, snap: Snapshot, keep: int) -> Path:
-    """Write `snap` as RUN_DIR/checkpoints/step-NNNNNN atomically; keep the newest `keep`."""
+    """Write `snap` as RUN_DIR/checkpoints/step-NNNNNN atomically; keep the newest `keep`.
+
+    A full disk raises `runfolder.DiskFull` with the half-written folder removed
+    and the checkpoints before it untouched.
+    """
     _check_finite(snap)
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
+    if root.is_symlink():
+        raise SymlinkRefused(
+            f"{root} is a symlink; mlx-grpo does not write checkpoints through symlinks. "
+            "Replace it with a regular folder (move the checkpoints into it), then resume."
+        )
     final = root / f"{_PREFIX}{snap.step:06d}"
     partial = root / f"{_PARTIAL}{final.name}-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
     try:
-        snap.adapter.save(partial)
-        mx.save_safetensors(str(partial / OPTIMIZER_FILE), snap.optimizer)
-        (partial / STATE_FILE).write_text(json.dumps(snap.state, indent=1))
-        files = sorted(p.name for p in partial.iterdir())
-        for name in files:
-            _fsync(partial / name)
-        manifest = {name: _digest(partial / name) for name in files}
-        (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        _fsync(partial / MANIFEST_FILE)
-        _fsync(partial)
-        if final.exists():  # the same step saved again (e.g. on interrupt)
-            shutil.rmtree(final)
+        root.mkdir(parents=True, exist_ok=True)
+        _remove(partial)
+        partial.mkdir()
+        _write_files(partial, snap)
+        if final.exists() or final.is_symlink():  # the same step saved again (e.g. on interrupt)
+            _remove(final)
         os.replace(partial, final)
         _fsync(root)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException as exc:
+        _remove(partial)
+        if is_disk_full(exc):
+            what = f"the checkpoint of step {snap.step}"
+            kept = f"It was not kept; the checkpoints before it in {root} are intact."
+            then = f"continue with `mlx-grpo train --resume {run_dir}`"
+            raise disk_full(what, root, kept, then) from None
         raise
-    prune(root, keep)
+    prune(root, keep, final)
     return final
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all)."""
+def _write_files(partial: Path, snap: Snapshot) -> None:
+    """The checkpoint's files, then their manifest, each fsynced."""
+    snap.adapter.save(partial)
+    mx.save_safetensors(str(partial / OPTIMIZER_FILE), snap.optimizer)
+    (partial / STATE_FILE).write_text(json.dumps(snap.state, indent=1))
+    files = sorted(p.name for p in partial.iterdir())
+    for name in files:
+        _fsync(partial / name)
+    manifest = {name: _digest(partial / name) for name in files}
+    (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    _fsync(partial / MANIFEST_FILE)
+    _fsync(partial)
+
+
+def prune(root: Path, keep: int, newest_good: Path | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all).
+
+    `newest_good` (the newest checkpoint known to be usable) is never deleted,
+    even when newer damaged ones fill the `keep` places.
+    """
     if keep <= 0:
         return
     for old in _complete(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if newest_good is not None and old == newest_good:
+            continue
+        # Renamed first, so a kill mid-delete leaves no half checkpoint that looks usable.
+        doomed = root / f"{_REMOVING}{old.name}-{os.getpid()}"
+        try:
+            os.replace(old, doomed)
+        except OSError:
+            continue  # left for the next prune, as a complete checkpoint
+        _remove(doomed)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink (not its target) or a folder, if there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_finite(snap: Snapshot) -> None:
@@ -264,7 +425,12 @@ def _fsync(path: Path) -> None:
 
 
 def _digest(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --------------------------------------------------------------------------- reading
@@ -281,16 +447,21 @@ class Loaded:
 
 
 def latest(run_dir: Path) -> Loaded:
-    """The newest checkpoint of a run that passes its manifest check.
+    """The newest checkpoint of a run that passes its manifest check (reads only).
 
-    Leftovers of an interrupted write are removed. Raises CheckpointError when
-    there is none.
+    Raises CheckpointError when there is none. `tidy` removes the leftovers of
+    interrupted writes once the run may write.
     """
     root = Path(run_dir) / CHECKPOINTS
-    skipped = []
-    for leftover in sorted(root.glob(f"{_PARTIAL}*")):
-        skipped.append(f"{leftover.name}: half written when the run stopped; removed")
-        shutil.rmtree(leftover, ignore_errors=True)
+    if root.is_symlink():
+        raise SymlinkRefused(
+            f"{root} is a symlink; mlx-grpo neither reads checkpoints through nor writes them "
+            "into a symlinked folder. Replace it with a regular folder, then resume."
+        )
+    skipped = [
+        f"{leftover.name}: half written when the run stopped; removed"
+        for leftover in sorted(root.glob(f"{_PARTIAL}*"))
+    ]
     for path in reversed(_complete(root)):
         problem = verify(path)
         if problem:
@@ -307,14 +478,51 @@ def latest(run_dir: Path) -> Loaded:
     )
 
 
+def tidy(run_dir: Path, keep: int, newest_good: Path | None) -> None:
+    """Remove leftovers of interrupted writes and prunes; keep the newest `keep` checkpoints.
+
+    Run on resume once every check has passed: a kill between a save and its
+    pruning may have left one checkpoint too many.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    for leftover in [*root.glob(f"{_PARTIAL}*"), *root.glob(f"{_REMOVING}*")]:
+        _remove(leftover)
+    prune(root, keep, newest_good)
+
+
 def verify(path: Path) -> str | None:
-    """None when every file matches the manifest; otherwise what is wrong."""
+    """None when the checkpoint is usable; otherwise what is wrong with it.
+
+    Usable: the manifest lists every file in NEEDED, names only regular files
+    of this folder (no paths, no symlinks), every one matches its size and
+    SHA-256, and the folder holds no other file (hidden ones aside).
+    """
+    if (path / MANIFEST_FILE).is_symlink():
+        return f"{MANIFEST_FILE} is a symlink"
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return "manifest missing or unreadable"
+    if not isinstance(manifest, dict):
+        return "manifest is not a JSON object of file -> checksum"
+    for name in manifest:
+        if name in ("", ".", "..", MANIFEST_FILE) or Path(name).name != name or "\\" in name:
+            return f"manifest entry {name!r} is not a file of the checkpoint folder"
+    missing = [name for name in NEEDED if name not in manifest]
+    if missing:
+        return f"manifest does not list {', '.join(missing)}"
+    # Hidden files (.DS_Store) are harmless; another adapter file would be loaded instead.
+    unlisted = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.name not in (*manifest, MANIFEST_FILE) and not p.name.startswith(".")
+    )
+    if unlisted:
+        return f"holds {', '.join(unlisted)}, which its manifest does not list"
     for name, expected in manifest.items():
         file = path / name
+        if file.is_symlink():
+            return f"{name} is a symlink"
         if not file.is_file():
             return f"{name} is missing"
         if _digest(file) != expected:
@@ -323,10 +531,14 @@ def verify(path: Path) -> str | None:
 
 
 def _complete(root: Path) -> list[Path]:
-    """Finished checkpoint folders, oldest first."""
+    """Finished checkpoint folders (step-NNNNNN, no symlinks), oldest first; the rest is ignored."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+    found = [
+        p
+        for p in root.iterdir()
+        if _STEP_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 

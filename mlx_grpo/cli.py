@@ -51,7 +51,9 @@ def _run(fn: Callable, debug: bool) -> Any:
     """Call the library; user errors become one message and exit code 2.
 
     A run stopped by Ctrl-C/SIGTERM exits 128 + the signal number, one that
-    cannot go on (non-finite updates) exits 1; both after saving a checkpoint.
+    cannot go on (non-finite updates, a lost process) exits 1; both after
+    saving a checkpoint. Any other error is reported in one paragraph too
+    (exit 1); `--debug` shows its traceback.
     """
     from mlx_grpo.distributed import PeerLost, where
     from mlx_grpo.trainer import TrainingInterrupted, TrainingStopped
@@ -61,11 +63,41 @@ def _run(fn: Callable, debug: bool) -> Any:
     except TrainingInterrupted as e:
         click.echo(f"\n{e}", err=True)
         sys.exit(e.exit_code)
-    except (ValueError, FileNotFoundError, PermissionError, TrainingStopped, PeerLost) as e:
+    except (ValueError, OSError, TrainingStopped, PeerLost) as e:
         if debug:
             raise
-        click.echo(f"Error{where()}: {e}", err=True)
-        sys.exit(1 if isinstance(e, (TrainingStopped, PeerLost)) else 2)
+        code = 1 if isinstance(e, (TrainingStopped, PeerLost)) else 2
+        click.echo(f"Error{where()}: {_one_paragraph(str(e))}", err=True)
+        sys.exit(code)
+    except Exception as e:
+        if debug:
+            raise
+        click.echo(
+            f"Error{where()}: unexpected {type(e).__name__}: {_one_paragraph(str(e))}. This is "
+            "a bug in mlx-grpo: please report it with the output of the same command run "
+            "with --debug.",
+            err=True,
+        )
+        sys.exit(1)
+
+
+def _one_paragraph(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _weight(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(
+            f"--reward-weights: {text!r} is not a number; give one number per reward function, "
+            "e.g. --reward-weights 1.0,0.5."
+        ) from None
+
+
+def _listed(values: tuple[str, ...]) -> list[str]:
+    """A repeatable option's values, each of which may be a comma list."""
+    return [part.strip() for v in values for part in v.split(",") if part.strip()]
 
 
 @click.group()
@@ -101,10 +133,13 @@ def train(config_file: str | None, resume: str | None, debug: bool, **flags: Any
           --prompt-column question --rewards math_answer --max-steps 200
       mlx-grpo train --resume runs/grpo --max-steps 400
     """
+    from mlx_grpo.config import resolve
     from mlx_grpo.trainer import train as run_training
 
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     given = {k: v for k, v in given.items() if v is not None and v != []}
+    if resume is None:  # say which flag or YAML line holds a bad value
+        _run(lambda: resolve(config_file, given_as="flag", **given), debug)
     result = _run(lambda: run_training(config_file, resume=resume, **given), debug)
     if result.rank == 0:  # the other processes of a distributed run write nothing
         click.echo(f"adapter saved in {result.output_dir}")
@@ -124,8 +159,10 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
 
     Each run rebuilds the model and replaces the previous demo run in OUTPUT_DIR.
     """
+    from mlx_grpo.config import AT_LEAST_1, check_option
     from mlx_grpo.toy import run_demo
 
+    _run(lambda: check_option("--max-steps", max_steps, AT_LEAST_1), debug)
     summary = _run(lambda: run_demo(Path(output_dir), max_steps), debug)
     click.echo(summary)
 
@@ -138,8 +175,18 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
     help="Run or adapter folder (mlx-lm or PEFT); none = the base model.",
 )
 @click.option("--data", required=True, help="Held-out prompts (JSONL).")
-@click.option("--rewards", required=True, help="Reward functions, comma-separated.")
-@click.option("--reward-weights", help="One weight per reward function, comma-separated.")
+@click.option(
+    "--rewards",
+    required=True,
+    multiple=True,
+    help="Reward functions: builtin name, module:function or path/file.py:function. "
+    "Repeat the flag or separate with commas.",
+)
+@click.option(
+    "--reward-weights",
+    multiple=True,
+    help="One weight per reward function (default 1). Repeat the flag or separate with commas.",
+)
 @click.option("--prompt-column", default="prompt", show_default=True)
 @click.option("--system-prompt", help="System message for chat models.")
 @click.option(
@@ -175,8 +222,8 @@ def eval_cmd(
     model: str,
     adapter: str | None,
     data: str,
-    rewards: str,
-    reward_weights: str | None,
+    rewards: tuple[str, ...],
+    reward_weights: tuple[str, ...],
     debug: bool,
     samples: int,
     **options: Any,
@@ -184,19 +231,19 @@ def eval_cmd(
     """Accuracy and mean reward of a model (and adapter) on a held-out set."""
     from mlx_grpo.evaluate import evaluate
 
-    weights = [float(w) for w in reward_weights.split(",")] if reward_weights else None
-    result = _run(
-        lambda: evaluate(
+    def run() -> Any:
+        weights = [_weight(w) for w in _listed(reward_weights)] or None
+        return evaluate(
             model,
             data,
-            rewards.split(","),
+            _listed(rewards),
             adapter,
             reward_weights=weights,
             num_samples=samples,
             **options,
-        ),
-        debug,
-    )
+        )
+
+    result = _run(run, debug)
     click.echo(result.table())
 
 
@@ -237,8 +284,16 @@ def quickstart(
     converts it, evaluates it on held-out problems, trains a LoRA adapter for
     MINUTES, evaluates again, exports the PEFT adapter and plots the run.
     """
+    from mlx_grpo.config import AT_LEAST_1, MAX_SEED, POSITIVE, Range, check_option
     from mlx_grpo.quickstart import run_quickstart
 
+    def check() -> None:
+        check_option("--minutes", minutes, POSITIVE)
+        check_option("--train-size", train_size, AT_LEAST_1)
+        check_option("--test-size", test_size, AT_LEAST_1)
+        check_option("--seed", seed, Range(0, MAX_SEED))
+
+    _run(check, debug)
     _run(lambda: run_quickstart(output_dir, minutes, train_size, test_size, seed), debug)
 
 
@@ -249,7 +304,8 @@ def quickstart(
     "-o",
     required=True,
     type=click.Path(file_okay=False),
-    help="Folder for the mlx-lm model (config, weights, tokenizer, chat template).",
+    help="New folder for the mlx-lm model (config, weights, tokenizer, chat template); "
+    "an earlier conversion there is replaced, anything else is refused.",
 )
 @click.option(
     "--keep-quantized/--dequantize",
@@ -260,7 +316,8 @@ def quickstart(
 def convert_cmd(gguf: str, output: str, keep_quantized: bool | None, debug: bool) -> None:
     """Convert a llama.cpp GGUF file (Llama, Qwen2, Qwen3) into an mlx-lm model folder.
 
-    `--model file.gguf` works directly too: the conversion is then cached.
+    `--model file.gguf` works directly too: the conversion is then cached. The
+    Hub id the GGUF names as its source is kept in config.json (_name_or_path).
     """
     from mlx_grpo.gguf import convert_gguf
 
@@ -275,14 +332,19 @@ def convert_cmd(gguf: str, output: str, keep_quantized: bool | None, debug: bool
     "-o",
     required=True,
     type=click.Path(file_okay=False),
-    help="Folder for the PEFT adapter (adapter_model.safetensors, config, card).",
+    help="New folder for the PEFT adapter (adapter_model.safetensors, config, card); an "
+    "earlier export there is replaced, anything else is refused.",
 )
 @click.option(
     "--base-model",
-    help="base_model_name_or_path to record, e.g. the Hub id of the "
-    "base (default: the model the run trained on).",
+    help="base_model_name_or_path to record: the Hub id of the base (default: the Hub id of "
+    "the model the run trained on when it can be known, else its local path).",
 )
-@click.option("--push-to-hub", "repo_id", help="Also upload the folder to this Hub repository.")
+@click.option(
+    "--push-to-hub",
+    "repo_id",
+    help="Also upload the folder to this Hub repository (needs the base's Hub id).",
+)
 @click.option("--private", is_flag=True, help="Create the Hub repository as private.")
 @debug_option
 def export_cmd(
@@ -296,7 +358,7 @@ def export_cmd(
     """Export a run or adapter folder SOURCE as a PEFT LoRA adapter."""
     from mlx_grpo.export import export_peft, push_to_hub
 
-    out = _run(lambda: export_peft(source, output, base_model), debug)
+    out = _run(lambda: export_peft(source, output, base_model, for_hub=bool(repo_id)), debug)
     click.echo(f"PEFT adapter written to {out}")
     if repo_id:
         url = _run(lambda: push_to_hub(out, repo_id, private), debug)
@@ -310,14 +372,15 @@ def export_cmd(
     "-o",
     required=True,
     type=click.Path(file_okay=False),
-    help="Folder for the mlx-lm adapter (train --adapter and mlx_lm load it).",
+    help="New folder for the mlx-lm adapter (train --adapter and mlx_lm load it); an "
+    "earlier import there is replaced, anything else is refused.",
 )
 @debug_option
 def import_cmd(peft_dir: str, output: str, debug: bool) -> None:
     """Convert the PEFT LoRA adapter in PEFT_DIR into an mlx-lm adapter."""
-    from mlx_grpo.adapters import Adapter
+    from mlx_grpo.export import import_peft
 
-    out = _run(lambda: Adapter.load_peft(peft_dir).save(output), debug)
+    out = _run(lambda: import_peft(peft_dir, output), debug)
     click.echo(f"mlx adapter written to {out}")
 
 
@@ -334,7 +397,8 @@ def import_cmd(peft_dir: str, output: str, debug: bool) -> None:
     "-o",
     required=True,
     type=click.Path(file_okay=False),
-    help="Folder for the merged model.",
+    help="New folder for the merged model; an earlier fused model there is replaced, "
+    "anything else (the base model's folder included) is refused.",
 )
 @click.option("--dequantize", is_flag=True, help="Write a quantized base back in float.")
 @debug_option

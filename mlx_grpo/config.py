@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,10 +24,74 @@ from typing import Any
 import yaml
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_SEED = 2**63 - 1
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-    metadata = {"help": help, "choices": choices}
+@dataclass(frozen=True)
+class Range:
+    """The finite numbers a setting allows: `low` and `high` bounds, each closed or open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        """As in messages: '>= 1', '> 0', 'in (0, 1]', 'a finite number'."""
+        low, high = _number(self.low), _number(self.high)
+        if self.low is None and self.high is None:
+            return "a finite number"
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{low}, {high}{right}"
+
+
+def _number(x: float | None) -> str:
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0, low_open=True)
+SHARE = Range(0, 1, high_open=True)  # [0, 1)
+OPEN_UNIT = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
+_LAYERS_RE = re.compile(r"all|last:[1-9]\d*|\d+(,\d+)*,?")
+
+
+def check_option(flag: str, value: float | None, allowed: Range) -> None:
+    """Refuse a command's numeric option outside `allowed` (None: not given)."""
+    if value is not None and value not in allowed:
+        raise ValueError(f"{flag} must be {allowed}, got {value!r}; pass {flag} another value.")
+
+
+class SettingError(ValueError):
+    """A setting's value is not allowed; `keys` are the settings involved."""
+
+    def __init__(self, keys: tuple[str, ...], rule: str, value: Any = None):
+        self.keys, self.rule, self.value = keys, rule, value
+        super().__init__(f"{keys[0]} {rule}, got {value!r}" if len(keys) == 1 else rule)
+
+
+def _opt(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    allowed: Range | None = None,
+    **kw: Any,
+) -> Any:
+    metadata = {"help": help, "choices": choices, "allowed": allowed}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
@@ -44,16 +110,26 @@ class TrainConfig:
         None, "Qwen3 chat-template switch; unset keeps the template's default."
     )
     max_prompt_length: int | None = _opt(
-        None, "Refuse prompts longer than this many tokens (default: model context)."
+        None,
+        "Refuse prompts longer than this many tokens (default: model context).",
+        allowed=AT_LEAST_1,
     )
     rewards: list[str] = _opt(
         ["math_answer"],
         "Reward functions: builtin name, module:function or path/file.py:function.",
     )
-    reward_weights: list[float] | None = _opt(None, "One weight per reward function (default 1).")
+    reward_weights: list[float] | None = _opt(
+        None, "One weight per reward function (default 1).", allowed=Range()
+    )
     output_dir: str = _opt("runs/grpo", "Where the adapter, metrics and config are written.")
-    overwrite: bool = _opt(False, "Allow writing into an output directory that holds a run.")
-    seed: int = _opt(0, "Seed for sampling, LoRA init, dropout and data order.")
+    overwrite: bool = _opt(
+        False,
+        "Replace the run mlx-grpo made in the output directory; a folder it did not make is "
+        "never deleted.",
+    )
+    seed: int = _opt(
+        0, "Seed for sampling, LoRA init, dropout and data order.", allowed=Range(0, MAX_SEED)
+    )
     dtype: str = _opt(
         "auto",
         "Compute dtype; auto = float32 on CPU, the model's own on Apple GPUs.",
@@ -61,9 +137,11 @@ class TrainConfig:
     )
 
     # LoRA
-    lora_rank: int = _opt(16, "LoRA rank r.")
-    lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha / r.")
-    lora_dropout: float = _opt(0.0, "Dropout on the LoRA input.")
+    lora_rank: int = _opt(16, "LoRA rank r.", allowed=AT_LEAST_1)
+    lora_alpha: float = _opt(
+        32.0, "LoRA alpha; the update is scaled by alpha / r.", allowed=POSITIVE
+    )
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA input.", allowed=SHARE)
     lora_targets: list[str] = _opt(list(LORA_TARGETS), "Module names that get adapters.")
     lora_layers: str = _opt("all", "Adapted layers: all, last:N, or indices like 0,1,5.")
     use_rslora: bool = _opt(False, "rsLoRA: scale the update by alpha / sqrt(r) instead.")
@@ -74,28 +152,34 @@ class TrainConfig:
     )
 
     # Rollout
-    num_generations: int = _opt(8, "G: completions sampled per prompt.")
+    num_generations: int = _opt(8, "G: completions sampled per prompt.", allowed=Range(2))
     prompts_per_step: int = _opt(
-        1, "B: prompts per optimisation step (B x G sequences); per process when distributed."
+        1,
+        "B: prompts per optimisation step (B x G sequences); per process when distributed.",
+        allowed=AT_LEAST_1,
     )
-    max_completion_length: int = _opt(512, "Maximum tokens per completion.")
-    temperature: float = _opt(1.0, "Sampling temperature (log-probs use it too).")
-    top_p: float = _opt(1.0, "Nucleus sampling threshold (1 = off).")
-    top_k: int = _opt(0, "Top-k sampling (0 = off).")
-    min_p: float = _opt(0.0, "Min-p sampling (0 = off).")
+    max_completion_length: int = _opt(512, "Maximum tokens per completion.", allowed=AT_LEAST_1)
+    temperature: float = _opt(1.0, "Sampling temperature (log-probs use it too).", allowed=POSITIVE)
+    top_p: float = _opt(
+        1.0, "Nucleus sampling threshold (1 = off).", allowed=Range(0, 1, low_open=True)
+    )
+    top_k: int = _opt(0, "Top-k sampling (0 = off).", allowed=AT_LEAST_0)
+    min_p: float = _opt(0.0, "Min-p sampling (0 = off).", allowed=SHARE)
 
     # Objective
     loss_type: str = _opt("dapo", "Loss aggregation.", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
-    beta: float = _opt(0.0, "KL penalty weight (0 = no reference pass).")
+    beta: float = _opt(0.0, "KL penalty weight (0 = no reference pass).", allowed=AT_LEAST_0)
     kl_estimator: str = _opt(
         "k3", "KL per token: k3 estimator or exact full-vocabulary KL.", choices=("k3", "exact")
     )
     use_bias_correction_kl: bool = _opt(
         True, "Multiply the k3 KL term by the importance ratio (TRL's default)."
     )
-    epsilon: float = _opt(0.2, "Lower clipping range epsilon.")
-    epsilon_high: float | None = _opt(None, "Upper clipping range (default: epsilon).")
-    num_iterations: int = _opt(1, "mu: optimisation passes per rollout.")
+    epsilon: float = _opt(0.2, "Lower clipping range epsilon.", allowed=OPEN_UNIT)
+    epsilon_high: float | None = _opt(
+        None, "Upper clipping range (default: epsilon).", allowed=POSITIVE
+    )
+    num_iterations: int = _opt(1, "mu: optimisation passes per rollout.", allowed=AT_LEAST_1)
     importance_sampling_level: str = _opt(
         "token", "token (GRPO) or sequence (GSPO) ratios.", choices=("token", "sequence")
     )
@@ -104,38 +188,51 @@ class TrainConfig:
     )
 
     # Optimisation
-    learning_rate: float = _opt(1e-5, "Peak learning rate of AdamW.")
+    learning_rate: float = _opt(1e-5, "Peak learning rate of AdamW.", allowed=POSITIVE)
     lr_scheduler: str = _opt(
         "constant", "Schedule after warmup.", choices=("constant", "linear", "cosine")
     )
-    warmup_steps: int = _opt(0, "Linear warmup steps from 0 to the peak rate.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    adam_beta1: float = _opt(0.9, "AdamW beta1.")
-    adam_beta2: float = _opt(0.999, "AdamW beta2.")
-    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this (0 = off).")
-    gradient_accumulation_steps: int = _opt(
-        1, "Micro-batches the B x G sequences are split into per update."
+    warmup_steps: int = _opt(0, "Linear warmup steps from 0 to the peak rate.", allowed=AT_LEAST_0)
+    weight_decay: float = _opt(0.0, "AdamW weight decay.", allowed=AT_LEAST_0)
+    adam_beta1: float = _opt(0.9, "AdamW beta1.", allowed=SHARE)
+    adam_beta2: float = _opt(0.999, "AdamW beta2.", allowed=SHARE)
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.", allowed=POSITIVE)
+    max_grad_norm: float = _opt(
+        1.0, "Clip the global gradient norm to this (0 = off).", allowed=AT_LEAST_0
     )
-    max_steps: int = _opt(100, "Optimisation steps (rollouts) to run.")
+    gradient_accumulation_steps: int = _opt(
+        1,
+        "Micro-batches the B x G sequences are split into per update.",
+        allowed=AT_LEAST_1,
+    )
+    max_steps: int = _opt(100, "Optimisation steps (rollouts) to run.", allowed=AT_LEAST_1)
     max_minutes: float | None = _opt(
-        None, "Stop after the step that passes this many minutes of training."
+        None,
+        "Stop after the step that passes this many minutes of training.",
+        allowed=POSITIVE,
     )
     logits_chunk_size: int = _opt(
-        256, "Completion tokens (rows x positions) per LM-head chunk when scoring (bounds memory)."
+        256,
+        "Completion tokens (rows x positions) per LM-head chunk when scoring (bounds memory).",
+        allowed=AT_LEAST_1,
     )
     grad_checkpoint: bool = _opt(
         True, "Recompute each block's activations in backward: much less memory, a little slower."
     )
 
     # Reporting
-    logging_steps: int = _opt(1, "Print a sample of completions every this many steps.")
+    logging_steps: int = _opt(
+        1, "Print a sample of completions every this many steps.", allowed=AT_LEAST_1
+    )
     save_steps: int = _opt(
         50,
         "Write a checkpoint (adapter, optimizer, data position, RNG, metrics) every this many "
         "steps (0 = only at the end).",
+        allowed=AT_LEAST_0,
     )
-    save_total_limit: int = _opt(3, "Keep this many newest checkpoints (0 = keep all).")
+    save_total_limit: int = _opt(
+        3, "Keep this many newest checkpoints (0 = keep all).", allowed=AT_LEAST_0
+    )
 
     # Failures
     on_reward_error: str = _opt(
@@ -145,12 +242,15 @@ class TrainConfig:
         choices=("raise", "zero", "skip"),
     )
     max_nonfinite_updates: int = _opt(
-        5, "Stop after this many updates in a row skipped for a NaN or Inf loss or gradient."
+        5,
+        "Stop after this many updates in a row skipped for a NaN or Inf loss or gradient.",
+        allowed=AT_LEAST_1,
     )
     distributed_timeout: float = _opt(
         1800.0,
         "Distributed runs: seconds a process waits for the others at a synchronisation point "
         "before it stops the run (a hung process or a broken network).",
+        allowed=POSITIVE,
     )
 
     def __post_init__(self) -> None:
@@ -165,45 +265,73 @@ class TrainConfig:
         return self.lora_alpha / (self.lora_rank**0.5 if self.use_rslora else self.lora_rank)
 
     def validate(self) -> None:
-        """Check types of choices and ranges; raise ValueError naming the key."""
+        """Check choices, ranges and the settings that constrain each other.
+
+        Raises SettingError naming the settings; `resolve` adds where each came from.
+        """
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
             value = getattr(self, f.name)
+            choices, allowed = f.metadata.get("choices"), f.metadata.get("allowed")
             if choices and value not in choices:
-                raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
-        positive = ("lora_rank", "num_generations", "prompts_per_step", "max_completion_length")
-        positive += ("num_iterations", "gradient_accumulation_steps", "max_steps")
-        positive += ("logits_chunk_size", "logging_steps", "max_nonfinite_updates")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.distributed_timeout <= 0:
-            raise ValueError(f"distributed_timeout must be > 0, got {self.distributed_timeout}")
-        for name in ("save_steps", "save_total_limit", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+                raise SettingError((f.name,), f"must be one of {', '.join(choices)}", value)
+            values = value if isinstance(value, list) else [value]
+            if allowed is not None and any(v is not None and v not in allowed for v in values):
+                rule = f"must {'each ' if isinstance(value, list) else ''}be {allowed}"
+                raise SettingError((f.name,), rule, value)
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise SettingError(
+                ("epsilon_high", "epsilon"),
+                f"epsilon_high ({self.epsilon_high:g}) must be >= epsilon ({self.epsilon:g}): "
+                "the upper clipping range cannot be narrower than the lower one",
+            )
         n = self.num_generations * self.prompts_per_step
         if n % self.gradient_accumulation_steps:
-            raise ValueError(
+            raise SettingError(
+                ("gradient_accumulation_steps", "num_generations", "prompts_per_step"),
                 f"gradient_accumulation_steps={self.gradient_accumulation_steps} must divide "
-                f"prompts_per_step x num_generations = {n}"
+                f"prompts_per_step x num_generations = {n}",
             )
-        unknown = set(self.lora_targets) - set(LORA_TARGETS)
         if not self.lora_targets:
-            raise ValueError("lora_targets is empty; name at least one module, e.g. q_proj")
-        if unknown and any("." in t for t in unknown):
-            raise ValueError(f"lora_targets take leaf names like q_proj, got {sorted(unknown)}")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(
-                f"reward_weights has {len(self.reward_weights)} values for "
-                f"{len(self.rewards)} reward functions {self.rewards}"
+            raise SettingError(
+                ("lora_targets",), "is empty; name at least one module, e.g. q_proj", []
             )
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if any("." in t for t in unknown):
+            raise SettingError(
+                ("lora_targets",), f"take leaf names like q_proj, not {unknown}", self.lora_targets
+            )
+        if not _LAYERS_RE.fullmatch(self.lora_layers.replace(" ", "")):
+            raise SettingError(
+                ("lora_layers",), "must be all, last:N or indices like 0,1,5", self.lora_layers
+            )
+        for name in ("prompt_column", "output_dir"):
+            if not getattr(self, name).strip():
+                raise SettingError((name,), "must not be empty", getattr(self, name))
+        # The weight count is checked where the rewards are known (Python callables count too).
+
+    def prompt_limit(self, context: int | None, model: str) -> int | None:
+        """The longest prompt (tokens) that leaves room for a whole completion.
+
+        `context` is the model's max_position_embeddings (None: unknown).
+        Refuses a completion length that leaves no room for any prompt.
+        """
+        if context is None:
+            return self.max_prompt_length
+        room = context - self.max_completion_length
+        if room < 1:
+            raise ValueError(
+                f"max_completion_length {self.max_completion_length} leaves no room for a prompt "
+                f"in the model's context of {context} tokens (max_position_embeddings in "
+                f"{model}'s config.json); set --max-completion-length below {context}."
+            )
+        if self.max_prompt_length is not None and self.max_prompt_length > room:
+            raise ValueError(
+                f"max_prompt_length {self.max_prompt_length} + max_completion_length "
+                f"{self.max_completion_length} exceed the model's context of {context} tokens "
+                f"(max_position_embeddings in {model}'s config.json); lower one of them so "
+                f"that they add up to at most {context}."
+            )
+        return room if self.max_prompt_length is None else self.max_prompt_length
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,19 +354,26 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
 
 
 def _coerce(name: str, value: Any) -> Any:
+    """A value from YAML, a flag or an argument as the field's type; lists also from "a,b"."""
     f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
     base, is_list, optional = field_type(f)
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{name} cannot be empty")
+        raise SettingError((name,), "cannot be empty", value)
     if is_list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_scalar(name, base, v) for v in value]
+        items = value if isinstance(value, (list, tuple)) else [value]
+        flat: list[Any] = []
+        for item in items:  # repeated flags and comma lists, mixed as the user typed them
+            if isinstance(item, str):
+                flat += [part.strip() for part in item.split(",") if part.strip()]
+            else:
+                flat.append(item)
+        return [_scalar(name, base, v) for v in flat]
     return _scalar(name, base, value)
+
+
+_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 
 
 def _scalar(name: str, base: type, value: Any) -> Any:
@@ -249,16 +384,19 @@ def _scalar(name: str, base: type, value: Any) -> Any:
             return False
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    number = isinstance(value, (int, float, str)) and not isinstance(value, bool)
     try:
-        if base is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if base is float and number:
             return float(value)
-        if base is int and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return int(value)
-    except ValueError:
+        if base is int and number:
+            as_float = float(value)
+            if as_float.is_integer():
+                return int(value) if isinstance(value, int) else int(as_float)
+    except (ValueError, OverflowError):
         pass
-    if isinstance(value, base):
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
-    raise ValueError(f"{name}: expected {base.__name__}, got {value!r}")
+    raise SettingError((name,), f"must be {_TYPE_NAMES.get(base, base.__name__)}", value)
 
 
 def check_keys(keys: typing.Iterable[str], where: str) -> None:
@@ -272,35 +410,105 @@ def check_keys(keys: typing.Iterable[str], where: str) -> None:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """The settings of a YAML file (kebab-case keys accepted), checked for unknown keys."""
+    return _read_yaml(Path(path))[0]
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The settings of a YAML file and the line of each key."""
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder; give --config a YAML file of settings.")
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise ValueError(f"config file {path} does not exist; check the path given to --config.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"config file {path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#x}); "
+            "save it as UTF-8 YAML."
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from e
+        detail = " ".join(str(e).split())
+        raise ValueError(f"config file {path} is not valid YAML: {detail}") from None
+    if data is None:
+        return {}, {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        raise ValueError(
+            f"config file {path} holds a {type(data).__name__}, not a mapping of settings; "
+            "write one 'key: value' a line, e.g. 'learning_rate: 1e-5'."
+        )
+    lines: dict[str, int] = {}
+    for key_node, _ in node.value:
+        key = str(key_node.value).replace("-", "_")
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise ValueError(
+                f"config file {path}: the setting '{key}' is given twice (lines {lines[key]} "
+                f"and {line}); keep one."
+            )
+        lines[key] = line
     # Accept kebab-case keys as written on the command line.
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     check_keys(data, str(path))
-    return data
+    return data, lines
 
 
-def resolve(config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+def resolve(
+    config_file: str | Path | None = None, *, given_as: str = "argument", **overrides: Any
+) -> TrainConfig:
     """Build a config from defaults, then a YAML file, then `overrides`.
 
     Overrides whose value is None are "not given" and do not replace the file.
+    A value that is not allowed raises ValueError naming the setting, the value,
+    what is allowed and where it came from: the YAML file and line, or the
+    override (`given_as` "flag" for command-line flags, "argument" otherwise).
 
     Example:
         >>> cfg = resolve("grpo.yaml", learning_rate=2e-5)
     """
     check_keys(overrides, "arguments")
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if config_file:
-        values.update(load_yaml(config_file))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    coerced = {}
-    for k, v in values.items():
-        coerced[k] = _coerce(k, v)
-    return TrainConfig(**coerced)
+        data, lines = _read_yaml(Path(config_file))
+        values.update(data)
+        origins.update({k: f"{config_file}, line {lines.get(k, '?')}" for k in data})
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = value
+            origins[key] = given_as
+    try:
+        return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    except SettingError as e:
+        raise ValueError(_explain(e, origins, config_file)) from None
+
+
+def _explain(e: SettingError, origins: dict[str, str], config_file: str | Path | None) -> str:
+    """A SettingError as one paragraph: which setting, its value, the rule, where it came from."""
+
+    def origin(key: str) -> str:
+        where = origins.get(key, "default")
+        if where == "flag":
+            return f"the flag --{key.replace('_', '-')}"
+        if where == "argument":
+            return f"the argument {key}="
+        return "its default" if where == "default" else where
+
+    def fix(key: str) -> str:
+        where = origins.get(key, "default")
+        if where == "flag":
+            return f"pass --{key.replace('_', '-')} another value"
+        if where == "argument":
+            return f"pass another {key}"
+        if where == "default":
+            return f"set {key}"
+        return f"change {key} in {config_file}"
+
+    key = e.keys[0]
+    if len(e.keys) == 1:
+        return f"{key} {e.rule}, got {e.value!r} (from {origin(key)}); {fix(key)}."
+    given = "; ".join(f"{k} from {origin(k)}" for k in e.keys)
+    return f"{e.rule} ({given}); {fix(key)}."

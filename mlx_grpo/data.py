@@ -290,9 +290,9 @@ def load_prompts(
             raise DataError(
                 f"{source}: the prompt has {len(ids)} tokens (chat template included), more "
                 f"than the limit of {max_prompt_tokens}: --max-prompt-length, or when unset the "
-                "model's context (max_position_embeddings in its config.json). Shorten or drop "
-                "that row, raise --max-prompt-length if you set it, or use a model with a longer "
-                "context."
+                "model's context (max_position_embeddings in its config.json) less "
+                "--max-completion-length. Shorten or drop that row, raise --max-prompt-length if "
+                "you set it, lower --max-completion-length, or use a model with a longer context."
             )
         columns = {k: v for k, v in row.items() if k != prompt_column}
         out.append(PromptRow(prompt=prompt, prompt_ids=ids, columns=columns, source=source))

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from mlx_grpo import data as data_mod
 from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.adapters import Adapter
+from mlx_grpo.config import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
 from mlx_grpo.models import load_model
 from mlx_grpo.rollout import SamplingSettings, rollout
 
@@ -85,8 +86,21 @@ def evaluate(
         ...                   group_by="kind")
         >>> print(result.table())
     """
+    for flag, value, allowed in (
+        ("--samples", num_samples, AT_LEAST_1),
+        ("--temperature", temperature, AT_LEAST_0),
+        ("--top-p", top_p, Range(0, 1, low_open=True)),
+        ("--max-tokens", max_tokens, AT_LEAST_1),
+        ("--batch-size", batch_size, AT_LEAST_1),
+        ("--success-threshold", success_threshold, Range()),
+        ("--limit", limit, AT_LEAST_1),
+        ("--seed", seed, Range(0, MAX_SEED)),
+    ):
+        check_option(flag, value, allowed)
     if num_samples > 1 and temperature == 0:
-        raise ValueError("num_samples > 1 needs sampling: set a temperature > 0")
+        raise ValueError("--samples > 1 needs sampling: set --temperature above 0")
+    if output is not None:
+        _check_output(Path(output), data)
     mx.random.seed(seed)
     lm = load_model(model)
     if adapter is not None:
@@ -96,6 +110,14 @@ def evaluate(
     rows = data_mod.load_prompts(data, lm.tokenizer, prompt_column, system_prompt, enable_thinking)[
         :limit
     ]
+    rewards_mod.check_arguments(funcs, (k for r in rows for k in r.columns), data)
+    _check_group_by(group_by, rows, data)
+    context = lm.config.get("max_position_embeddings")
+    if context is not None and max_tokens >= context:
+        raise ValueError(
+            f"--max-tokens {max_tokens} does not fit the model's context of {context} tokens "
+            f"(max_position_embeddings of {model}); pass --max-tokens below {context}."
+        )
     sampling = SamplingSettings(temperature, top_p, max_tokens=max_tokens)
     per_batch = max(1, batch_size // num_samples)
     records = []
@@ -105,15 +127,47 @@ def evaluate(
         chunk = rows[start : start + per_batch]
         records += _score_chunk(lm, chunk, funcs, num_samples, sampling, success_threshold)
     if output is not None:
-        Path(output).write_text("".join(json.dumps(r) + "\n" for r in records))
+        partial = Path(output).with_name(f".{Path(output).name}.partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in records))
+        partial.replace(output)  # a crash never leaves half a file where a good one was
     return EvalResult(summarize(records, num_samples, group_by), records)
+
+
+def _check_output(output: Path, data: str) -> None:
+    """Refuse an --output that is a folder, the --data file itself, or cannot be created."""
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give the path of a .jsonl file.")
+    if output.exists() and Path(data).exists() and output.resolve() == Path(data).resolve():
+        raise ValueError(
+            f"--output {output} is the --data file itself, which would be overwritten by the "
+            "completions; give another --output path."
+        )
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        raise ValueError(
+            f"--output {output}: the folder {parent} does not exist; create it or choose "
+            "another path."
+        )
+
+
+def _check_group_by(group_by: str | None, rows: list[data_mod.PromptRow], data: str) -> None:
+    if group_by is None or any(group_by in r.columns for r in rows):
+        return
+    columns = sorted({k for r in rows for k in r.columns})
+    raise ValueError(
+        f"--group-by {group_by!r}: no row of {data} has that column (it has "
+        f"{', '.join(columns) or 'only the prompt column'}); name one of those columns."
+    )
 
 
 def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any]]:
     batch = rollout(lm.model, [r.prompt_ids for r in chunk], n, sampling, lm.eos_ids, lm.pad_id)
     ids = batch.completion_lists()
     texts = [lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
-    per_func = rewards_mod.score_groups(funcs, chunk, n, texts, ids)
+    # Evaluation is outside training: the state of a run that has not started.
+    per_func = rewards_mod.score_groups(
+        funcs, chunk, n, texts, ids, state=rewards_mod.TrainerState()
+    )
     weights = np.array([f.weight for f in funcs])
     totals = np.nansum(per_func * weights, axis=1)
     out = []

@@ -1,17 +1,60 @@
-"""Ship an adapter: PEFT folder with a model card, fused model, Hugging Face Hub upload."""
+"""Ship an adapter: PEFT folder with a model card, mlx-lm import, fused model, Hub upload.
+
+Every output is written whole beside its place and renamed into it
+(outputs.build); the base model, the source adapter, runs, models and any
+folder this program did not make are never written into.
+
+The base model is recorded as the Hub knows it whenever that can be known
+(`hub_id`): --base-model, else the id the run trained on when it is a Hub id,
+else the `_name_or_path` of the local model's config.json, else the source a
+GGUF names. Otherwise the local path is recorded and the card says so; such
+an export is refused for the Hub.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mlx_grpo.adapters import Adapter
+from mlx_grpo.adapters import PEFT_CONFIG, Adapter
+from mlx_grpo.outputs import build, check_target
 
 CARD_FILE = "README.md"
+# org/name as the Hub spells repositories: no path tricks, no spaces, no newlines.
+_HUB_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` has the shape of a Hub model id, org/name."""
+    return isinstance(name, str) and _HUB_ID.fullmatch(name) is not None
+
+
+def hub_id(model: str | None) -> str | None:
+    """The Hub id of a model given as a Hub id, a local folder or a .gguf file; None if unknown.
+
+    A name that is not a local path counts when it has the org/name shape; a
+    local folder gives its config.json `_name_or_path` (transformers and
+    `mlx-grpo convert` write it) and a GGUF the source its metadata names.
+    """
+    if not model:
+        return None
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model if is_hub_id(model) else None
+    try:
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            from mlx_grpo.gguf import source_hub_id, string_metadata
+
+            return source_hub_id(string_metadata(path))
+        name = json.loads((path / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if is_hub_id(name) else None
 
 
 def export_peft(
@@ -19,13 +62,17 @@ def export_peft(
     output: str | Path,
     base_model: str | None = None,
     num_layers: int | None = None,
+    for_hub: bool = False,
 ) -> Path:
     """Convert a run or adapter directory into a PEFT LoRA folder with a model card.
 
     `base_model` names the model for `base_model_name_or_path` (default: the
-    model the run trained on). `num_layers` of the base lets the config omit
+    Hub id of the model the run trained on, see `hub_id`, else its local path).
+    `for_hub` refuses, before anything is written, a base known only as a
+    local path. `num_layers` of the base lets the config omit
     `layers_to_transform` when every layer is adapted; it is read from the
-    base model's config.json when that is a local directory.
+    base model's config.json when that is a local directory. `output` must be
+    new, empty or an earlier PEFT export, which is replaced whole.
 
     Example:
         >>> export_peft("runs/qwen3-gsm8k", "export/qwen3-gsm8k", base_model="Qwen/Qwen3-0.6B")
@@ -33,12 +80,39 @@ def export_peft(
     source, output = Path(source), Path(output)
     adapter = Adapter.load(source)
     run = _run_summary(source)
-    adapter.base_model = base_model or adapter.base_model or run.get("model")
+    trained_on = adapter.base_model or run.get("model")
+    adapter.base_model = base_model or hub_id(trained_on) or trained_on
+    if for_hub:
+        _require_hub_id(adapter.base_model, f"the export of {source}")
     if num_layers is None:
-        num_layers = _num_layers(adapter.base_model)
-    adapter.save_peft(output, num_layers)
-    (output / CARD_FILE).write_text(model_card(adapter, run))
+        num_layers = _num_layers(adapter.base_model) or _num_layers(trained_on)
+    with build(output, "peft", {"the source adapter": source, "the base model": trained_on}) as d:
+        adapter.save_peft(d, num_layers)
+        (d / CARD_FILE).write_text(model_card(adapter, run))
     return output
+
+
+def import_peft(source: str | Path, output: str | Path) -> Path:
+    """Convert a PEFT LoRA folder into an mlx-lm adapter folder (`train --adapter` reads it).
+
+    Example:
+        >>> import_peft("peft/qwen3-lora", "adapters/qwen3-lora")
+    """
+    adapter = Adapter.load_peft(source)
+    with build(output, "mlx-adapter", {"the PEFT adapter": source}) as folder:
+        adapter.save(folder)
+    return Path(output)
+
+
+def _require_hub_id(base: str | None, what: str) -> None:
+    if is_hub_id(base):
+        return
+    known = f"known only as {base!r}, not a Hub id (org/name)" if base else "not recorded"
+    raise ValueError(
+        f"{what} cannot go to the Hub: its base model is {known}, so no one else could load "
+        "the adapter; nothing was written or uploaded. Pass --base-model with the base's Hub "
+        "id, e.g. --base-model Qwen/Qwen3-0.6B."
+    )
 
 
 def _run_summary(source: Path) -> dict[str, Any]:
@@ -59,26 +133,34 @@ def _run_summary(source: Path) -> dict[str, Any]:
 
 
 def _num_layers(base_model: str | None) -> int | None:
-    if not base_model or not (Path(base_model) / "config.json").is_file():
+    folder = Path(base_model).expanduser() if base_model else None
+    if folder is None or not (folder / "config.json").is_file():
         return None
-    config = json.loads((Path(base_model) / "config.json").read_text())
-    return config.get("num_hidden_layers")
+    return json.loads((folder / "config.json").read_text()).get("num_hidden_layers")
 
 
 def model_card(adapter: Adapter, run: dict[str, Any]) -> str:
-    """A Hugging Face model card (README.md) for the exported adapter."""
-    base = adapter.base_model or "unknown"
+    """A Hugging Face model card (README.md) for the exported adapter.
+
+    Names and settings are escaped where they land (YAML, Markdown, Python),
+    so none can add metadata keys, table rows or code.
+    """
+    base = adapter.base_model
+    on_hub = is_hub_id(base)
+    meta: dict[str, Any] = {"base_model": base} if on_hub else {}
+    meta |= {"library_name": "peft", "tags": ["lora", "grpo", "mlx-grpo"]}
     rewards = run.get("rewards") or []
     weights = run.get("reward_weights") or [1.0] * len(rewards)
-    reward_lines = "\n".join(f"- `{r}` (weight {w:g})" for r, w in zip(rewards, weights))
-    final = run.get("final_reward")
-    first = run.get("first_reward")
+    reward_lines = "\n".join(
+        f"- {_code(r, table=False)} (weight {_md(_fmt(w))})" for r, w in zip(rewards, weights)
+    )
+    local = "" if on_hub or not base else " (not a Hub id)"
     rows = [
-        ("base model", f"`{base}`"),
-        ("training data", f"`{run['data']}`" if run.get("data") else "not recorded"),
-        ("steps", run.get("steps_done", "not recorded")),
-        ("reward, first step", _fmt(first)),
-        ("reward, mean of the last 10 steps", _fmt(final)),
+        ("base model", (_code(base) if base else "unknown") + local),
+        ("training data", _code(run["data"]) if run.get("data") else "not recorded"),
+        ("steps", _md(run.get("steps_done", "not recorded"))),
+        ("reward, first step", _md(_fmt(run.get("first_reward")))),
+        ("reward, mean of the last 10 steps", _md(_fmt(run.get("final_reward")))),
         (
             "LoRA",
             f"r = {adapter.rank}, alpha = {adapter.alpha:g}"
@@ -96,21 +178,22 @@ def model_card(adapter: Adapter, run: dict[str, Any]) -> str:
         "temperature",
     ):
         if key in run:
-            rows.append((key, run[key]))
+            rows.append((key, _md(run[key])))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    note = (
+        ""
+        if on_hub or not base
+        else "\nThe base model is recorded as a local path (or another name that is not a Hub "
+        "id), so the adapter loads only where that model is. Export again with `--base-model` "
+        "and the base's Hub id before sharing it.\n"
+    )
     return f"""---
-base_model: {base}
-library_name: peft
-tags:
-- lora
-- grpo
-- mlx-grpo
----
+{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---
 
-# LoRA adapter for {base}, trained with GRPO
+# LoRA adapter for {_md(base or "an unrecorded base model")}, trained with GRPO
 
 Trained with mlx-grpo: GRPO through a LoRA adapter on Apple MLX.
-
+{note}
 | | |
 |---|---|
 {table}
@@ -125,10 +208,24 @@ Reward functions:
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-base = AutoModelForCausalLM.from_pretrained("{base}")
+base = AutoModelForCausalLM.from_pretrained({json.dumps(base or "<base model>")})
 model = PeftModel.from_pretrained(base, "<this repository or folder>")
 ```
 """
+
+
+def _md(value: Any) -> str:
+    """Plain Markdown text on one line: whitespace collapsed, markup characters escaped."""
+    text = " ".join(str(value).split())
+    return re.sub(r"([\\`*_\[\]<>#|!~])", r"\\\1", text)
+
+
+def _code(value: Any, table: bool = True) -> str:
+    """An inline code span on one line; its fence is longer than any backtick run inside."""
+    text = " ".join(str(value).split())
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    span = f"{fence} {text} {fence}"
+    return span.replace("|", "\\|") if table else span  # GFM splits cells on | even in code
 
 
 def _fmt(value: Any) -> str:
@@ -141,6 +238,8 @@ def fuse(model: str, adapter: str | Path, output: str | Path, dequantize: bool =
     """Save base + adapter as one model (W + scale B^T A^T) that `mlx_lm.load` accepts.
 
     Quantized bases are re-quantized after merging unless `dequantize`.
+    `output` must be new, empty or an earlier fused model, which is replaced
+    whole; the base model's folder (or its Hub download) is never written.
 
     Example:
         >>> fuse("Qwen/Qwen3-0.6B", "runs/qwen3-gsm8k", "fused/qwen3-gsm8k")
@@ -151,6 +250,12 @@ def fuse(model: str, adapter: str | Path, output: str | Path, dequantize: bool =
     from mlx_grpo.lora import LoRALinear
     from mlx_grpo.models import load_model
 
+    protected = {
+        "the base model": model,
+        "the base model's download": _hub_snapshot(model),
+        "the adapter": adapter,
+    }
+    check_target(output, "fused", protected)  # before loading anything
     lm = load_model(model, dtype="auto")
     Adapter.load(adapter).attach(lm.model)
     fused = [
@@ -164,17 +269,34 @@ def fuse(model: str, adapter: str | Path, output: str | Path, dequantize: bool =
         lm.model = dequantize_model(lm.model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-    output = Path(output)
-    save(output, model, lm.model, lm.tokenizer, config, donate_model=False)
-    return output
+    with build(output, "fused", protected) as folder:
+        save(folder, model, lm.model, lm.tokenizer, config, donate_model=False)
+    return Path(output)
+
+
+def _hub_snapshot(model: str) -> Path | None:
+    """The local copy of a Hub model that mlx-lm downloaded, when there is one."""
+    if Path(model).expanduser().exists() or not is_hub_id(model):
+        return None
+    from mlx_lm.utils import hf_repo_to_path
+
+    try:
+        return hf_repo_to_path(model)
+    except Exception:  # not downloaded (or incomplete): nothing there to protect
+        return None
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, api: Any = None) -> str:
     """Upload `folder` to the Hub repository `repo_id` (created if missing); return its URL.
 
     The token comes from the environment (HF_TOKEN) or the huggingface-cli
-    login, as huggingface_hub finds it; it is never printed.
+    login, as huggingface_hub finds it; it is never printed. A PEFT folder
+    whose base model is not a Hub id is refused before anything is uploaded.
     """
+    config = Path(folder) / PEFT_CONFIG
+    if config.is_file():  # a PEFT adapter: its base must be loadable by others
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+        _require_hub_id(base, f"{folder}")
     if api is None:
         from huggingface_hub import HfApi
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlx_grpo.adapters import Adapter
+from mlx_grpo.config import AT_LEAST_0, AT_LEAST_1, check_option
 from mlx_grpo.data import encode_prompt
 from mlx_grpo.models import load_model
 
@@ -26,6 +27,10 @@ def generate(
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
+    check_option("--max-tokens", max_tokens, AT_LEAST_1)
+    check_option("--temperature", temperature, AT_LEAST_0)
+    if not prompt.strip():
+        raise ValueError("the prompt is empty; give the text to reply to, e.g. 'What is 17 * 3?'")
     lm = load_model(model)
     if adapter is not None:
         Adapter.load(adapter).attach(lm.model)

@@ -32,6 +32,10 @@ byte-level BPE from `tokenizer.ggml.tokens` + `merges`, control tokens (type 3)
 as special added tokens, user-defined ones (type 4) as plain added tokens, and
 the pre-tokenizer that `tokenizer.ggml.pre` names, as in llama.cpp's table.
 
+The Hub id the GGUF names as its source (`source_hub_id`) goes into the
+config's `_name_or_path`, so an adapter trained on the converted model can
+name its base as the Hub knows it.
+
 Refused with a ValueError: other architectures, tensor types other than F32,
 F16, Q4_0, Q4_1, Q8_0 (K-quants, IQ-quants, BF16, ...), SentencePiece
 vocabularies, unknown pre-tokenizers, RoPE scaling other than linear, and
@@ -45,9 +49,12 @@ import json
 import mmap
 import re
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlx.core as mx
+
+from mlx_grpo.outputs import build, check_target
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -105,6 +112,8 @@ def convert_gguf(
 
     `keep_quantized`: None keeps Q4_x/Q8_0 packed on an Apple GPU and
     dequantizes them to float32 elsewhere (the CPU); True/False force it.
+    `output` must be new, empty or an earlier conversion (replaced whole); the
+    folder is written beside it and renamed into place (outputs.build).
 
     Example:
         >>> from mlx_grpo.smollm2 import fetch_smollm2_gguf
@@ -114,6 +123,8 @@ def convert_gguf(
     gguf_path, output = Path(gguf_path), Path(output)
     if not gguf_path.is_file():
         raise ValueError(f"GGUF file {gguf_path} does not exist; pass the path of a .gguf file")
+    protected = {"the GGUF file": gguf_path}
+    check_target(output, "converted", protected)  # before the slow part
     if keep_quantized is None:
         keep_quantized = mx.metal.is_available()
     for name, kind in tensor_types(gguf_path).items():  # before mx.load, which may choke
@@ -141,17 +152,57 @@ def convert_gguf(
         # mlx-lm reads 4 or 8 bits per layer from the shapes; these are only defaults.
         config["quantization"] = {"group_size": 32, "bits": 4, "mode": "affine"}
         config["quantization_config"] = config["quantization"]
+    if repo := source_hub_id(meta):
+        config["_name_or_path"] = repo
     files = _tokenizer_files(meta, config, gguf_path)
     files["config.json"] = json.dumps(config, indent=2)
-    output.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(output / "model.safetensors"), weights, metadata={"format": "mlx"})
-    for name, text in files.items():
-        (output / name).write_text(text)
+    with build(output, "converted", protected) as folder:
+        mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+        for name, text in files.items():
+            (folder / name).write_text(text)
     return output
+
+
+# Where a GGUF may name the Hub repository it was converted from, most specific first.
+_SOURCE_KEYS = (
+    "general.source.huggingface.repository",
+    "general.source.repo_url",
+    "general.source.url",
+    "general.name",
+)
+
+
+def source_hub_id(meta: Mapping[str, object]) -> str | None:
+    """The Hub id (org/name) a GGUF's metadata names as its source; None when none does.
+
+    llama.cpp's converter writes `general.source.huggingface.repository` (older)
+    or `general.source.repo_url` (https://huggingface.co/org/name); a
+    `general.name` counts only when it has the org/name shape. The base model of
+    a fine-tune (`general.base_model.*`) is another model and is not used.
+    """
+    from mlx_grpo.export import is_hub_id
+
+    for key in _SOURCE_KEYS:
+        value = meta.get(key)
+        if isinstance(value, str):
+            value = re.sub(r"^https?://huggingface\.co/", "", value.strip()).rstrip("/")
+            if is_hub_id(value):
+                return value
+    return None
+
+
+def string_metadata(path: str | Path) -> dict[str, str]:
+    """The string-valued metadata of a GGUF, read from its header alone (no tensors)."""
+    return _read_header(path)[0]
 
 
 def tensor_types(path: str | Path) -> dict[str, int]:
     """GGML type id of every tensor, read from the GGUF header (mx.load does not tell)."""
+    return _read_header(path)[1]
+
+
+def _read_header(path: str | Path) -> tuple[dict[str, str], dict[str, int]]:
+    """(string metadata, tensor types) of a GGUF file."""
     with open(path, "rb") as f:
         magic, version = struct.unpack("<4sI", f.read(8).ljust(8, b"\0"))
         if magic != b"GGUF" or version not in (2, 3):
@@ -161,17 +212,21 @@ def tensor_types(path: str | Path) -> dict[str, int]:
             )
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
-                return _read_types(buf)
+                return _parse_header(buf)
             except (struct.error, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: truncated or corrupt GGUF header ({e})") from e
 
 
-def _read_types(buf: mmap.mmap) -> dict[str, int]:
+def _parse_header(buf: mmap.mmap) -> tuple[dict[str, str], dict[str, int]]:
     n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
     pos = 24
+    strings = {}
     for _ in range(n_kv):
-        pos = _skip(buf, pos, 8)  # the key
+        key = _string(buf, pos)
+        pos = _skip(buf, pos, 8)
         (kind,) = struct.unpack_from("<I", buf, pos)
+        if kind == 8:
+            strings[key] = _string(buf, pos + 4)
         pos = _skip(buf, pos + 4, kind)
     types = {}
     for _ in range(n_tensors):
@@ -181,7 +236,12 @@ def _read_types(buf: mmap.mmap) -> dict[str, int]:
         pos += 8 + length + 4 + 8 * n_dims
         types[name] = struct.unpack_from("<I", buf, pos)[0]
         pos += 4 + 8  # type, data offset
-    return types
+    return strings, types
+
+
+def _string(buf: mmap.mmap, pos: int) -> str:
+    (length,) = struct.unpack_from("<Q", buf, pos)
+    return bytes(buf[pos + 8 : pos + 8 + length]).decode("utf-8")
 
 
 _SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}

@@ -9,7 +9,6 @@ that hides the padding, so a padded row computes what it would alone.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # Model types whose __call__ does more than head(model(x)) (soft-capping, scaling).
 _OWN_HEAD = {"gemma", "gemma2", "gemma3", "gemma3_text", "cohere", "cohere2", "granite"}
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 
 
 @dataclass
@@ -110,6 +110,16 @@ def _check_model_dir(folder: Path) -> None:
             f"{file} holds {json.dumps(config)[:40]}, not a JSON object of model settings; "
             f"restore the model's original config.json, {whole}."
         )
+    tokenizer = [n for n in _TOKENIZER_FILES if (folder / n).is_file()]
+    tokenizer += [p.name for p in folder.glob("*.tiktoken")]
+    if not tokenizer:
+        raise ValueError(
+            f"model directory {folder} has no tokenizer: none of {', '.join(_TOKENIZER_FILES)} "
+            f"is there. Copy the model's tokenizer files (tokenizer.json, tokenizer_config.json) "
+            f"into it, {whole}."
+        )
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        _read_json(folder / name, f"restore the model's original {name}, {whole}")
     if not list(folder.glob("model*.safetensors")):
         others = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
         found = f" (it holds {', '.join(others)})" if others else ""
@@ -118,6 +128,23 @@ def _check_model_dir(folder: Path) -> None:
             f"there are none{found}. Copy the model's model*.safetensors files into it, convert "
             f"other formats with `mlx_lm.convert`, {whole}."
         )
+
+
+def _read_json(file: Path, fix: str) -> dict | None:
+    """A JSON object file of a model folder (None when absent); refuse one that is not."""
+    if not file.is_file():
+        return None
+    try:
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}); {fix}.") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}."
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} holds {json.dumps(value)[:40]}, not a JSON object; {fix}.")
+    return value
 
 
 def converted_gguf(gguf: Path) -> Path:
@@ -130,10 +157,8 @@ def converted_gguf(gguf: Path) -> Path:
     stat = gguf.stat()
     target = cache_dir() / "converted" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if not target.is_dir():
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        convert_gguf(gguf, partial)
-        partial.rename(target)  # a crash mid-conversion leaves no half model behind
+        # Built in a hidden sibling, marked and renamed into place: a crash leaves no half model.
+        convert_gguf(gguf, target)
     return target
 
 
@@ -174,10 +199,8 @@ def _generation_config_eos(path: Path | None) -> set[int]:
     """EOS ids of generation_config.json (Qwen3 also stops on <|endoftext|>)."""
     if path is None:
         return set()
-    file = path / "generation_config.json"
-    if not file.is_file():
-        return set()
-    eos = json.loads(file.read_text()).get("eos_token_id")
+    config = _read_json(path / "generation_config.json", "restore the model's original one")
+    eos = (config or {}).get("eos_token_id")
     if eos is None:
         return set()
     return {int(e) for e in (eos if isinstance(eos, list) else [eos])}

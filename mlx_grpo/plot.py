@@ -81,21 +81,27 @@ def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise ValueError(f"{path} not found: is {run_dir} the output_dir of a training run?")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.start}); it is not a metrics file this program "
+            "wrote. Plot the output_dir of a training run."
+        ) from None
     records = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}, line {lineno}: expected a JSON object of metrics, "
-                    f"got {type(record).__name__}"
-                )
-            records.append(record)
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}, line {lineno}: expected a JSON object of metrics, "
+                f"got {type(record).__name__}"
+            )
+        records.append(record)
     if not records:
         raise ValueError(f"{path} is empty: the run has not logged a step yet")
     return records
@@ -164,7 +170,7 @@ def _title(run_dir: Path) -> str:
     if config.is_file():
         try:
             model = (yaml.safe_load(config.read_text()) or {}).get("model")
-        except (yaml.YAMLError, AttributeError):
+        except (yaml.YAMLError, AttributeError, ValueError):
             model = None  # a broken config should not stop the plot
         if model:
             model = str(model)

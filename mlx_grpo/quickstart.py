@@ -20,6 +20,7 @@ from mlx_grpo.arithmetic import write_split
 from mlx_grpo.evaluate import evaluate
 from mlx_grpo.export import export_peft
 from mlx_grpo.models import converted_gguf
+from mlx_grpo.outputs import own_folder
 from mlx_grpo.smollm2 import fetch_smollm2_gguf
 from mlx_grpo.trainer import train
 
@@ -62,13 +63,15 @@ def run_quickstart(
 ) -> dict[str, Any]:
     """Run the whole main job; return (and write to summary.json) its figures.
 
+    `output_dir` must be new, empty or an earlier quickstart's folder (marked
+    by outputs.MARKER), whose run, evaluations and export are replaced.
+
     Example:
         >>> summary = run_quickstart("runs/quickstart", minutes=10)
         >>> summary["after"]["all"]["accuracy"] > summary["before"]["all"]["accuracy"]
         True
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = own_folder(output_dir, "quickstart")
     started = time.perf_counter()
     say = print if show_progress else (lambda *a: None)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,13 @@ import numpy as np
 from tqdm import tqdm
 
 from mlx_grpo.objective import Advantages, nanstd
+from mlx_grpo.runfolder import disk_full, is_disk_full, open_append, open_new, refuse_symlinks
 
 METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"
 REWARD_ERRORS_FILE = "reward_errors.jsonl"
 CONFIG_FILE = "config.yaml"
+LOG_FILES = (METRICS_FILE, COMPLETIONS_FILE, REWARD_ERRORS_FILE)
 
 
 def _clean(value: Any) -> Any:
@@ -29,23 +33,81 @@ def clean_record(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: _clean(v) for k, v in metrics.items()}
 
 
-def rewrite_logs(output_dir: Path, metrics: list[dict[str, Any]], step: int) -> None:
+def rewrite_logs(output_dir: Path, metrics: list[dict[str, Any]], step: int) -> list[str]:
     """Set a run's logs back to step `step`: its metrics, and records of steps <= `step`.
 
-    Used on resume, so the logs read as if the run had never stopped.
+    Used on resume, so the logs read as if the run had never stopped. A last
+    line cut short (the process was killed while writing it) is dropped;
+    returns a warning for each such line. Any other line that is not a JSON
+    record is refused with its file and line number.
     """
-    _replace(output_dir / METRICS_FILE, [json.dumps(m) for m in metrics])
-    for name in (COMPLETIONS_FILE, REWARD_ERRORS_FILE):
+    output_dir = Path(output_dir)
+    refuse_symlinks(output_dir, LOG_FILES)
+    notes = []
+    for name in LOG_FILES:
         path = output_dir / name
-        if path.exists():
-            lines = path.read_text().splitlines()
-            _replace(path, [x for x in lines if x.strip() and json.loads(x)["step"] <= step])
+        records, note = _read_records(path)
+        notes += [note] if note else []
+        if name != METRICS_FILE and path.exists():
+            _replace(path, [json.dumps(r) for r in records if r["step"] <= step])
+    # The metrics come from the checkpoint, which holds every step up to `step`.
+    _replace(output_dir / METRICS_FILE, [json.dumps(m) for m in metrics])
+    return notes
+
+
+def check_logs(output_dir: Path) -> list[str]:
+    """Read a run's logs as `rewrite_logs` will (writes nothing); its warnings, or ValueError."""
+    refuse_symlinks(output_dir, LOG_FILES)
+    notes = [_read_records(output_dir / name)[1] for name in LOG_FILES]
+    return [note for note in notes if note]
+
+
+def _read_records(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The JSON records of a log file, and a warning when its last line was cut short."""
+    if not path.exists():
+        return [], None
+    lines = path.read_text(errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                return records, (
+                    f"warning: dropped the last line of {path} (line {number}), cut short when "
+                    "the run stopped while writing it"
+                )
+            raise ValueError(
+                f"{path} line {number} is not valid JSON ({exc.msg} at column {exc.colno}), so "
+                "the run cannot continue its logs. The file was edited or damaged: repair or "
+                "delete that line, then resume again."
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(
+                f"{path} line {number} is not a record of this run's log (a JSON object with "
+                "an integer 'step'). Repair or delete that line, then resume again."
+            )
+        records.append(record)
+    return records, None
 
 
 def _replace(path: Path, lines: list[str]) -> None:
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(line + "\n" for line in lines))
-    partial.replace(path)
+    partial.unlink(missing_ok=True)  # a symlink left there is removed, not written through
+    try:
+        with open_new(partial) as f:
+            f.write("".join(line + "\n" for line in lines))
+        partial.replace(path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            kept = "The checkpoints and the other logs are intact."
+            raise disk_full("the logs", path, kept, _resume_hint(path.parent)) from None
+        raise
 
 
 class Reporter:
@@ -65,8 +127,8 @@ class Reporter:
     ):
         self.output_dir = output_dir
         self.enabled = enabled
-        self.metrics_file = open(output_dir / METRICS_FILE, "a") if enabled else None
-        self.samples_file = open(output_dir / COMPLETIONS_FILE, "a") if enabled else None
+        self.metrics_file = open_append(output_dir / METRICS_FILE) if enabled else None
+        self.samples_file = open_append(output_dir / COMPLETIONS_FILE) if enabled else None
         self.bar = tqdm(
             total=total_steps,
             initial=initial,
@@ -79,8 +141,9 @@ class Reporter:
         if not self.enabled:
             return
         record = clean_record(metrics)
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        with self._writing(f"the metrics of step {metrics.get('step')}", METRICS_FILE):
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
         shown = {"reward": "reward", "loss": "loss", "kl": "kl", "completions/mean_length": "len"}
         self.bar.set_postfix(
             {short: f"{metrics[k]:.4g}" for k, short in shown.items() if metrics.get(k) is not None}
@@ -91,9 +154,10 @@ class Reporter:
         """Record completions of this step; print the first `show` of them."""
         if not self.enabled:
             return
-        for row in rows:
-            self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
-        self.samples_file.flush()
+        with self._writing(f"the completions of step {step}", COMPLETIONS_FILE):
+            for row in rows:
+                self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
+            self.samples_file.flush()
         for row in rows[:show]:
             prompt = (
                 row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
@@ -104,6 +168,17 @@ class Reporter:
                 f"prompt: {_short(prompt)}\ncompletion: {_short(row['completion'], 400)}"
             )
 
+    @contextmanager
+    def _writing(self, what: str, name: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            kept = "The checkpoints already written are intact."
+            where = self.output_dir / name
+            raise disk_full(what, where, kept, _resume_hint(self.output_dir)) from None
+
     def write(self, text: str) -> None:
         if self.enabled:
             self.bar.write(text)
@@ -111,8 +186,16 @@ class Reporter:
     def close(self) -> None:
         self.bar.close()
         if self.enabled:
-            self.metrics_file.close()
-            self.samples_file.close()
+            for f in (self.metrics_file, self.samples_file):
+                try:
+                    f.close()
+                except OSError as exc:  # a line still buffered on a full disk: already reported
+                    if not is_disk_full(exc):
+                        raise
+
+
+def _resume_hint(output_dir: Path) -> str:
+    return f"continue with `mlx-grpo train --resume {output_dir}`"
 
 
 def _fmt(v: float | None) -> str:

@@ -1,9 +1,10 @@
 """A training run's state: set up from its settings, saved to and restored from
 checkpoints, and handed from process 0 to the others in a distributed run.
 
-`setup` loads everything a run needs (rewards, model, adapters, data,
-optimizer) and checks every input before anything is written; the step loop
-that moves a `Run` forward is in trainer.py.
+`setup` locks the run folder, loads everything a run needs (model, adapters,
+data, optimizer, and last the rewards, whose code it imports) and checks every
+input before anything is written; the step loop that moves a `Run` forward is
+in trainer.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_grpo import __version__, checkpoint
+from mlx_grpo import __version__, checkpoint, runfolder
 from mlx_grpo import data as data_mod
 from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.adapters import Adapter
@@ -26,7 +27,8 @@ from mlx_grpo.config import TrainConfig
 from mlx_grpo.distributed import Peers
 from mlx_grpo.lora import apply_lora, parse_layers, total_count, trainable_count
 from mlx_grpo.models import LoadedModel, checkpoint_blocks, load_model
-from mlx_grpo.reporting import CONFIG_FILE, rewrite_logs
+from mlx_grpo.reporting import CONFIG_FILE, check_logs, rewrite_logs
+from mlx_grpo.runfolder import RunLock
 
 
 @dataclass
@@ -50,8 +52,17 @@ class Run:
     saved_step: int = 0  # step of the newest checkpoint on disk
     resume_notes: list[str] = field(default_factory=list)  # checkpoints not used, and why, ...
     model_fingerprint: str | None = None  # of the local model folder, taken once at setup
+    data_fingerprint: dict[str, Any] = field(default_factory=dict)  # rows and hash, at setup
     peers: Peers = field(default_factory=Peers)  # the processes of a data-parallel run
     last: checkpoint.Snapshot | None = None  # state after the last completed step
+    lock: RunLock | None = None  # of the output directory, held by process 0 until the end
+    unsaved_step: int = -1  # a step whose checkpoint failed for a full disk: not retried
+
+    def release(self) -> None:
+        """Free the run folder for another process (the end of `train`)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def snapshot(run: Run) -> checkpoint.Snapshot:
@@ -70,7 +81,8 @@ def snapshot(run: Run) -> checkpoint.Snapshot:
         "bad_updates": run.bad_updates,
         "metrics": list(run.history),
         "rewards": [r.name for r in run.rewards],
-        "model_fingerprint": run.model_fingerprint,
+        "model_sha256": run.model_fingerprint,
+        "data": run.data_fingerprint,
         "processes": run.peers.size,
         "config": cfg.to_dict(),
     }
@@ -78,18 +90,12 @@ def snapshot(run: Run) -> checkpoint.Snapshot:
 
 
 def restore(run: Run, saved: checkpoint.Loaded) -> None:
-    """Put a checkpoint's adapter, optimizer, data position and RNG into `run`."""
+    """Put a checked checkpoint's adapter, optimizer, data position and RNG into `run`.
+
+    Then the logs are set back to its step and surplus checkpoints pruned.
+    """
     state = saved.state
-    checkpoint.check_compatible(saved, run.cfg, [r.name for r in run.rewards])
-    weights = {f"{p}.lora_a": a for p, a in saved.adapter.lora_a.items()}
-    weights |= {f"{p}.lora_b": b for p, b in saved.adapter.lora_b.items()}
-    current = dict(tree_flatten(run.lm.model.trainable_parameters()))
-    if set(weights) != set(current) or any(weights[k].shape != current[k].shape for k in current):
-        raise ValueError(
-            f"the adapter in {saved.path} does not fit the model as this run configures it "
-            f"({len(weights)} factors saved, {len(current)} expected); the checkpoint belongs "
-            "to another model or LoRA shape. Resume with the run's own model, or start anew."
-        )
+    weights = _adapter_weights(saved)
     run.lm.model.update(tree_unflatten(list(weights.items())))
     run.optimizer.state = tree_unflatten(list(saved.optimizer.items()))
     mx.eval(run.lm.model.parameters(), run.optimizer.state)
@@ -107,7 +113,24 @@ def restore(run: Run, saved: checkpoint.Loaded) -> None:
             "as the original run would have)"
         )
     checkpoint.restore_rng(state["rng"])
-    rewrite_logs(run.output_dir, run.history, run.step)
+    run.resume_notes += rewrite_logs(run.output_dir, run.history, run.step)
+    checkpoint.tidy(run.output_dir, run.cfg.save_total_limit, saved.path)
+
+
+def _adapter_weights(saved: checkpoint.Loaded) -> dict[str, mx.array]:
+    weights = {f"{p}.lora_a": a for p, a in saved.adapter.lora_a.items()}
+    return weights | {f"{p}.lora_b": b for p, b in saved.adapter.lora_b.items()}
+
+
+def _check_adapter_fits(model: Any, saved: checkpoint.Loaded) -> None:
+    weights = _adapter_weights(saved)
+    current = dict(tree_flatten(model.trainable_parameters()))
+    if set(weights) != set(current) or any(weights[k].shape != current[k].shape for k in current):
+        raise ValueError(
+            f"the adapter in {saved.path} does not fit the model as this run configures it "
+            f"({len(weights)} factors saved, {len(current)} expected); the checkpoint belongs "
+            "to another model or LoRA shape. Resume with the run's own model, or start anew."
+        )
 
 
 def setup(
@@ -116,26 +139,95 @@ def setup(
     resume: bool = False,
     peers: Peers | None = None,
 ) -> Run:
-    """Seed, load rewards, model, adapters and data, then prepare the output directory.
+    """Lock the output directory, load and check every input, then prepare the directory.
 
-    With `resume`, the output directory's newest checkpoint is restored.
-    Nothing is written before every input has been checked. In a distributed
-    run only process 0 touches the output directory; it hands its state
-    (adapter, optimizer, data position, RNG) to the others.
+    With `resume`, the newest usable checkpoint is checked against the model,
+    data and LoRA shape, then restored. Nothing is written before every input
+    has been checked, and the reward code is imported last, after every other
+    check passed. The returned run holds the folder's lock: call
+    `run.release()` when done. In a distributed run only process 0 locks and
+    touches the output directory; it hands its state (adapter, optimizer,
+    data position, RNG) to the others.
     """
     peers = peers or Peers()
-    output_dir = checkpoint.check_output(cfg, resume) if peers.main else Path(cfg.output_dir)
-    mx.random.seed(cfg.seed)
-    rewards = rewards_mod.load_rewards(cfg.rewards, None) if cfg.rewards or not reward_funcs else []
-    rewards += [rewards_mod.Reward(getattr(f, "__name__", "reward"), f) for f in reward_funcs]
-    weights = cfg.reward_weights or [1.0] * len(rewards)
-    if len(weights) != len(rewards):
-        names = [r.name for r in rewards]
-        raise ValueError(
-            f"reward_weights has {len(weights)} values for {len(rewards)} rewards {names}"
-        )
-    rewards = [rewards_mod.Reward(r.name, r.fn, w) for r, w in zip(rewards, weights)]
+    output_dir, lock, saved = Path(cfg.output_dir), None, None
+    if peers.main:
+        output_dir = checkpoint.check_output(cfg, resume)
+        if resume:
+            lock = runfolder.lock(output_dir)
+        elif output_dir.is_dir():
+            runfolder.check_unlocked(output_dir)
+    try:
+        if peers.main:
+            runfolder.refuse_symlinks(output_dir, checkpoint.RUN_FILES)
+            if resume:
+                saved = checkpoint.latest(output_dir)
+                check_logs(output_dir)
+        run = _load(cfg, reward_funcs, peers, output_dir, saved)
+        if saved is not None:
+            restore(run, saved)
+        elif peers.main:
+            lock = _start_output(cfg, output_dir)
+        run.lock = lock
+        share_state(run)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return run
 
+
+def _load(
+    cfg: TrainConfig,
+    reward_funcs: list[Callable],
+    peers: Peers,
+    output_dir: Path,
+    saved: checkpoint.Loaded | None,
+) -> Run:
+    """Model, data and optimizer, checked against `saved`; then the rewards."""
+    mx.random.seed(cfg.seed)
+    lm, paths = _load_model(cfg)
+    model_sha256 = checkpoint.fingerprint(cfg.model)
+    max_prompt = cfg.prompt_limit(lm.config.get("max_position_embeddings"), cfg.model)
+    rows = data_mod.load_prompts(
+        cfg.data,
+        lm.tokenizer,
+        cfg.prompt_column,
+        cfg.system_prompt,
+        cfg.enable_thinking,
+        max_prompt,
+    )
+    data = checkpoint.data_fingerprint(rows)
+    if saved is not None:
+        checkpoint.check_compatible(saved, cfg, model_sha256, data)
+        _check_adapter_fits(lm.model, saved)
+    rewards = _load_rewards(cfg, reward_funcs)  # imports user code: after every other check
+    rewards_mod.check_arguments(rewards, (k for r in rows for k in r.columns), cfg.data)
+    if saved is not None:
+        checkpoint.check_rewards(saved, [r.name for r in rewards])
+    optimizer = optim.AdamW(
+        learning_rate=cfg.learning_rate,
+        betas=[cfg.adam_beta1, cfg.adam_beta2],
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+        bias_correction=True,  # as torch.optim.AdamW
+    )
+    optimizer.init(lm.model.trainable_parameters())  # so a checkpoint before step 1 has it
+    run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, np.random.default_rng(cfg.seed))
+    run.model_fingerprint, run.data_fingerprint, run.peers = model_sha256, data, peers
+    peers.check_same(
+        {
+            "versions": [mx.__version__, __version__],
+            "model": [lm.config, run.model_fingerprint, paths],
+            "data": [r.prompt_ids for r in rows],
+            "rewards": [[r.name, r.weight] for r in rewards],
+        }
+    )
+    return run
+
+
+def _load_model(cfg: TrainConfig) -> tuple[LoadedModel, list[str]]:
+    """The base model with LoRA applied (or the starting adapter attached)."""
     lm = load_model(cfg.model, cfg.dtype)
     if cfg.adapter:
         start = Adapter.load(cfg.adapter)
@@ -150,43 +242,43 @@ def setup(
     if cfg.grad_checkpoint:
         checkpoint_blocks(lm.model)
     mx.eval(lm.model.parameters())
+    return lm, paths
 
-    max_prompt = cfg.max_prompt_length or lm.config.get("max_position_embeddings")
-    rows = data_mod.load_prompts(
-        cfg.data,
-        lm.tokenizer,
-        cfg.prompt_column,
-        cfg.system_prompt,
-        cfg.enable_thinking,
-        max_prompt,
-    )
-    optimizer = optim.AdamW(
-        learning_rate=cfg.learning_rate,
-        betas=[cfg.adam_beta1, cfg.adam_beta2],
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
-        bias_correction=True,  # as torch.optim.AdamW
-    )
-    optimizer.init(lm.model.trainable_parameters())  # so a checkpoint before step 1 has it
-    run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, np.random.default_rng(cfg.seed))
-    run.model_fingerprint = checkpoint.fingerprint(cfg.model)
-    run.peers = peers
-    peers.check_same(
-        {
-            "versions": [mx.__version__, __version__],
-            "model": [lm.config, run.model_fingerprint, paths],
-            "data": [r.prompt_ids for r in rows],
-            "rewards": [[r.name, r.weight] for r in rewards],
-        }
-    )
-    if peers.main:
-        if resume:
-            restore(run, checkpoint.latest(output_dir))
-        else:
-            checkpoint.prepare_output(cfg)
+
+def _load_rewards(cfg: TrainConfig, reward_funcs: list[Callable]) -> list[rewards_mod.Reward]:
+    """The named rewards (imported here), then the callables, with their weights."""
+    rewards = rewards_mod.load_rewards(cfg.rewards, None) if cfg.rewards or not reward_funcs else []
+    rewards += [rewards_mod.Reward(getattr(f, "__name__", "reward"), f) for f in reward_funcs]
+    weights = cfg.reward_weights or [1.0] * len(rewards)
+    if len(weights) != len(rewards):
+        names = [r.name for r in rewards]
+        raise ValueError(
+            f"reward_weights has {len(weights)} values for {len(rewards)} rewards {names}"
+        )
+    return [rewards_mod.Reward(r.name, r.fn, w) for r, w in zip(rewards, weights)]
+
+
+def _start_output(cfg: TrainConfig, output_dir: Path) -> RunLock:
+    """Lock a new run's output directory, clear it (--overwrite), write config.yaml."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = runfolder.lock(output_dir)
+    try:
+        checkpoint.check_output(cfg, False)  # again: another run may have started meanwhile
+        runfolder.refuse_symlinks(output_dir, checkpoint.RUN_FILES)
+        checkpoint.prepare_output(cfg)
+        runfolder.refuse_symlinks(output_dir, [CONFIG_FILE])
+        try:
             cfg.save(output_dir / CONFIG_FILE)
-    share_state(run)
-    return run
+        except OSError as exc:
+            if not runfolder.is_disk_full(exc):
+                raise
+            what, where = "the run's settings", output_dir / CONFIG_FILE
+            kept, then = "Nothing else was written yet.", "start the run again"
+            raise runfolder.disk_full(what, where, kept, then) from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def share_state(run: Run) -> None:

@@ -180,10 +180,15 @@ def write_toy_task(path: str | Path, rows: int = 64, seed: int = 0) -> Path:
 
 
 def run_demo(output_dir: Path, max_steps: int = 60) -> str:
-    """Build a tiny model and a toy task, train GRPO-LoRA on it, report the reward gain."""
+    """Build a tiny model and a toy task, train GRPO-LoRA on it, report the reward gain.
+
+    `output_dir` must be new, empty or an earlier demo's folder (marked by
+    outputs.MARKER), whose model and run are replaced.
+    """
+    from mlx_grpo.outputs import own_folder
     from mlx_grpo.trainer import train
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = own_folder(output_dir, "demo")
     # A wide init gives the random model peaky outputs that a reward can shape.
     model_dir = build_tiny_qwen3(output_dir / "tiny-qwen3", init_std=0.3)
     data = write_toy_task(output_dir / "toy_task.jsonl")

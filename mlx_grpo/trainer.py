@@ -40,6 +40,7 @@ from mlx_grpo.reporting import (
 )
 from mlx_grpo.rollout import Noise, SamplingSettings, rollout
 from mlx_grpo.run import Run, next_prompts, setup, snapshot, summary
+from mlx_grpo.runfolder import DiskFull, disk_full, is_disk_full, open_append
 from mlx_grpo.update import lr_at, micro_batches, optimise
 
 
@@ -100,18 +101,21 @@ def train(
     cfg = resolve(None, **peers.broadcast_json(settings, "the settings"))
     peers.timeout = cfg.distributed_timeout
     run = setup(cfg, reward_funcs or [], resume=resume is not None, peers=peers)
-    # A time limit makes the step count unknown: show elapsed time and rate instead.
-    total = None if cfg.max_minutes else cfg.max_steps
-    reporter = Reporter(run.output_dir, total, show_progress, run.step, enabled=peers.main)
-    reporter.write(summary(run))
-    if resume is not None:
-        reporter.write(_resumed(run))
-    try:
-        with stop_on_signals():
-            _loop(run, reporter)
+    try:  # the run folder stays locked until here
+        # A time limit makes the step count unknown: show elapsed time and rate instead.
+        total = None if cfg.max_minutes else cfg.max_steps
+        reporter = Reporter(run.output_dir, total, show_progress, run.step, enabled=peers.main)
+        reporter.write(summary(run))
+        if resume is not None:
+            reporter.write(_resumed(run))
+        try:
+            with stop_on_signals():
+                _loop(run, reporter)
+        finally:
+            reporter.close()
+            peers.on_timeout = None
     finally:
-        reporter.close()
-        peers.on_timeout = None
+        run.release()
     return TrainResult(run.output_dir, run.history, peers.rank)
 
 
@@ -190,8 +194,12 @@ def _save_checkpoint(run: Run, snap: checkpoint.Snapshot) -> str:
     """
     if not run.peers.main:
         return "process 0 keeps the checkpoints"
-    if snap.step > run.saved_step:
-        checkpoint.write(run.output_dir, snap, run.cfg.save_total_limit)
+    if snap.step > run.saved_step and snap.step != run.unsaved_step:
+        try:
+            checkpoint.write(run.output_dir, snap, run.cfg.save_total_limit)
+        except DiskFull:
+            run.unsaved_step = snap.step  # the error path does not try the full disk again
+            raise
         run.saved_step = snap.step
     if run.saved_step == 0:
         return "no step completed, nothing to save"
@@ -214,6 +222,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     """
     cfg, model, peers = run.cfg, run.lm.model, run.peers
     g, b = cfg.num_generations, cfg.prompts_per_step
+    state = _trainer_state(run)  # before this step's prompts are taken
     every_row = next_prompts(run)
     rows = every_row[peers.rank * b : (peers.rank + 1) * b]
     mx.reset_peak_memory()  # so peak_memory_gb is this step's peak
@@ -237,8 +246,17 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     ids = batch.completion_lists()
     texts = [run.lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
     errors: list[dict[str, Any]] = []
+    logged = rewards_mod.RewardLogs()
     per_func = rewards_mod.score_groups(
-        run.rewards, rows, g, texts, ids, cfg.on_reward_error, _reward_error_log(run, step, errors)
+        run.rewards,
+        rows,
+        g,
+        texts,
+        ids,
+        cfg.on_reward_error,
+        _reward_error_log(run, step, errors),
+        state=state,
+        logs=logged,
     )
     _write_reward_errors(run, errors)
     # Rewards, lengths and truncation of every process's rows, in rank order (exact bytes).
@@ -280,6 +298,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         "peak_memory_gb": max(peaks.values()),
         **peaks,
     }
+    metrics |= _logged_metrics(run, logged, metrics)
     run.step = step + 1
     run.history.append(clean_record(metrics))
     samples = [
@@ -291,10 +310,43 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
                 for k, r in enumerate(run.rewards)
             },
             "advantage": float(adv.advantages[i]),
+            **{column: values[i] for column, values in logged.extra.items()},
         }
         for i in range(g)
     ]
     return metrics, samples
+
+
+def _trainer_state(run: Run) -> rewards_mod.TrainerState:
+    """What reward functions see as `trainer_state` during the next step."""
+    return rewards_mod.TrainerState(
+        global_step=run.step,
+        max_steps=run.cfg.max_steps,
+        epoch=run.epoch - len(run.queue) / len(run.rows),  # the share of the data used so far
+        num_input_tokens_seen=run.num_tokens,
+        is_world_process_zero=run.peers.main,
+    )
+
+
+def _logged_metrics(
+    run: Run, logged: rewards_mod.RewardLogs, metrics: dict[str, Any]
+) -> dict[str, float]:
+    """The step's `log_metric` values, each name's mean over every process's calls."""
+    local = {name: [sum(values), len(values)] for name, values in logged.metrics.items()}
+    totals: dict[str, list[float]] = {}
+    for part in run.peers.gather_json(local, "the metrics logged by reward functions"):
+        for name, (total, count) in part.items():
+            totals.setdefault(name, [0.0, 0])
+            totals[name][0] += total
+            totals[name][1] += count
+    for name in totals:
+        if name in metrics:
+            owner = logged.owners.get(name, "a reward function")
+            raise rewards_mod.RewardError(
+                f"reward function {owner!r} logged the metric {name!r}, which the trainer "
+                "writes itself; give log_metric another name (e.g. with a prefix)."
+            )
+    return {name: total / count for name, (total, count) in sorted(totals.items())}
 
 
 def _reward_error_log(
@@ -332,9 +384,18 @@ def _write_reward_errors(run: Run, records: list[dict[str, Any]]) -> None:
 
 
 def _append_reward_errors(run: Run, records: list[dict[str, Any]]) -> None:
-    if run.peers.main and records:
-        with open(run.output_dir / REWARD_ERRORS_FILE, "a") as f:
+    if not (run.peers.main and records):
+        return
+    path = run.output_dir / REWARD_ERRORS_FILE
+    try:
+        with open_append(path) as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        what = f"the reward errors of step {records[0]['step']}"
+        then = f"continue with: {_resume_command(run)}"
+        raise disk_full(what, path, "The checkpoints already written are intact.", then) from None
 
 
 def _save(run: Run) -> Path:

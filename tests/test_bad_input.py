@@ -67,11 +67,24 @@ def garbage_config(folder, tiny_model_dir):
 
 
 def no_weights(folder, tiny_model_dir):
-    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
+    for file in tiny_model_dir.glob("*.json"):
+        shutil.copy(file, folder / file.name)
     return [f"model directory {folder} has no weights", "Copy the model's model*.safetensors"]
 
 
-@pytest.mark.parametrize("break_it", [garbage_config, no_weights])
+def no_tokenizer(folder, tiny_model_dir):
+    for file in [*tiny_model_dir.glob("*.safetensors"), tiny_model_dir / "config.json"]:
+        shutil.copy(file, folder / file.name)
+    return [f"model directory {folder} has no tokenizer", "Copy the model's tokenizer files"]
+
+
+def garbage_tokenizer(folder, tiny_model_dir):
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    (folder / "tokenizer.json").write_text('{"model": ')
+    return [f"{folder / 'tokenizer.json'} is not valid JSON", "restore the model's original"]
+
+
+@pytest.mark.parametrize("break_it", [garbage_config, no_weights, no_tokenizer, garbage_tokenizer])
 def test_a_broken_model_directory_is_refused(settings, tiny_model_dir, tmp_path, break_it):
     folder = tmp_path / "model"
     folder.mkdir()
@@ -142,7 +155,8 @@ def test_a_prompt_longer_than_the_models_context_is_refused(
     model = tmp_path / "short-context"
     shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8}))
+    # 16 positions less the 8 of a completion leave 8 for the prompt.
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
     refused(
         {**settings, "model": str(model)},
         f"{toy_data}:1: the prompt has",
@@ -192,8 +206,10 @@ def test_a_reward_with_the_wrong_signature_is_refused(settings, tmp_path):
     module.write_text("def f(x):\n    return [0.0]\n")
     refused(
         {**settings, "rewards": [f"{module}:f"]},
-        f"reward function f(x) in {module} cannot be called",
-        "give it TRL's signature: def f(prompts, completions, completion_ids, **kwargs)",
+        f"reward function 'f' ({module}:1) requires the argument 'x'",
+        "reward functions get prompts, completions, completion_ids, trainer_state, log_extra, "
+        f"log_metric and the columns of {settings['data']} (allowed)",
+        "Add a 'x' column to the data",
     )
 
 

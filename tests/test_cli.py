@@ -87,7 +87,7 @@ def test_resolve_coerces_types_and_checks_choices(tmp_path):
     cfg = resolve(config, max_steps="7")
     assert cfg.learning_rate == 2e-5 and cfg.max_steps == 7 and cfg.beta == 1.0
     assert cfg.lora_targets == ["q_proj", "v_proj"]
-    with pytest.raises(ValueError, match="loss_type: 'ppo' is not one of"):
+    with pytest.raises(ValueError, match="loss_type must be one of grpo, .*, got 'ppo'"):
         resolve(None, loss_type="ppo")
     with pytest.raises(ValueError, match="gradient_accumulation_steps=3 must divide"):
         resolve(None, num_generations=4, gradient_accumulation_steps=3)

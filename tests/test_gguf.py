@@ -8,17 +8,19 @@ by the `gguf` package, run through mlx-lm's qwen3 / qwen2 model directly.
 
 from __future__ import annotations
 
+import json
 import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_grpo.gguf import convert_gguf, tensor_types
+from mlx_grpo.gguf import convert_gguf, source_hub_id, string_metadata, tensor_types
 from mlx_grpo.models import load_model
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
+GT = gguf.GGUFValueType
 
 CHATML = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -184,8 +186,12 @@ def _random_model(arch: str, seed: int = 0) -> dict[str, tuple[str, np.ndarray, 
     return out
 
 
-def _write_gguf(path, arch: str, tensors: dict, pre: str = "qwen2") -> None:
+def _write_gguf(
+    path, arch: str, tensors: dict, pre: str = "qwen2", meta: dict | None = None
+) -> None:
     writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (meta or {}).items():  # e.g. general.source.huggingface.repository
+        writer.add_string(key, value)
     writer.add_context_length(4096)
     writer.add_embedding_length(TINY["hidden"])
     writer.add_feed_forward_length(TINY["ffn"])
@@ -309,12 +315,36 @@ def test_llama3_pre_tokenizer_prepends_bos_and_keeps_digit_groups(tmp_path):
     assert [piece for piece, _ in pieces] == ["123", "45"]  # Llama 3 splits digits by threes
 
 
+REPO = "TinyOrg/tiny-qwen"
+
+
+@pytest.mark.parametrize(
+    "meta,expected",
+    [
+        ({"general.source.huggingface.repository": REPO}, REPO),
+        ({"general.source.repo_url": f"https://huggingface.co/{REPO}"}, REPO),
+        ({"general.name": REPO}, REPO),
+        ({"general.name": "Smollm2 135M 8k Lc100K Mix1 Ep2"}, None),  # the real SmolLM2's
+        ({"general.source.url": "https://github.com/some/repo"}, None),
+    ],
+    ids=["hf-repository", "repo-url", "name", "name-not-an-id", "other-url"],
+)
+def test_conversion_records_the_hub_id_the_gguf_names(tmp_path, meta, expected):
+    path = tmp_path / "named.gguf"
+    _write_gguf(path, "qwen3", _random_model("qwen3"), meta=meta)
+    assert source_hub_id(string_metadata(path)) == expected
+    config = json.loads((convert_gguf(path, tmp_path / "out") / "config.json").read_text())
+    assert config.get("_name_or_path") == expected
+
+
 def test_header_reader_agrees_with_gguf_package(tiny_gguf):
     _, path, tensors = tiny_gguf
     reader = gguf.GGUFReader(path)
     types = tensor_types(path)
     assert types == {t.name: int(t.tensor_type) for t in reader.tensors}
     assert types == {name: int(kind) for name, (_, _, kind) in tensors.items()}
+    strings = {k: f.contents() for k, f in reader.fields.items() if f.types == [GT.STRING]}
+    assert string_metadata(path) == strings and strings["tokenizer.ggml.pre"] == "qwen2"
 
 
 def test_unsupported_architecture_is_refused(tmp_path):

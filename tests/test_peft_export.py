@@ -348,12 +348,16 @@ def test_push_to_hub_uploads_the_folder_and_never_prints_the_token(qwen3, tmp_pa
         "--push-to-hub",
         "me/grpo-adapter",
         "--private",
+        "--base-model",  # the run trained on a local folder: the Hub id must be named
+        "Qwen/Qwen3-0.6B",
     )
     assert "hf_secret_value" not in result.output
     assert "https://huggingface.co/me/grpo-adapter" in result.output
     (_, create), (_, upload) = calls
     assert create["repo_id"] == "me/grpo-adapter" and create["private"] is True
     assert upload["folder_path"] == str(tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == "Qwen/Qwen3-0.6B"
     assert push_to_hub(tmp_path / "peft", "me/x", api=FakeApi()).endswith("me/x")
 
 

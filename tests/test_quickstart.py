@@ -4,7 +4,16 @@ import json
 
 import pytest
 
+from mlx_grpo.outputs import kind_of
 from mlx_grpo.quickstart import report, run_quickstart
+
+
+def test_main_job_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "paper.md").write_text("draft")
+    with pytest.raises(ValueError, match="paper.md.*was not written by mlx-grpo"):
+        run_quickstart(tmp_path, minutes=0.1, show_progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["paper.md"]
+    assert (tmp_path / "paper.md").read_text() == "draft"
 
 
 @pytest.mark.slow
@@ -37,3 +46,10 @@ def test_main_job_evaluates_trains_exports_and_plots(tmp_path):
     assert png.startswith(b"\x89PNG")
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
     assert "add1" in report(summary)
+    assert kind_of(tmp_path) == "quickstart" and kind_of(tmp_path / "peft") == "peft"
+
+    again = run_quickstart(  # a rerun replaces the run and the export in its own folder
+        tmp_path, minutes=5, n_train=32, n_test=10, max_steps=1, show_progress=False
+    )
+    assert again["steps"] == 1
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1

@@ -10,6 +10,7 @@ from mlx_grpo.rewards import (
     Reward,
     RewardError,
     RewardSpecError,
+    TrainerState,
     load_reward,
     load_rewards,
     math_answer,
@@ -158,6 +159,12 @@ def helper(x):
     return x
 
 def too_few(prompts, completions):
+    return [float(len(p)) for p in prompts]
+
+def positional(prompts, completions, /, **kwargs):
+    return []
+
+def only_args(*args):
     return []
 
 NOT_A_FUNCTION = 3
@@ -229,7 +236,7 @@ def test_load_reward_lists_callables_when_the_attribute_is_missing(reward_module
     message = str(info.value)
     assert "no attribute 'length_rewards'" in message
     assert "Did you mean 'length_reward'" in message
-    assert "helper" in message and "too_few" in message
+    assert "helper" in message and "too_few" in message and "only_args" in message
     assert "NOT_A_FUNCTION" not in message.split("Callables it defines:")[1]
 
 
@@ -238,13 +245,30 @@ def test_load_reward_rejects_something_not_callable(reward_module):
         load_reward("my_rewards:NOT_A_FUNCTION")
 
 
-@pytest.mark.parametrize("attr", ["helper", "too_few"])
-def test_load_reward_rejects_a_signature_that_cannot_take_trl_arguments(reward_module, attr):
+@pytest.mark.parametrize(
+    "attr, why",
+    [
+        ("positional", "its parameter 'prompts' is positional-only"),
+        ("only_args", "it takes no keyword arguments"),
+    ],
+)
+def test_load_reward_rejects_a_function_that_cannot_be_called_by_keyword(reward_module, attr, why):
     with pytest.raises(RewardSpecError) as info:
         load_reward(f"my_rewards:{attr}")
     message = str(info.value)
-    assert attr in message
-    assert "def f(prompts, completions, completion_ids, **kwargs)" in message
+    assert f"reward function {attr}(" in message and why in message
+    assert f"{reward_module / 'my_rewards.py'}:" in message  # where it is defined
+    assert "called by keyword" in message and "def f(completions, answer, **kwargs)" in message
+
+
+def test_load_reward_accepts_any_subset_of_the_arguments(reward_module):
+    # `x` may be a dataset column: only check_arguments, knowing the columns, can refuse it
+    assert load_reward("my_rewards:helper")[0] == "helper"
+    _, too_few = load_reward("my_rewards:too_few")
+    scores = score_completions(
+        [Reward("too_few", too_few)], ["ab", "abc"], ["1", "2"], [[1], [2]], {}, SOURCES[:2]
+    )
+    assert scores[:, 0].tolist() == [2.0, 3.0]
 
 
 def test_load_reward_accepts_dataset_columns_as_named_parameters(tmp_path):
@@ -324,25 +348,46 @@ def test_score_completions_returns_float32_scores_with_nan_for_none():
     assert out[:, 1].tolist() == [3.0, 3.0, 5.0, 21.0]  # weights not applied
 
 
-def test_score_completions_calls_each_function_once_with_columns_as_kwargs():
+def test_score_completions_calls_each_function_once_by_keyword_with_everything():
     calls = []
 
-    def record(prompts, completions, completion_ids, **kwargs):
-        calls.append((prompts, completions, completion_ids, kwargs))
-        return [0.0] * len(completions)
+    def record(**kwargs):
+        calls.append(kwargs)
+        return [0.0] * len(kwargs["completions"])
 
     columns = {"answer": ["1", "1", "2", "2"], "level": [1, 1, 3, 3]}
     score(record, columns)
-    assert len(calls) == 1
-    assert calls[0][1] == COMPLETIONS and calls[0][3] == columns
+    (call,) = calls
+    assert list(call) == [
+        "prompts",
+        "completions",
+        "completion_ids",
+        "answer",
+        "level",
+        "trainer_state",
+        "log_extra",
+        "log_metric",
+    ]
+    assert call["completions"] == COMPLETIONS and call["prompts"] == ["p"] * 4
+    assert call["completion_ids"] == [[1]] * 4
+    assert {k: call[k] for k in columns} == columns
+    assert call["trainer_state"] == TrainerState()
+    assert callable(call["log_extra"]) and callable(call["log_metric"])
 
 
-def test_score_completions_passes_only_named_columns_to_functions_without_kwargs():
-    def strict(prompts, completions, completion_ids, answer):
-        return [float(a) for a in answer]
+def test_score_completions_passes_only_named_arguments_to_functions_without_kwargs():
+    def strict(answer, completions):  # any order, any subset
+        return [float(a) + len(c) / 100 for a, c in zip(answer, completions)]
 
     out = score(strict, {"answer": ["1", "1", "2", "2"], "level": [1, 1, 3, 3]})
-    assert out[:, 0].tolist() == [1.0, 1.0, 2.0, 2.0]
+    assert out[:, 0].tolist() == pytest.approx([1.03, 1.03, 2.05, 2.21])
+
+
+def test_a_required_column_no_row_of_the_batch_has_gets_none_for_each_row():
+    def needs_answer(completions, answer):
+        return [0.0 if a is None else 1.0 for a in answer]
+
+    assert score(needs_answer)[:, 0].tolist() == [0.0] * 4
 
 
 def test_score_completions_scores_math_answer_against_the_answer_column():
