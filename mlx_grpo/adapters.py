@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_grpo.files import read_json_object
 from mlx_grpo.lora import LoRALinear, wrap_modules
 
 MLX_WEIGHTS = "adapters.safetensors"
@@ -127,24 +128,31 @@ class Adapter:
                 f"{path} is not an adapter directory: expected {MLX_WEIGHTS} + {MLX_CONFIG} "
                 f"(mlx-lm) or {PEFT_WEIGHTS} + {PEFT_CONFIG} (PEFT)"
             )
-        config = json.loads((path / MLX_CONFIG).read_text())
+        config = _read_config(path / MLX_CONFIG)
         if config.get("fine_tune_type", "lora") != "lora":
             raise ValueError(
                 f"{path}: only LoRA adapters are supported, not {config['fine_tune_type']}"
             )
-        params = config["lora_parameters"]
-        extra = config.get("mlx_grpo", {})
-        rank = int(params["rank"])
-        # Plain mlx-lm adapters only have scale = alpha / r.
-        alpha = float(extra.get("lora_alpha", params["scale"] * rank))
-        adapter = cls(
-            rank,
-            alpha,
-            float(params.get("dropout", 0.0)),
-            bool(extra.get("use_rslora", False)),
-            base_model=extra.get("base_model"),
-        )
-        for name, value in mx.load(str(path / MLX_WEIGHTS)).items():
+        try:
+            params = config["lora_parameters"]
+            extra = config.get("mlx_grpo") or {}
+            rank = int(params["rank"])
+            # Plain mlx-lm adapters only have scale = alpha / r.
+            alpha = float(extra.get("lora_alpha", params["scale"] * rank))
+            adapter = cls(
+                rank,
+                alpha,
+                float(params.get("dropout", 0.0)),
+                bool(extra.get("use_rslora", False)),
+                base_model=extra.get("base_model"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"{path / MLX_CONFIG} is not an mlx-lm LoRA config: lora_parameters with rank "
+                f"and scale is missing or malformed ({type(e).__name__}: {e}); restore the file "
+                "the adapter was saved with."
+            ) from None
+        for name, value in _load_weights(path / MLX_WEIGHTS).items():
             module, _, leaf = name.rpartition(".")
             if leaf == "lora_a":
                 adapter.lora_a[module] = value
@@ -198,16 +206,30 @@ class Adapter:
     def load_peft(cls, path: str | Path) -> Adapter:
         """Read a PEFT LoRA folder; refuse what an mlx-lm adapter cannot express."""
         path = Path(path)
-        config = json.loads((path / PEFT_CONFIG).read_text())
+        if not (path / PEFT_WEIGHTS).is_file():
+            mlx = (path / MLX_WEIGHTS).is_file()
+            raise ValueError(
+                f"{path} is an mlx-lm adapter, not a PEFT one: train --adapter, eval, generate "
+                "and fuse read it as it is, and `mlx-grpo export` makes a PEFT folder of it."
+                if mlx
+                else f"{path} is not a PEFT adapter folder: it has no {PEFT_WEIGHTS}."
+            )
+        config = _read_config(path / PEFT_CONFIG)
         _check_peft_config(config, path)
-        adapter = cls(
-            rank=int(config["r"]),
-            alpha=float(config.get("lora_alpha", 8)),
-            dropout=float(config.get("lora_dropout") or 0.0),
-            rslora=bool(config.get("use_rslora", False)),
-            base_model=config.get("base_model_name_or_path"),
-        )
-        for name, value in mx.load(str(path / PEFT_WEIGHTS)).items():
+        try:
+            adapter = cls(
+                rank=int(config["r"]),
+                alpha=float(config.get("lora_alpha", 8)),
+                dropout=float(config.get("lora_dropout") or 0.0),
+                rslora=bool(config.get("use_rslora", False)),
+                base_model=config.get("base_model_name_or_path"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{path / PEFT_CONFIG} is not a PEFT LoRA config: r or lora_alpha is missing or "
+                f"malformed ({type(e).__name__}: {e}); restore the file PEFT saved."
+            ) from None
+        for name, value in _load_weights(path / PEFT_WEIGHTS).items():
             match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight", name)
             if match is None:
                 raise ValueError(
@@ -243,6 +265,23 @@ def peft_targets(modules: list[str], num_layers: int | None) -> dict:
                 out["layers_pattern"] = "layers"
             return out
     return {"target_modules": "^(?:" + "|".join(re.escape(m) for m in modules) + ")$"}
+
+
+def _read_config(file: Path) -> dict:
+    """An adapter_config.json as a dict; ValueError naming the file when it is not one."""
+    if not file.is_file():
+        raise ValueError(f"{file} is missing; an adapter folder needs its {file.name}.")
+    return read_json_object(file, "restore the file the adapter was saved with")
+
+
+def _load_weights(file: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(file))
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(
+            f"{file} cannot be read as safetensors ({e}); the file is damaged or incomplete: "
+            "save or download the adapter again."
+        ) from None
 
 
 def _check_peft_config(config: dict, path: Path) -> None:

@@ -37,11 +37,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_grpo import outputs
 from mlx_grpo.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
 from mlx_grpo.config import TrainConfig, resolve
+from mlx_grpo.files import fsync
 from mlx_grpo.reporting import COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, REWARD_ERRORS_FILE
-from mlx_grpo.runfolder import LOCK_FILE, SymlinkRefused, disk_full, is_disk_full
+from mlx_grpo.runfolder import SymlinkRefused, disk_full, is_disk_full
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -150,87 +150,6 @@ def data_fingerprint(rows: list[Any]) -> dict[str, Any]:
         record = [row.prompt, row.prompt_ids, row.columns]
         digest.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
     return {"rows": len(rows), "sha256": digest.hexdigest()}
-
-
-# --------------------------------------------------------------------------- output directory
-
-
-def check_output(cfg: TrainConfig, resume: bool) -> Path:
-    """Refuse an output directory that cannot be written or holds something (writes nothing).
-
-    A run goes into a new or empty folder, or into a run this program marked
-    (outputs.MARKER): resumed with --resume, replaced with --overwrite. Any
-    other non-empty folder is refused, --overwrite or not: nothing of the
-    user's is deleted.
-    """
-    out = Path(cfg.output_dir).expanduser()
-    existing = next(p for p in [out, *out.parents] if p.exists())
-    if not existing.is_dir():
-        raise ValueError(
-            f"output directory {out} cannot be created: {existing} is a file, not a folder. "
-            "Choose another --output-dir."
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"output directory {out} is not writable ({existing} does not allow writing for "
-            "this user). Choose a folder you can write to with --output-dir, or fix its "
-            "permissions."
-        )
-    if resume:  # resume_settings found the run's config.yaml; resuming deletes nothing
-        return out
-    outputs.check_protected(
-        out, {"the model": cfg.model, "the starting adapter": cfg.adapter}, "--output-dir"
-    )
-    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    names = [n for n in names if n != LOCK_FILE]
-    held = [n for n in (*RUN_FILES, MLX_WEIGHTS) if n in names]
-    ours = outputs.kind_of(out) == "run"
-    if not names or (ours and (cfg.overwrite or not held)):
-        return out
-    if held and ours:
-        raise ValueError(
-            f"output directory {out} already holds a run ({', '.join(held)}). Continue it with "
-            f"`mlx-grpo train --resume {out}`, choose another --output-dir, or pass --overwrite "
-            "to replace it."
-        )
-    if held:  # a run of an mlx-grpo before the marker, or someone's adapter
-        what = "a run" if set(held) & set(RUN_FILES) else "an adapter"
-        raise ValueError(
-            f"output directory {out} already holds {what} ({', '.join(held)}) without the "
-            f"{outputs.MARKER} marker of a run this program made, so it is never deleted, "
-            f"--overwrite or not. Choose another --output-dir, resume a run of an earlier "
-            f"mlx-grpo with `mlx-grpo train --resume {out}`, or delete it yourself to start over."
-        )
-    found = outputs.kind_of(out)
-    what = f"{outputs.KINDS.get(found, found)} made by mlx-grpo" if found else "files"
-    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    why = (
-        "--overwrite replaces only a run that mlx-grpo made, never other files"
-        if cfg.overwrite
-        else "a run needs a new or empty folder"
-    )
-    raise ValueError(
-        f"output directory {out} is not empty and is not an mlx-grpo run: it holds {what} "
-        f"({listed}); {why}. Choose another --output-dir."
-    )
-
-
-def prepare_output(cfg: TrainConfig) -> None:
-    """Create and mark the output directory; with overwrite, remove the previous run's files.
-
-    Only the files a run writes are removed, and only from a folder marked as
-    a run (check_output refused any other).
-    """
-    out = Path(cfg.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and outputs.kind_of(out) == "run":
-        for name in (*RUN_FILES, MLX_WEIGHTS, MLX_CONFIG):
-            path = out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    outputs.mark(out, "run")
 
 
 # --------------------------------------------------------------------------- resuming
@@ -355,7 +274,7 @@ def write(run_dir: Path, snap: Snapshot, keep: int) -> Path:
         if final.exists() or final.is_symlink():  # the same step saved again (e.g. on interrupt)
             _remove(final)
         os.replace(partial, final)
-        _fsync(root)
+        fsync(root)
     except BaseException as exc:
         _remove(partial)
         if is_disk_full(exc):
@@ -375,11 +294,11 @@ def _write_files(partial: Path, snap: Snapshot) -> None:
     (partial / STATE_FILE).write_text(json.dumps(snap.state, indent=1))
     files = sorted(p.name for p in partial.iterdir())
     for name in files:
-        _fsync(partial / name)
+        fsync(partial / name)
     manifest = {name: _digest(partial / name) for name in files}
     (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-    _fsync(partial / MANIFEST_FILE)
-    _fsync(partial)
+    fsync(partial / MANIFEST_FILE)
+    fsync(partial)
 
 
 def prune(root: Path, keep: int, newest_good: Path | None = None) -> None:
@@ -414,14 +333,6 @@ def _check_finite(snap: Snapshot) -> None:
     for name, factors in (("lora_a", snap.adapter.lora_a), ("lora_b", snap.adapter.lora_b)):
         for path, value in factors.items():
             assert bool(mx.all(mx.isfinite(value)).item()), f"non-finite {path}.{name}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _digest(path: Path) -> dict[str, Any]:

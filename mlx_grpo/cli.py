@@ -13,14 +13,22 @@ import click
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
 from mlx_grpo.config import TrainConfig, field_type
 
+_METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT"}
+
 
 def _config_options(command: Callable) -> Callable:
-    """Add one option per TrainConfig field; flags default to None ("not given")."""
+    """Add one option per TrainConfig field; flags default to None ("not given").
+
+    Values reach TrainConfig as typed, so a bad one is refused there with the
+    rule and the flag's name, as a bad value in a YAML file is.
+    """
     for f in reversed(dataclasses.fields(TrainConfig)):
         base, is_list, _ = field_type(f)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} [default: {_show(default)}]"
+        if f.metadata.get("allowed") is not None and not is_list:
+            help_text += f" [{f.metadata['allowed']}]"
         if base is bool:
             option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
         elif is_list:
@@ -32,8 +40,9 @@ def _config_options(command: Callable) -> Callable:
                 help=help_text + " Repeat the flag or separate with commas.",
             )
         else:
-            kind = click.Choice(f.metadata["choices"]) if f.metadata.get("choices") else base
-            option = click.option(flag, f.name, type=kind, default=None, help=help_text)
+            choices = f.metadata.get("choices")
+            metavar = "[" + "|".join(choices) + "]" if choices else _METAVARS[base]
+            option = click.option(flag, f.name, metavar=metavar, default=None, help=help_text)
         command = option(command)
     return command
 
@@ -138,8 +147,8 @@ def train(config_file: str | None, resume: str | None, debug: bool, **flags: Any
 
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     given = {k: v for k, v in given.items() if v is not None and v != []}
-    if resume is None:  # say which flag or YAML line holds a bad value
-        _run(lambda: resolve(config_file, given_as="flag", **given), debug)
+    # Say which flag or YAML line holds a bad value (a resumed run's own file is checked later).
+    _run(lambda: resolve(None if resume else config_file, given_as="flag", **given), debug)
     result = _run(lambda: run_training(config_file, resume=resume, **given), debug)
     if result.rank == 0:  # the other processes of a distributed run write nothing
         click.echo(f"adapter saved in {result.output_dir}")

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from mlx_grpo.files import read_text
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_SEED = 2**63 - 1
 
@@ -292,13 +294,11 @@ class TrainConfig:
                 f"prompts_per_step x num_generations = {n}",
             )
         if not self.lora_targets:
-            raise SettingError(
-                ("lora_targets",), "is empty; name at least one module, e.g. q_proj", []
-            )
+            raise SettingError(("lora_targets",), "must name at least one module, e.g. q_proj", [])
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         if any("." in t for t in unknown):
             raise SettingError(
-                ("lora_targets",), f"take leaf names like q_proj, not {unknown}", self.lora_targets
+                ("lora_targets",), "must be leaf names like q_proj", self.lora_targets
             )
         if not _LAYERS_RE.fullmatch(self.lora_layers.replace(" ", "")):
             raise SettingError(
@@ -420,13 +420,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise ValueError(f"config file {path} is a folder; give --config a YAML file of settings.")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist; check the path given to --config.")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"config file {path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#x}); "
-            "save it as UTF-8 YAML."
-        ) from None
+    text = read_text(path, "save it as UTF-8 YAML")
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text)

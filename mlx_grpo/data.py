@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_grpo.files import read_text
+
 ROLES = ("system", "user", "assistant", "tool", "developer")
 _PROMPT_LIKE = ("prompt", "question", "problem", "instruction", "query", "input", "messages")
 _HF_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
@@ -52,17 +54,16 @@ def load_rows(
         >>> sources[0]  # doctest: +SKIP
         'train.jsonl:1'
     """
+    if not str(path_or_id).strip():
+        raise DataError("no prompt data given: pass --data a .jsonl or .json file of prompt rows.")
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         raise DataError(f"{path_or_id} is a folder; give a .jsonl or .json file of prompt rows.")
     if path.is_file():
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{path_or_id} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#x}); "
-                "save it as UTF-8 JSON lines."
-            ) from exc
+            text = read_text(path, "save it as UTF-8 JSON lines")
+        except ValueError as exc:
+            raise DataError(str(exc).replace(str(path), path_or_id, 1)) from None
         pairs = _parse_json_list(text, path_or_id) if _is_json_list(path, text) else None
         if pairs is None:
             pairs = _parse_jsonl(text, path_or_id)
@@ -166,7 +167,7 @@ def _validate_row(row: Any, source: str, prompt_column: str) -> None:
     if not isinstance(row, dict):
         raise DataError(
             f'{source}: expected a JSON object like {{"{prompt_column}": "..."}}, '
-            f"got a {type(row).__name__}: {json.dumps(row)[:80]}"
+            f"got {_a(type(row).__name__)}: {json.dumps(row)[:80]}"
         )
     if prompt_column not in row:
         raise DataError(
@@ -184,9 +185,13 @@ def _validate_row(row: Any, source: str, prompt_column: str) -> None:
         _validate_messages(prompt, source, prompt_column)
     else:
         raise DataError(
-            f"{source}: the {prompt_column!r} column is a {type(prompt).__name__}; it must be "
+            f"{source}: the {prompt_column!r} column is {_a(type(prompt).__name__)}; it must be "
             'text or a list of messages [{"role": "user", "content": "..."}].'
         )
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def _column_hint(prompt_column: str, columns: list[str]) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlx_grpo import data as data_mod
+from mlx_grpo import reward_calls
 from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.adapters import Adapter
 from mlx_grpo.config import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
@@ -165,8 +166,8 @@ def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any
     ids = batch.completion_lists()
     texts = [lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
     # Evaluation is outside training: the state of a run that has not started.
-    per_func = rewards_mod.score_groups(
-        funcs, chunk, n, texts, ids, state=rewards_mod.TrainerState()
+    per_func = reward_calls.score_groups(
+        funcs, chunk, n, texts, ids, state=reward_calls.TrainerState()
     )
     weights = np.array([f.weight for f in funcs])
     totals = np.nansum(per_func * weights, axis=1)
@@ -180,7 +181,7 @@ def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any
                 "sample": i % n,
                 "completion": text,
                 "rewards": {
-                    f.name: rewards_mod.optional_float(per_func[i, k]) for k, f in enumerate(funcs)
+                    f.name: reward_calls.optional_float(per_func[i, k]) for k, f in enumerate(funcs)
                 },
                 "reward": float(totals[i]),
                 "correct": bool(totals[i] >= threshold),

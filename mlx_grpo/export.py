@@ -248,11 +248,12 @@ def fuse(model: str, adapter: str | Path, output: str | Path, dequantize: bool =
     from mlx_lm.utils import dequantize_model, save
 
     from mlx_grpo.lora import LoRALinear
-    from mlx_grpo.models import load_model
+    from mlx_grpo.models import hub_snapshot, load_model
 
+    on_hub = is_hub_id(model) and not Path(model).expanduser().exists()
     protected = {
         "the base model": model,
-        "the base model's download": _hub_snapshot(model),
+        "the base model's download": hub_snapshot(model) if on_hub else None,
         "the adapter": adapter,
     }
     check_target(output, "fused", protected)  # before loading anything
@@ -272,18 +273,6 @@ def fuse(model: str, adapter: str | Path, output: str | Path, dequantize: bool =
     with build(output, "fused", protected) as folder:
         save(folder, model, lm.model, lm.tokenizer, config, donate_model=False)
     return Path(output)
-
-
-def _hub_snapshot(model: str) -> Path | None:
-    """The local copy of a Hub model that mlx-lm downloaded, when there is one."""
-    if Path(model).expanduser().exists() or not is_hub_id(model):
-        return None
-    from mlx_lm.utils import hf_repo_to_path
-
-    try:
-        return hf_repo_to_path(model)
-    except Exception:  # not downloaded (or incomplete): nothing there to protect
-        return None
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, api: Any = None) -> str:

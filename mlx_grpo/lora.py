@@ -121,7 +121,10 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         except ValueError:
             raise ValueError(f"lora_layers '{spec}': {usage}") from None
         if not 0 < n <= num_layers:
-            raise ValueError(f"lora_layers '{spec}': the model has {num_layers} layers")
+            raise ValueError(
+                f"lora_layers '{spec}': the model has {num_layers} layers; use last:N with N "
+                f"from 1 to {num_layers}."
+            )
         return list(range(num_layers - n, num_layers))
     try:
         layers = sorted({int(i) for i in spec.split(",") if i.strip()})
@@ -131,7 +134,10 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         raise ValueError(f"lora_layers '{spec}' names no layer: {usage}")
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"lora_layers '{spec}': indices must be in 0..{num_layers - 1}")
+        raise ValueError(
+            f"lora_layers '{spec}': the model has {num_layers} layers, so indices must be in "
+            f"0..{num_layers - 1}; use all, last:N or indices in that range."
+        )
     return layers
 
 

@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
 from mlx_grpo._backend import cpu_only
+from mlx_grpo.files import read_json_object
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -76,7 +77,7 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
         model.set_dtype(target)
     mx.eval(model.parameters())
     eos = set(tokenizer.eos_token_ids or [])
-    eos |= _generation_config_eos(local if local.exists() else _hub_snapshot(path_or_id))
+    eos |= _generation_config_eos(local if local.exists() else hub_snapshot(path_or_id))
     tokenizer.eos_token_ids = eos  # so mlx-lm's own generate stops there too
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     return LoadedModel(model, tokenizer, config, path_or_id, sorted(eos), int(pad))
@@ -96,20 +97,7 @@ def _check_model_dir(folder: Path) -> None:
             f"model directory {folder} has no config.json; point --model at a directory "
             "holding an mlx-lm or transformers model (config.json + model*.safetensors)."
         )
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as e:
-        bad_json = isinstance(e, json.JSONDecodeError)
-        detail = f"{e.msg} at line {e.lineno}, column {e.colno}" if bad_json else e
-        raise ValueError(
-            f"{file} is not valid JSON ({detail}); restore the model's original config.json, "
-            f"{whole}."
-        ) from e
-    if not isinstance(config, dict):
-        raise ValueError(
-            f"{file} holds {json.dumps(config)[:40]}, not a JSON object of model settings; "
-            f"restore the model's original config.json, {whole}."
-        )
+    read_json_object(file, f"restore the model's original config.json, {whole}")
     tokenizer = [n for n in _TOKENIZER_FILES if (folder / n).is_file()]
     tokenizer += [p.name for p in folder.glob("*.tiktoken")]
     if not tokenizer:
@@ -119,7 +107,8 @@ def _check_model_dir(folder: Path) -> None:
             f"into it, {whole}."
         )
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        _read_json(folder / name, f"restore the model's original {name}, {whole}")
+        if (folder / name).is_file():
+            read_json_object(folder / name, f"restore the model's original {name}, {whole}")
     if not list(folder.glob("model*.safetensors")):
         others = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
         found = f" (it holds {', '.join(others)})" if others else ""
@@ -128,23 +117,6 @@ def _check_model_dir(folder: Path) -> None:
             f"there are none{found}. Copy the model's model*.safetensors files into it, convert "
             f"other formats with `mlx_lm.convert`, {whole}."
         )
-
-
-def _read_json(file: Path, fix: str) -> dict | None:
-    """A JSON object file of a model folder (None when absent); refuse one that is not."""
-    if not file.is_file():
-        return None
-    try:
-        value = json.loads(file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}); {fix}.") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}."
-        ) from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{file} holds {json.dumps(value)[:40]}, not a JSON object; {fix}.")
-    return value
 
 
 def converted_gguf(gguf: Path) -> Path:
@@ -185,8 +157,8 @@ def _dtype(name: str) -> mx.Dtype | None:
     return DTYPES[name]
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
-    """The local copy mlx-lm just downloaded, to read what it does not."""
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local copy of a Hub model that mlx-lm downloaded; None when there is none."""
     from mlx_lm.utils import hf_repo_to_path
 
     try:
@@ -199,8 +171,10 @@ def _generation_config_eos(path: Path | None) -> set[int]:
     """EOS ids of generation_config.json (Qwen3 also stops on <|endoftext|>)."""
     if path is None:
         return set()
-    config = _read_json(path / "generation_config.json", "restore the model's original one")
-    eos = (config or {}).get("eos_token_id")
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return set()
+    eos = read_json_object(file, "restore the model's original one").get("eos_token_id")
     if eos is None:
         return set()
     return {int(e) for e in (eos if isinstance(eos, list) else [eos])}

@@ -27,6 +27,8 @@ import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from mlx_grpo.files import fsync
+
 MARKER = ".mlx-grpo.json"
 KINDS = {
     "run": "a training run",
@@ -69,7 +71,7 @@ def check_protected(target: str | Path, protected: Protected, option: str = "--o
     """Refuse a target that is, lies inside or contains one of the `protected` paths."""
     real = _real(target)
     for label, path in protected.items():
-        if path is None or not Path(path).expanduser().exists():
+        if not path or not Path(path).expanduser().exists():
             continue  # a Hub id, or nothing there to destroy
         other = _real(path)
         relation = (
@@ -168,7 +170,7 @@ def build(
             shutil.rmtree(old)
         else:
             os.replace(partial, final)  # onto nothing or an empty folder
-        _fsync(final.parent)
+        fsync(final.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -252,13 +254,5 @@ def _alive(pid: int) -> bool:
 def _fsync_tree(folder: Path) -> None:
     for root, _, names in os.walk(folder):
         for name in names:
-            _fsync(Path(root) / name)
-        _fsync(Path(root))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync(Path(root) / name)
+        fsync(Path(root))

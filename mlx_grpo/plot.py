@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from mlx_grpo.files import read_text
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -81,13 +83,7 @@ def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise ValueError(f"{path} not found: is {run_dir} the output_dir of a training run?")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {e.start}); it is not a metrics file this program "
-            "wrote. Plot the output_dir of a training run."
-        ) from None
+    text = read_text(path, "it is not a metrics file mlx-grpo wrote: plot a run's output_dir")
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -9,6 +9,8 @@ in trainer.py.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +21,16 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_grpo import __version__, checkpoint, runfolder
+from mlx_grpo import __version__, checkpoint, outputs, runfolder
 from mlx_grpo import data as data_mod
 from mlx_grpo import rewards as rewards_mod
-from mlx_grpo.adapters import Adapter
+from mlx_grpo.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
 from mlx_grpo.config import TrainConfig
 from mlx_grpo.distributed import Peers
 from mlx_grpo.lora import apply_lora, parse_layers, total_count, trainable_count
 from mlx_grpo.models import LoadedModel, checkpoint_blocks, load_model
 from mlx_grpo.reporting import CONFIG_FILE, check_logs, rewrite_logs
-from mlx_grpo.runfolder import RunLock
+from mlx_grpo.runfolder import LOCK_FILE, RunLock
 
 
 @dataclass
@@ -152,7 +154,7 @@ def setup(
     peers = peers or Peers()
     output_dir, lock, saved = Path(cfg.output_dir), None, None
     if peers.main:
-        output_dir = checkpoint.check_output(cfg, resume)
+        output_dir = check_output(cfg, resume)
         if resume:
             lock = runfolder.lock(output_dir)
         elif output_dir.is_dir():
@@ -253,7 +255,9 @@ def _load_rewards(cfg: TrainConfig, reward_funcs: list[Callable]) -> list[reward
     if len(weights) != len(rewards):
         names = [r.name for r in rewards]
         raise ValueError(
-            f"reward_weights has {len(weights)} values for {len(rewards)} rewards {names}"
+            f"reward_weights has {len(weights)} values ({', '.join(f'{w:g}' for w in weights)}) "
+            f"for {len(rewards)} reward functions ({', '.join(names)}); give one weight per "
+            "reward function, in order."
         )
     return [rewards_mod.Reward(r.name, r.fn, w) for r, w in zip(rewards, weights)]
 
@@ -263,9 +267,9 @@ def _start_output(cfg: TrainConfig, output_dir: Path) -> RunLock:
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = runfolder.lock(output_dir)
     try:
-        checkpoint.check_output(cfg, False)  # again: another run may have started meanwhile
+        check_output(cfg, False)  # again: another run may have started meanwhile
         runfolder.refuse_symlinks(output_dir, checkpoint.RUN_FILES)
-        checkpoint.prepare_output(cfg)
+        prepare_output(cfg)
         runfolder.refuse_symlinks(output_dir, [CONFIG_FILE])
         try:
             cfg.save(output_dir / CONFIG_FILE)
@@ -279,6 +283,84 @@ def _start_output(cfg: TrainConfig, output_dir: Path) -> RunLock:
         lock.release()
         raise
     return lock
+
+
+def check_output(cfg: TrainConfig, resume: bool) -> Path:
+    """Refuse an output directory that cannot be written or holds something (writes nothing).
+
+    A run goes into a new or empty folder, or into a run this program marked
+    (outputs.MARKER): resumed with --resume, replaced with --overwrite. Any
+    other non-empty folder is refused, --overwrite or not: nothing of the
+    user's is deleted.
+    """
+    out = Path(cfg.output_dir).expanduser()
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir():
+        raise ValueError(
+            f"output directory {out} cannot be created: {existing} is a file, not a folder. "
+            "Choose another --output-dir."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"output directory {out} is not writable ({existing} does not allow writing for "
+            "this user). Choose a folder you can write to with --output-dir, or fix its "
+            "permissions."
+        )
+    if resume:  # resume_settings found the run's config.yaml; resuming deletes nothing
+        return out
+    outputs.check_protected(
+        out, {"the model": cfg.model, "the starting adapter": cfg.adapter}, "--output-dir"
+    )
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    names = [n for n in names if n != LOCK_FILE]
+    held = [n for n in (*checkpoint.RUN_FILES, MLX_WEIGHTS) if n in names]
+    ours = outputs.kind_of(out) == "run"
+    if not names or (ours and (cfg.overwrite or not held)):
+        return out
+    if held and ours:
+        raise ValueError(
+            f"output directory {out} already holds a run ({', '.join(held)}). Continue it with "
+            f"`mlx-grpo train --resume {out}`, choose another --output-dir, or pass --overwrite "
+            "to replace it."
+        )
+    if held:  # a run of an mlx-grpo before the marker, or someone's adapter
+        what = "a run" if set(held) & set(checkpoint.RUN_FILES) else "an adapter"
+        raise ValueError(
+            f"output directory {out} already holds {what} ({', '.join(held)}) without the "
+            f"{outputs.MARKER} marker of a run this program made, so it is never deleted, "
+            f"--overwrite or not. Choose another --output-dir, resume a run of an earlier "
+            f"mlx-grpo with `mlx-grpo train --resume {out}`, or delete it yourself to start over."
+        )
+    found = outputs.kind_of(out)
+    what = f"{outputs.KINDS.get(found, found)} made by mlx-grpo" if found else "files"
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    why = (
+        "--overwrite replaces only a run that mlx-grpo made, never other files"
+        if cfg.overwrite
+        else "a run needs a new or empty folder"
+    )
+    raise ValueError(
+        f"output directory {out} is not empty and is not an mlx-grpo run: it holds {what} "
+        f"({listed}); {why}. Choose another --output-dir."
+    )
+
+
+def prepare_output(cfg: TrainConfig) -> None:
+    """Create and mark the output directory; with overwrite, remove the previous run's files.
+
+    Only the files a run writes are removed, and only from a folder marked as
+    a run (check_output refused any other).
+    """
+    out = Path(cfg.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and outputs.kind_of(out) == "run":
+        for name in (*checkpoint.RUN_FILES, MLX_WEIGHTS, MLX_CONFIG):
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    outputs.mark(out, "run")
 
 
 def share_state(run: Run) -> None:

@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from mlx_grpo import checkpoint
+from mlx_grpo import checkpoint, reward_calls
 from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.adapters import Adapter
 from mlx_grpo.config import TrainConfig, resolve
@@ -246,8 +246,8 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     ids = batch.completion_lists()
     texts = [run.lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
     errors: list[dict[str, Any]] = []
-    logged = rewards_mod.RewardLogs()
-    per_func = rewards_mod.score_groups(
+    logged = reward_calls.RewardLogs()
+    per_func = reward_calls.score_groups(
         run.rewards,
         rows,
         g,
@@ -306,7 +306,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
             "prompt": rows[i // g].prompt,
             "completion": texts[i],
             "rewards": {
-                r.name: rewards_mod.optional_float(per_func[i, k])
+                r.name: reward_calls.optional_float(per_func[i, k])
                 for k, r in enumerate(run.rewards)
             },
             "advantage": float(adv.advantages[i]),
@@ -317,9 +317,9 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     return metrics, samples
 
 
-def _trainer_state(run: Run) -> rewards_mod.TrainerState:
+def _trainer_state(run: Run) -> reward_calls.TrainerState:
     """What reward functions see as `trainer_state` during the next step."""
-    return rewards_mod.TrainerState(
+    return reward_calls.TrainerState(
         global_step=run.step,
         max_steps=run.cfg.max_steps,
         epoch=run.epoch - len(run.queue) / len(run.rows),  # the share of the data used so far
@@ -329,7 +329,7 @@ def _trainer_state(run: Run) -> rewards_mod.TrainerState:
 
 
 def _logged_metrics(
-    run: Run, logged: rewards_mod.RewardLogs, metrics: dict[str, Any]
+    run: Run, logged: reward_calls.RewardLogs, metrics: dict[str, Any]
 ) -> dict[str, float]:
     """The step's `log_metric` values, each name's mean over every process's calls."""
     local = {name: [sum(values), len(values)] for name, values in logged.metrics.items()}

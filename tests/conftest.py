@@ -1,3 +1,6 @@
+import hashlib
+from pathlib import Path
+
 import pytest
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
@@ -43,3 +46,56 @@ def cli_flags(settings: dict) -> list[str]:
         flag = "--" + key.replace("_", "-")
         out += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return out
+
+
+def run_cli(*args):
+    """`mlx-grpo ARGS` in this process; any exception but SystemExit propagates (a traceback
+    fails the test loudly)."""
+    from click.testing import CliRunner
+
+    from mlx_grpo.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_refused(result, *phrases):
+    """Exit code 2 and one paragraph holding every phrase, without a traceback."""
+    # click >= 8.2 always mixes stderr into `output`; older ones do by default.
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    message = result.output.strip()
+    assert message.startswith("Error: ") and "\n" not in message, message
+    for phrase in phrases:
+        assert phrase in message, f"{phrase!r} not in {message!r}"
+
+
+def tree(folder):
+    """SHA-256 of every file under `folder`, hidden ones included."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """A recording stand-in for huggingface_hub.HfApi: the list of (method, kwargs) called."""
+    import huggingface_hub
+
+    calls = []
+
+    class RecordingHub:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def create_repo(self, **kwargs):
+            calls.append(("create_repo", kwargs))
+            return f"https://huggingface.co/{kwargs['repo_id']}"
+
+        def upload_folder(self, **kwargs):
+            files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+            calls.append(("upload_folder", {**kwargs, "files": files}))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHub)
+    return calls

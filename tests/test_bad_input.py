@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import cli_flags
+from conftest import assert_refused, cli_flags, tree
 
 from mlx_grpo.cli import main
 from mlx_grpo.data import DataError
@@ -19,25 +19,10 @@ def train(*args):
     return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
 
 
-def assert_refused(result, *phrases):
-    """Exit code 2 and one paragraph holding every phrase, without a traceback."""
-    # click >= 8.2 always mixes stderr into `output`; older ones do by default.
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    message = result.output.strip()
-    assert message.startswith("Error: ") and "\n" not in message, message
-    for phrase in phrases:
-        assert phrase in message, f"{phrase!r} not in {message!r}"
-
-
 def refused(settings, *phrases, extra=()):
     """Run train with `settings`; it must refuse with `phrases` and leave no output dir."""
     assert_refused(train(*cli_flags(settings), *extra), *phrases)
     assert not Path(settings["output_dir"]).exists()
-
-
-def tree(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture

@@ -3,15 +3,9 @@ import json
 
 import pytest
 import yaml
-from click.testing import CliRunner
-from conftest import cli_flags
+from conftest import cli_flags, run_cli
 
-from mlx_grpo.cli import main
 from mlx_grpo.config import TrainConfig, resolve
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def test_flags_override_the_yaml_file_which_overrides_defaults(quick_settings, tmp_path):

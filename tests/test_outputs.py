@@ -2,19 +2,16 @@
 writes its output whole or not at all, and names the base model as the Hub knows it."""
 
 import ast
-import hashlib
 import json
 import re
 
 import mlx.core as mx
 import pytest
 import yaml
-from click.testing import CliRunner
-from conftest import cli_flags
+from conftest import assert_refused, cli_flags, run_cli, tree
 
 from mlx_grpo import outputs
 from mlx_grpo.adapters import MLX_WEIGHTS, PEFT_CONFIG, Adapter
-from mlx_grpo.cli import main
 from mlx_grpo.export import export_peft, hub_id, push_to_hub
 from mlx_grpo.toy import build_tiny_qwen3
 from mlx_grpo.trainer import train
@@ -33,29 +30,6 @@ RUN_SETTINGS = dict(
     max_steps=1,
     save_steps=0,
 )
-
-
-def run_cli(*args):
-    # Exceptions other than SystemExit propagate, so a traceback fails the test loudly.
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_refused(result, *phrases):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    message = result.output.strip()
-    assert message.startswith("Error: ") and "\n" not in message, message
-    for phrase in phrases:
-        assert phrase in message, f"{phrase!r} not in {message!r}"
-
-
-def tree(folder):
-    """SHA-256 of every file under `folder`, hidden ones included."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -251,31 +225,19 @@ def test_export_names_the_base_by_its_hub_id_when_one_is_known(tmp_path, known_a
 
 
 def test_push_with_only_a_local_base_is_refused_before_anything_is_written(
-    run_dir, tmp_path, monkeypatch
+    run_dir, tmp_path, hub_calls
 ):
-    calls = []
-
-    class FakeApi:
-        def create_repo(self, **kwargs):
-            calls.append(("create_repo", kwargs))
-
-        def upload_folder(self, **kwargs):
-            calls.append(("upload_folder", kwargs))
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     result = run_cli("export", run_dir, "--output", tmp_path / "peft", "--push-to-hub", "me/x")
     assert_refused(result, "cannot go to the Hub", "--base-model")
-    assert calls == [] and not (tmp_path / "peft").exists()
+    assert hub_calls == [] and not (tmp_path / "peft").exists()
 
     local = export_peft(run_dir, tmp_path / "local")  # a local export records the path
     config = json.loads((local / PEFT_CONFIG).read_text())
     assert config["base_model_name_or_path"] == Adapter.load(run_dir).base_model
     assert "not a Hub id" in (local / "README.md").read_text()
     with pytest.raises(ValueError, match="--base-model"):
-        push_to_hub(local, "me/x", api=FakeApi())
-    assert calls == []
+        push_to_hub(local, "me/x")
+    assert hub_calls == []
 
 
 # --------------------------------------------------------------------------- escaping

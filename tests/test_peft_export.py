@@ -325,19 +325,9 @@ def test_an_adapter_trained_on_a_quantized_base_exports_for_the_float_base(
     assert max_diff(mlx_logits(model_dir, run), theirs) <= TOLERANCE
 
 
-def test_push_to_hub_uploads_the_folder_and_never_prints_the_token(qwen3, tmp_path, monkeypatch):
-    calls = []
-
-    class FakeApi:
-        def create_repo(self, **kwargs):
-            calls.append(("create_repo", kwargs))
-
-        def upload_folder(self, **kwargs):
-            calls.append(("upload_folder", kwargs))
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+def test_push_to_hub_uploads_the_folder_and_never_prints_the_token(
+    qwen3, tmp_path, monkeypatch, hub_calls
+):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
     _, run = qwen3
     result = runner_ok(
@@ -353,12 +343,12 @@ def test_push_to_hub_uploads_the_folder_and_never_prints_the_token(qwen3, tmp_pa
     )
     assert "hf_secret_value" not in result.output
     assert "https://huggingface.co/me/grpo-adapter" in result.output
-    (_, create), (_, upload) = calls
+    (_, create), (_, upload) = hub_calls
     assert create["repo_id"] == "me/grpo-adapter" and create["private"] is True
     assert upload["folder_path"] == str(tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
     assert config["base_model_name_or_path"] == "Qwen/Qwen3-0.6B"
-    assert push_to_hub(tmp_path / "peft", "me/x", api=FakeApi()).endswith("me/x")
+    assert push_to_hub(tmp_path / "peft", "me/x").endswith("me/x")
 
 
 def test_generate_uses_the_adapter(qwen3):

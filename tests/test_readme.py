@@ -27,7 +27,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 from click.testing import CliRunner
 from test_distributed import free_ports
@@ -123,25 +122,8 @@ def write_data(folder: Path) -> None:
         (folder / name).write_text("\n".join(rows) + "\n")
 
 
-class RecordingHub:
-    """Stands in for huggingface_hub.HfApi: records what would be uploaded."""
-
-    uploads: list[dict] = []
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def create_repo(self, **kwargs):
-        return f"https://huggingface.co/{kwargs['repo_id']}"
-
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        files = sorted(p.name for p in folder.iterdir())
-        RecordingHub.uploads.append({"repo_id": kwargs["repo_id"], "files": files})
-
-
 @pytest.fixture
-def workdir(tmp_path, tiny_model_dir, monkeypatch):
+def workdir(tmp_path, tiny_model_dir, monkeypatch, hub_calls):
     from test_gguf import _random_model, _write_gguf
 
     # The tiny model in a folder that says which Hub model it stands for, as a
@@ -154,9 +136,7 @@ def workdir(tmp_path, tiny_model_dir, monkeypatch):
     _write_gguf(tmp_path / "tiny.gguf", "qwen3", _random_model("qwen3"))
     (tmp_path / "examples").mkdir()
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHub)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    RecordingHub.uploads = []
     return tmp_path
 
 
@@ -189,7 +169,7 @@ def stand_ins(workdir: Path) -> dict[str, str]:
     return {"model": str(workdir / "models" / "Qwen3-0.6B"), "gguf": str(workdir / "tiny.gguf")}
 
 
-def test_every_readme_command_runs(workdir):
+def test_every_readme_command_runs(workdir, hub_calls):
     values = stand_ins(workdir)
     example = ROOT / "examples" / "qwen3-0.6b-gsm8k.yaml"
     (workdir / "examples" / example.name).write_text(substitute(example.read_text(), values))
@@ -211,8 +191,9 @@ def test_every_readme_command_runs(workdir):
                 run(shorten(shlex.split(substitute(shlex.join(argv), values))), where, workdir)
                 ran += 1
     assert ran >= 15  # the blocks were found and run, not skipped
-    assert [u["repo_id"] for u in RecordingHub.uploads] == ["me/qwen3-gsm8k-grpo"]
-    assert "adapter_model.safetensors" in RecordingHub.uploads[0]["files"]
+    uploads = [kwargs for method, kwargs in hub_calls if method == "upload_folder"]
+    assert [u["repo_id"] for u in uploads] == ["me/qwen3-gsm8k-grpo"]
+    assert "adapter_model.safetensors" in uploads[0]["files"]
 
 
 def test_every_readme_python_example_that_uses_only_mlx_grpo_runs(workdir):

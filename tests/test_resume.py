@@ -119,12 +119,12 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(
     prelude = (
         "import os, signal\n"
         "from mlx_grpo import checkpoint\n"
-        "real = checkpoint._fsync\n"
+        "real = checkpoint.fsync\n"
         "def fsync(path):\n"
         "    if 'step-000004' in str(path) and path.name == 'optimizer.safetensors':\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    real(path)\n"
-        "checkpoint._fsync = fsync\n"
+        "checkpoint.fsync = fsync\n"
     )
     proc = spawn(cli_args(settings, output_dir=out, max_steps=8), tmp_path, prelude)
     proc.communicate(timeout=120)

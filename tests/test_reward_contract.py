@@ -20,16 +20,18 @@ from mlx_grpo.builtin_rewards import math_answer, think_format
 from mlx_grpo.cli import main
 from mlx_grpo.distributed import Peers
 from mlx_grpo.evaluate import evaluate
+from mlx_grpo.reward_calls import (
+    RewardLogs,
+    score_completions,
+)
 from mlx_grpo.rewards import (
     STANDARD_ARGUMENTS,
     Reward,
     RewardError,
-    RewardLogs,
     RewardSpecError,
     check_arguments,
     load_reward,
     load_rewards,
-    score_completions,
 )
 from mlx_grpo.trainer import _logged_metrics
 

@@ -5,16 +5,18 @@ import numpy as np
 import pytest
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before anything imports mlx)
+from mlx_grpo.reward_calls import (
+    TrainerState,
+    score_completions,
+)
 from mlx_grpo.rewards import (
     BUILTIN_REWARDS,
     Reward,
     RewardError,
     RewardSpecError,
-    TrainerState,
     load_reward,
     load_rewards,
     math_answer,
-    score_completions,
     think_format,
 )
 

@@ -362,14 +362,14 @@ def test_pruning_never_deletes_the_newest_usable_checkpoint(settings, tmp_path):
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_one(settings, tmp_path, monkeypatch):
-    real = checkpoint._fsync
+    real = checkpoint.fsync
 
     def fsync(path):
         if "step-000004" in str(path) and path.name == "optimizer.safetensors":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path)
 
-    monkeypatch.setattr(checkpoint, "_fsync", fsync)
+    monkeypatch.setattr(checkpoint, "fsync", fsync)
     out = tmp_path / "run"
     flags = ["--model", settings["model"], "--data", settings["data"], "--rewards"]
     flags += [settings["rewards"][0], "--output-dir", str(out), "--save-steps", "2"]

@@ -8,26 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
-from conftest import cli_flags
+from conftest import assert_refused, cli_flags, run_cli
 
-from mlx_grpo.cli import main
 from mlx_grpo.config import TrainConfig, resolve
-
-
-def invoke(*args):
-    # Exceptions other than SystemExit propagate, so a traceback fails the test loudly.
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_refused(result, *phrases):
-    """Exit code 2 and one paragraph holding every phrase, without a traceback."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    message = result.output.strip()
-    assert message.startswith("Error: ") and "\n" not in message, message
-    for phrase in phrases:
-        assert phrase in message, f"{phrase!r} not in {message!r}"
 
 
 def entries(folder: Path) -> set[str]:
@@ -86,7 +69,7 @@ def test_a_train_flag_out_of_range_is_refused_naming_flag_value_and_range(
 ):
     settings = {k: v for k, v in quick_settings.items() if k != "reward_weights"}
     flag = "--" + key.replace("_", "-")
-    result = invoke("train", *cli_flags({**settings, key: value}))
+    result = run_cli("train", *cli_flags({**settings, key: value}))
     assert_refused(result, f"{key} must", allowed, f"from the flag {flag}", f"pass {flag}")
     shown = re.search(r"got \[?'?([^ ,\]']+)", result.output).group(1)
     assert shown == value or float(shown) == pytest.approx(float(value), nan_ok=True)
@@ -101,14 +84,14 @@ def test_a_bad_value_in_a_yaml_file_names_the_file_and_line(quick_settings, tmp_
         + quick_settings["output_dir"]
         + "\nlora_alpha: 0\n"
     )
-    result = invoke("train", "--config", config)
+    result = run_cli("train", "--config", config)
     assert_refused(result, "lora_alpha must be > 0, got 0.0", f"from {config}, line 4")
     assert f"change lora_alpha in {config}" in result.output
     assert not Path(quick_settings["output_dir"]).exists()
 
 
 def test_settings_that_contradict_each_other_name_both_and_their_origins(quick_settings):
-    result = invoke("train", *cli_flags({**quick_settings, "epsilon_high": "0.1"}))
+    result = run_cli("train", *cli_flags({**quick_settings, "epsilon_high": "0.1"}))
     assert_refused(
         result,
         "epsilon_high (0.1) must be >= epsilon (0.2)",
@@ -121,7 +104,7 @@ def test_settings_that_contradict_each_other_name_both_and_their_origins(quick_s
 def test_a_completion_longer_than_the_models_context_is_refused(quick_settings):
     # The tiny model's context is 4096 tokens; 100000000 once crashed the process.
     settings = {**quick_settings, "max_completion_length": 100_000_000}
-    result = invoke("train", *cli_flags(settings))
+    result = run_cli("train", *cli_flags(settings))
     assert_refused(
         result,
         "max_completion_length 100000000 leaves no room for a prompt",
@@ -145,7 +128,7 @@ def test_a_completion_longer_than_the_models_context_is_refused(quick_settings):
 def test_a_broken_yaml_file_is_refused_naming_the_file(tmp_path, text, phrase):
     config = tmp_path / "grpo.yaml"
     config.write_bytes(text)
-    assert_refused(invoke("train", "--config", config), str(config), phrase)
+    assert_refused(run_cli("train", "--config", config), str(config), phrase)
     assert entries(tmp_path) == {"grpo.yaml"}
 
 
@@ -184,7 +167,7 @@ def test_the_readme_reward_flags_train_with_both_rewards(quick_settings):
     settings = {k: v for k, v in quick_settings.items() if k != "rewards"}
     flags = cli_flags({**settings, "max_steps": 1})
     rewards = "mlx_grpo.toy:allowed_share,think_format"
-    result = invoke("train", *flags, "--rewards", rewards, "--reward-weights", "1.0,0.2")
+    result = run_cli("train", *flags, "--rewards", rewards, "--reward-weights", "1.0,0.2")
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["rewards"] == ["mlx_grpo.toy:allowed_share", "think_format"]
@@ -193,7 +176,7 @@ def test_the_readme_reward_flags_train_with_both_rewards(quick_settings):
 
 def test_help_says_list_flags_take_commas_or_repetition():
     for command in ("train", "eval"):
-        text = " ".join(invoke(command, "--help").output.split())
+        text = " ".join(run_cli(command, "--help").output.split())
         assert "Repeat the flag or separate with commas" in text
 
 
@@ -233,13 +216,13 @@ def eval_args(tiny_model_dir, toy_data):
 )
 def test_a_bad_eval_option_is_refused(eval_args, tmp_path, extra, phrases):
     out = tmp_path / "completions.jsonl"
-    assert_refused(invoke("eval", *eval_args, *extra, "--output", out), *phrases)
+    assert_refused(run_cli("eval", *eval_args, *extra, "--output", out), *phrases)
     assert not out.exists()
 
 
 def test_eval_refuses_to_write_over_its_own_data_file(eval_args, toy_data):
     before = Path(toy_data).read_bytes()
-    result = invoke("eval", *eval_args, "--output", toy_data)
+    result = run_cli("eval", *eval_args, "--output", toy_data)
     assert_refused(result, f"--output {toy_data} is the --data file itself")
     assert Path(toy_data).read_bytes() == before
 
@@ -247,11 +230,11 @@ def test_eval_refuses_to_write_over_its_own_data_file(eval_args, toy_data):
 def test_eval_rewards_repeated_or_comma_separated_score_alike(eval_args, tmp_path):
     base, spec = eval_args[:-2], eval_args[-1]
     common = ["--limit", "2", "--max-tokens", "4"]
-    repeated = invoke(
+    repeated = run_cli(
         "eval", *base, "--rewards", spec, "--rewards", "think_format",
         "--reward-weights", "1", "--reward-weights", "0", *common, "-o", tmp_path / "a.jsonl",
     )  # fmt: skip
-    comma = invoke(
+    comma = run_cli(
         "eval", *base, "--rewards", f"{spec},think_format", "--reward-weights", "1,0",
         *common, "-o", tmp_path / "b.jsonl",
     )  # fmt: skip
@@ -273,7 +256,7 @@ def test_eval_rewards_repeated_or_comma_separated_score_alike(eval_args, tmp_pat
     ],
 )
 def test_a_bad_generate_option_is_refused(tiny_model_dir, extra, phrase):
-    result = invoke("generate", "--model", tiny_model_dir, *extra, "Hello")
+    result = run_cli("generate", "--model", tiny_model_dir, *extra, "Hello")
     assert_refused(result, phrase)
 
 
@@ -292,5 +275,5 @@ def test_quickstart_and_demo_refuse_zero_or_negative_time_and_sizes(
     tmp_path, command, extra, phrase
 ):
     out = tmp_path / "out"
-    assert_refused(invoke(command, "--output-dir", out, *extra), phrase)
+    assert_refused(run_cli(command, "--output-dir", out, *extra), phrase)
     assert not out.exists()
