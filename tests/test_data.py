@@ -188,7 +188,7 @@ def test_an_empty_prompt_is_reported(tmp_path):
 def test_a_prompt_of_the_wrong_type_is_reported(tmp_path):
     path = write_jsonl(tmp_path / "num.jsonl", [{"prompt": 12}])
     with pytest.raises(
-        DataError, match=rf"{path}:1: the 'prompt' column is a int; it must be text"
+        DataError, match=rf"{path}:1: the 'prompt' column is an int; it must be text"
     ):
         load_rows(path)
 
