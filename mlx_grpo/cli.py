@@ -365,8 +365,10 @@ def export_cmd(
     debug: bool,
 ) -> None:
     """Export a run or adapter folder SOURCE as a PEFT LoRA adapter."""
-    from mlx_grpo.export import export_peft, push_to_hub
+    from mlx_grpo.export import check_repo_id, export_peft, push_to_hub
 
+    if repo_id:
+        _run(lambda: check_repo_id(repo_id), debug)
     out = _run(lambda: export_peft(source, output, base_model, for_hub=bool(repo_id)), debug)
     click.echo(f"PEFT adapter written to {out}")
     if repo_id:

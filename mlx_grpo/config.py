@@ -27,6 +27,8 @@ from mlx_grpo.files import read_text
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_SEED = 2**63 - 1
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # rewards and weights are float32 in the objective
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,17 @@ class Range:
         return f"in {left}{low}, {high}{right}"
 
 
+def _shown(value: Any) -> str:
+    """A value as messages show it: repr, with huge whole numbers shortened."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**19:
+        return f"{float(value):.3g}" if abs(value) < 10**308 else "a number too large to use"
+    return repr(value)
+
+
 def _number(x: float | None) -> str:
     if x is None:
         return ""
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e19 else f"{x:g}"
 
 
 AT_LEAST_0 = Range(0)
@@ -83,7 +92,7 @@ class SettingError(ValueError):
 
     def __init__(self, keys: tuple[str, ...], rule: str, value: Any = None):
         self.keys, self.rule, self.value = keys, rule, value
-        super().__init__(f"{keys[0]} {rule}, got {value!r}" if len(keys) == 1 else rule)
+        super().__init__(f"{keys[0]} {rule}, got {_shown(value)}" if len(keys) == 1 else rule)
 
 
 def _opt(
@@ -121,7 +130,9 @@ class TrainConfig:
         "Reward functions: builtin name, module:function or path/file.py:function.",
     )
     reward_weights: list[float] | None = _opt(
-        None, "One weight per reward function (default 1).", allowed=Range()
+        None,
+        "One weight per reward function (default 1).",
+        allowed=Range(-FLOAT32_MAX, FLOAT32_MAX),
     )
     output_dir: str = _opt("runs/grpo", "Where the adapter, metrics and config are written.")
     overwrite: bool = _opt(
@@ -277,6 +288,9 @@ class TrainConfig:
             if choices and value not in choices:
                 raise SettingError((f.name,), f"must be one of {', '.join(choices)}", value)
             values = value if isinstance(value, list) else [value]
+            big = f.name != "seed" and any(isinstance(v, int) and v > INT32_MAX for v in values)
+            if big:  # arrays and loop counts are 32-bit in MLX
+                raise SettingError((f.name,), f"must be at most {INT32_MAX}", value)
             if allowed is not None and any(v is not None and v not in allowed for v in values):
                 rule = f"must {'each ' if isinstance(value, list) else ''}be {allowed}"
                 raise SettingError((f.name,), rule, value)
@@ -503,6 +517,6 @@ def _explain(e: SettingError, origins: dict[str, str], config_file: str | Path |
 
     key = e.keys[0]
     if len(e.keys) == 1:
-        return f"{key} {e.rule}, got {e.value!r} (from {origin(key)}); {fix(key)}."
+        return f"{key} {e.rule}, got {_shown(e.value)} (from {origin(key)}); {fix(key)}."
     given = "; ".join(f"{k} from {origin(k)}" for k in e.keys)
     return f"{e.rule} ({given}); {fix(key)}."

@@ -25,7 +25,7 @@ from mlx_grpo import reward_calls
 from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.adapters import Adapter
 from mlx_grpo.config import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
-from mlx_grpo.models import load_model
+from mlx_grpo.models import check_max_tokens, load_model
 from mlx_grpo.rollout import SamplingSettings, rollout
 
 
@@ -113,12 +113,7 @@ def evaluate(
     ]
     rewards_mod.check_arguments(funcs, (k for r in rows for k in r.columns), data)
     _check_group_by(group_by, rows, data)
-    context = lm.config.get("max_position_embeddings")
-    if context is not None and max_tokens >= context:
-        raise ValueError(
-            f"--max-tokens {max_tokens} does not fit the model's context of {context} tokens "
-            f"(max_position_embeddings of {model}); pass --max-tokens below {context}."
-        )
+    check_max_tokens(lm, max_tokens)
     sampling = SamplingSettings(temperature, top_p, max_tokens=max_tokens)
     per_batch = max(1, batch_size // num_samples)
     records = []

@@ -34,6 +34,15 @@ def is_hub_id(name: str | None) -> bool:
     return isinstance(name, str) and _HUB_ID.fullmatch(name) is not None
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a --push-to-hub target that is not a Hub repository id (before any writing)."""
+    if not is_hub_id(repo_id):
+        raise ValueError(
+            f"--push-to-hub {repo_id!r} is not a Hub repository id: give it as your-name/repo "
+            "(letters, digits, '-', '_' and '.'; at most 96 characters on each side of the /)."
+        )
+
+
 def hub_id(model: str | None) -> str | None:
     """The Hub id of a model given as a Hub id, a local folder or a .gguf file; None if unknown.
 
@@ -78,6 +87,11 @@ def export_peft(
         >>> export_peft("runs/qwen3-gsm8k", "export/qwen3-gsm8k", base_model="Qwen/Qwen3-0.6B")
     """
     source, output = Path(source), Path(output)
+    if base_model is not None and not (is_hub_id(base_model) or Path(base_model).exists()):
+        raise ValueError(
+            f"--base-model {base_model!r} is neither a Hub model id (org/name, e.g. "
+            "Qwen/Qwen3-0.6B) nor a local model folder; give the base's Hub id."
+        )
     adapter = Adapter.load(source)
     run = _run_summary(source)
     trained_on = adapter.base_model or run.get("model")

@@ -7,7 +7,7 @@ from pathlib import Path
 from mlx_grpo.adapters import Adapter
 from mlx_grpo.config import AT_LEAST_0, AT_LEAST_1, check_option
 from mlx_grpo.data import encode_prompt
-from mlx_grpo.models import load_model
+from mlx_grpo.models import check_max_tokens, load_model
 
 
 def generate(
@@ -32,6 +32,7 @@ def generate(
     if not prompt.strip():
         raise ValueError("the prompt is empty; give the text to reply to, e.g. 'What is 17 * 3?'")
     lm = load_model(model)
+    check_max_tokens(lm, max_tokens)
     if adapter is not None:
         Adapter.load(adapter).attach(lm.model)
     lm.model.eval()

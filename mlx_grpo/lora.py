@@ -48,14 +48,20 @@ def split_small_matmuls(streams: list | None) -> Iterator[None]:
         _split_streams = before
 
 
+def linear_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a Linear or QuantizedLinear."""
+    out_dims, in_dims = layer.weight.shape
+    if isinstance(layer, nn.QuantizedLinear):
+        in_dims = in_dims * 32 // layer.bits
+    return in_dims, out_dims
+
+
 class LoRALinear(nn.Module):
     """A Linear or QuantizedLinear with a low-rank update that can be disabled."""
 
     def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0):
         super().__init__()
-        out_dims, in_dims = base.weight.shape
-        if isinstance(base, nn.QuantizedLinear):
-            in_dims = in_dims * 32 // base.bits
+        in_dims, out_dims = linear_dims(base)
         self.linear = base
         self.scale = scale
         self.dropout = nn.Dropout(p=dropout)
@@ -167,6 +173,13 @@ def apply_lora(
         raise ValueError(
             f"no module named {list(targets)} found in layers {layers}; "
             "check lora_targets against the model's module names"
+        )
+    modules = dict(model.named_modules())
+    smallest = min(min(linear_dims(modules[p])) for p in paths)
+    if rank > smallest:
+        raise ValueError(
+            f"lora_rank {rank} is more than the smallest dimension ({smallest}) of the adapted "
+            f"modules, so the update could not use it all; set --lora-rank at most {smallest}."
         )
     wrap_modules(model, paths, rank, scale, dropout)
     return paths

@@ -83,6 +83,16 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
     return LoadedModel(model, tokenizer, config, path_or_id, sorted(eos), int(pad))
 
 
+def check_max_tokens(lm: LoadedModel, max_tokens: int, flag: str = "--max-tokens") -> None:
+    """Refuse a completion length that leaves no room for a prompt in the model's context."""
+    context = lm.config.get("max_position_embeddings")
+    if context is not None and max_tokens >= context:
+        raise ValueError(
+            f"{flag} {max_tokens} does not fit the model's context of {context} tokens "
+            f"(max_position_embeddings of {lm.path}); pass {flag} below {context}."
+        )
+
+
 def _check_model_dir(folder: Path) -> None:
     """Refuse a local folder mlx-lm cannot load, saying what is missing and how to fix it."""
     whole = "or point --model at the complete model directory"

@@ -65,13 +65,29 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         >>> plot_run("runs/grpo")  # writes runs/grpo/training.png
     """
     run_dir = Path(run_dir)
+    out = Path(output) if output is not None else run_dir / PLOT_FILE
+    _check_output(out)
     records = load_metrics(run_dir)
     _, FigureCanvasAgg = _matplotlib()
     fig = figure_for(records, _title(run_dir))
-    out = Path(output) if output is not None else run_dir / PLOT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig).print_png(str(out))
+    partial = out.with_name(f".{out.name}.partial")
+    FigureCanvasAgg(fig).print_png(str(partial))
+    partial.replace(out)  # an earlier plot is replaced whole, or kept
     return out
+
+
+def _check_output(out: Path) -> None:
+    """Refuse a plot path that is not a .png, or an existing file that is not a PNG image."""
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--output {out}: give the plot a .png name, e.g. {out.stem}.png.")
+    if out.is_dir():
+        raise ValueError(f"--output {out} is a folder; give the path of a .png file.")
+    if out.exists() and out.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(
+            f"--output {out} exists and is not a PNG image, so it is not overwritten; choose "
+            "another path."
+        )
 
 
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ writes its output whole or not at all, and names the base model as the Hub knows
 import ast
 import json
 import re
+import shutil
 
 import mlx.core as mx
 import pytest
@@ -260,7 +261,13 @@ def test_names_in_the_model_card_cannot_inject_keys_rows_or_code(run_dir, tmp_pa
         return [line for line in card.split("\n") if line.startswith("|")]
 
     plain = (export_peft(run_dir, tmp_path / "plain", base_model="Org/x") / "README.md").read_text()
-    card = (export_peft(run_dir, tmp_path / "peft", base_model=base) / "README.md").read_text()
+    # --base-model takes only a Hub id or a folder; any name can still come from the adapter.
+    source = tmp_path / "source"
+    shutil.copytree(run_dir, source)
+    config = json.loads((source / "adapter_config.json").read_text())
+    config["mlx_grpo"]["base_model"] = base
+    (source / "adapter_config.json").write_text(json.dumps(config))
+    card = (export_peft(source, tmp_path / "peft") / "README.md").read_text()
     assert set(front_matter(card)) == {"library_name", "tags"}  # not a Hub id: no base_model
     rows = table(card)
     assert len(rows) == len(table(plain)) > 10

@@ -23,6 +23,8 @@ def entries(folder: Path) -> set[str]:
 BAD_TRAIN_VALUES = [
     ("num_generations", "1", ">= 2"),
     ("lora_rank", "0", ">= 1"),
+    ("lora_rank", "1e300", "at most 2147483647"),
+    ("num_generations", "10000000000", "at most 2147483647"),
     ("lora_alpha", "0", "> 0"),
     ("lora_dropout", "1", "in [0, 1)"),
     ("learning_rate", "-1e-5", "> 0"),
@@ -37,7 +39,8 @@ BAD_TRAIN_VALUES = [
     ("top_k", "-1", ">= 0"),
     ("min_p", "2", "in [0, 1)"),
     ("seed", "-1", "in [0, "),
-    ("reward_weights", "nan", "must each be a finite number"),
+    ("reward_weights", "nan", "must each be in [-3.40282e+38, 3.40282e+38]"),
+    ("reward_weights", "1e300", "must each be in [-3.40282e+38, 3.40282e+38]"),
     ("max_steps", "0", ">= 1"),
     ("max_minutes", "0", "> 0"),
     ("max_completion_length", "0", ">= 1"),
@@ -98,6 +101,13 @@ def test_settings_that_contradict_each_other_name_both_and_their_origins(quick_s
         "epsilon_high from the flag --epsilon-high",
         "epsilon from its default",
     )
+    assert not Path(quick_settings["output_dir"]).exists()
+
+
+def test_a_lora_rank_beyond_the_adapted_modules_dimensions_is_refused(quick_settings):
+    # The tiny model's k_proj and v_proj map 64 -> 48 features.
+    result = run_cli("train", *cli_flags({**quick_settings, "lora_rank": 49}))
+    assert_refused(result, "lora_rank 49 is more than the smallest dimension (48)", "at most 48")
     assert not Path(quick_settings["output_dir"]).exists()
 
 
@@ -276,4 +286,43 @@ def test_quickstart_and_demo_refuse_zero_or_negative_time_and_sizes(
 ):
     out = tmp_path / "out"
     assert_refused(run_cli(command, "--output-dir", out, *extra), phrase)
+    assert not out.exists()
+
+
+def test_generate_refuses_more_tokens_than_the_models_context(tiny_model_dir):
+    result = run_cli("generate", "--model", tiny_model_dir, "--max-tokens", "100000000", "Hi")
+    assert_refused(result, "--max-tokens 100000000 does not fit", "context of 4096 tokens")
+
+
+def test_plot_never_writes_over_a_file_that_is_not_a_png(quick_settings, toy_data, tmp_path):
+    run = Path(quick_settings["output_dir"])
+    assert run_cli("train", *cli_flags({**quick_settings, "max_steps": 1})).exit_code == 0
+    data_copy = tmp_path / "data.png"
+    data_copy.write_bytes(Path(toy_data).read_bytes())  # a .png name, but not an image
+    for target, phrase in ((toy_data, "give the plot a .png name"), (data_copy, "not a PNG")):
+        before = Path(target).read_bytes()
+        assert_refused(run_cli("plot", run, "-o", target), phrase)
+        assert Path(target).read_bytes() == before
+    assert run_cli("plot", run, "-o", tmp_path / "a.png").exit_code == 0
+    assert run_cli("plot", run, "-o", tmp_path / "a.png").exit_code == 0  # its own plot: replaced
+
+
+def test_a_bad_hub_repository_id_is_refused_before_the_export_is_written(
+    quick_settings, tmp_path, hub_calls
+):
+    run = Path(quick_settings["output_dir"])
+    assert run_cli("train", *cli_flags({**quick_settings, "max_steps": 1})).exit_code == 0
+    out = tmp_path / "peft"
+    flags = ["--base-model", "Qwen/Qwen3-0.6B", "--push-to-hub", "not a repo id"]
+    result = run_cli("export", run, "-o", out, *flags)
+    assert_refused(result, "--push-to-hub 'not a repo id' is not a Hub repository id")
+    assert not out.exists() and hub_calls == []
+
+
+def test_a_base_model_name_that_is_no_model_is_refused(quick_settings, tmp_path):
+    run = Path(quick_settings["output_dir"])
+    assert run_cli("train", *cli_flags({**quick_settings, "max_steps": 1})).exit_code == 0
+    out = tmp_path / "peft"
+    result = run_cli("export", run, "-o", out, "--base-model", "x\n---\nevil: true")
+    assert_refused(result, "is neither a Hub model id (org/name")
     assert not out.exists()
