@@ -13,6 +13,7 @@ an export is refused for the Hub.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -130,19 +131,27 @@ def _require_hub_id(base: str | None, what: str) -> None:
 
 
 def _run_summary(source: Path) -> dict[str, Any]:
-    """Settings and final figures of the run that produced `source`, when it is a run."""
+    """Settings and final figures of the run that produced `source`, when it is a run.
+
+    A config.yaml or metrics.jsonl that cannot be read leaves its part of the
+    model card "not recorded": the adapter itself does not depend on them.
+    """
+    from mlx_grpo.config import load_yaml
+    from mlx_grpo.plot import load_metrics
+
     summary: dict[str, Any] = {}
-    config = source / "config.yaml"
-    if config.is_file():
-        summary.update(yaml.safe_load(config.read_text()) or {})
-    metrics = source / "metrics.jsonl"
-    if metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        if records:
-            rewards = [r["reward"] for r in records[-10:] if r.get("reward") is not None]
-            summary["steps_done"] = records[-1]["step"]
-            summary["final_reward"] = sum(rewards) / len(rewards) if rewards else None
-            summary["first_reward"] = records[0].get("reward")
+    if (source / "config.yaml").is_file():
+        with contextlib.suppress(ValueError):
+            summary.update(load_yaml(source / "config.yaml"))
+    try:
+        records = load_metrics(source) if (source / "metrics.jsonl").is_file() else []
+    except ValueError:
+        records = []
+    if records:
+        rewards = [r["reward"] for r in records[-10:] if isinstance(r.get("reward"), (int, float))]
+        summary["steps_done"] = records[-1].get("step")
+        summary["final_reward"] = sum(rewards) / len(rewards) if rewards else None
+        summary["first_reward"] = records[0].get("reward")
     return summary
 
 

@@ -326,3 +326,12 @@ def test_a_base_model_name_that_is_no_model_is_refused(quick_settings, tmp_path)
     result = run_cli("export", run, "-o", out, "--base-model", "x\n---\nevil: true")
     assert_refused(result, "is neither a Hub model id (org/name")
     assert not out.exists()
+
+
+def test_text_settings_cannot_inject_keys_into_the_saved_config(quick_settings):
+    sneaky = "Be brief.\nlora_rank: 99\n---\nmodel: evil/model"
+    settings = {**quick_settings, "system_prompt": sneaky, "max_steps": 1}
+    assert run_cli("train", *cli_flags(settings)).exit_code == 0
+    saved = resolve(Path(quick_settings["output_dir"]) / "config.yaml")
+    assert saved.system_prompt == sneaky
+    assert saved.lora_rank == quick_settings["lora_rank"] and saved.model == quick_settings["model"]
