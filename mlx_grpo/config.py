@@ -497,26 +497,16 @@ def resolve(
 def _explain(e: SettingError, origins: dict[str, str], config_file: str | Path | None) -> str:
     """A SettingError as one paragraph: which setting, its value, the rule, where it came from."""
 
-    def origin(key: str) -> str:
-        where = origins.get(key, "default")
-        if where == "flag":
-            return f"the flag --{key.replace('_', '-')}"
-        if where == "argument":
-            return f"the argument {key}="
-        return "its default" if where == "default" else where
-
-    def fix(key: str) -> str:
-        where = origins.get(key, "default")
-        if where == "flag":
-            return f"pass --{key.replace('_', '-')} another value"
-        if where == "argument":
-            return f"pass another {key}"
-        if where == "default":
-            return f"set {key}"
-        return f"change {key} in {config_file}"
+    def told(key: str) -> tuple[str, str]:  # (where the value came from, how to change it)
+        where, flag = origins.get(key, "default"), "--" + key.replace("_", "-")
+        return {
+            "flag": (f"the flag {flag}", f"pass {flag} another value"),
+            "argument": (f"the argument {key}=", f"pass another {key}"),
+            "default": ("its default", f"set {key}"),
+        }.get(where, (where, f"change {key} in {config_file}"))
 
     key = e.keys[0]
     if len(e.keys) == 1:
-        return f"{key} {e.rule}, got {_shown(e.value)} (from {origin(key)}); {fix(key)}."
-    given = "; ".join(f"{k} from {origin(k)}" for k in e.keys)
-    return f"{e.rule} ({given}); {fix(key)}."
+        return f"{key} {e.rule}, got {_shown(e.value)} (from {told(key)[0]}); {told(key)[1]}."
+    given = "; ".join(f"{k} from {told(k)[0]}" for k in e.keys)
+    return f"{e.rule} ({given}); {told(key)[1]}."
