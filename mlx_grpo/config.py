@@ -87,6 +87,15 @@ def check_option(flag: str, value: float | None, allowed: Range) -> None:
         raise ValueError(f"{flag} must be {allowed}, got {value!r}; pass {flag} another value.")
 
 
+# A model's org/name as the Hub spells repositories: no path tricks, no spaces, no newlines.
+_HUB_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` has the shape of a Hub model id, org/name."""
+    return isinstance(name, str) and _HUB_ID.fullmatch(name) is not None
+
+
 class SettingError(ValueError):
     """A setting's value is not allowed; `keys` are the settings involved."""
 

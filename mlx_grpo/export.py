@@ -23,16 +23,10 @@ from typing import Any
 import yaml
 
 from mlx_grpo.adapters import PEFT_CONFIG, Adapter
+from mlx_grpo.config import is_hub_id
 from mlx_grpo.outputs import build, check_target
 
 CARD_FILE = "README.md"
-# org/name as the Hub spells repositories: no path tricks, no spaces, no newlines.
-_HUB_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
-
-
-def is_hub_id(name: str | None) -> bool:
-    """Whether `name` has the shape of a Hub model id, org/name."""
-    return isinstance(name, str) and _HUB_ID.fullmatch(name) is not None
 
 
 def check_repo_id(repo_id: str) -> None:

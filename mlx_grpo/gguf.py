@@ -54,6 +54,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_grpo.config import is_hub_id
 from mlx_grpo.outputs import build, check_target
 
 ARCHITECTURES = {
@@ -180,8 +181,6 @@ def source_hub_id(meta: Mapping[str, object]) -> str | None:
     `general.name` counts only when it has the org/name shape. The base model of
     a fine-tune (`general.base_model.*`) is another model and is not used.
     """
-    from mlx_grpo.export import is_hub_id
-
     for key in _SOURCE_KEYS:
         value = meta.get(key)
         if isinstance(value, str):
