@@ -39,7 +39,7 @@ import numpy as np
 
 from mlx_grpo.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
 from mlx_grpo.config import TrainConfig, resolve
-from mlx_grpo.files import fsync
+from mlx_grpo.files import fsync, sha256
 from mlx_grpo.reporting import COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, REWARD_ERRORS_FILE
 from mlx_grpo.runfolder import SymlinkRefused, disk_full, is_disk_full
 
@@ -53,20 +53,6 @@ _PARTIAL = ".partial-"
 _REMOVING = ".removing-"  # an old checkpoint being pruned: never mistaken for a usable one
 # Every file a checkpoint needs; a manifest that omits one makes it unusable.
 NEEDED = (MLX_WEIGHTS, MLX_CONFIG, OPTIMIZER_FILE, STATE_FILE)
-# Files of a local model folder that decide what the model computes.
-_MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "chat_template*",
-)
-
-
 # Settings a resumed run may change; any other change would make it another run.
 RESUMABLE = (
     "max_steps",
@@ -114,22 +100,6 @@ def path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"{_PREFIX}{step:06d}"
 
 
-def fingerprint(model: str) -> str | None:
-    """SHA-256 of a local model folder's config, weights and tokenizer files (None for Hub ids).
-
-    The bytes are hashed, so a changed weight of the same size counts; read
-    once per setup, in chunks.
-    """
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        return None
-    files = sorted({f for pattern in _MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.name}:{_sha256(file)}\n".encode())
-    return digest.hexdigest()
-
-
 def _sizes_fingerprint(model: str) -> str | None:
     """The fingerprint of checkpoints written before the bytes were hashed (config + sizes)."""
     folder = Path(model).expanduser()
@@ -141,15 +111,6 @@ def _sizes_fingerprint(model: str) -> str | None:
     for weights in sorted(folder.glob("*.safetensors")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return digest.hexdigest()
-
-
-def data_fingerprint(rows: list[Any]) -> dict[str, Any]:
-    """Row count and SHA-256 of the prompt rows (prompt, encoded ids, other columns)."""
-    digest = hashlib.sha256()
-    for row in rows:
-        record = [row.prompt, row.prompt_ids, row.columns]
-        digest.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
-    return {"rows": len(rows), "sha256": digest.hexdigest()}
 
 
 # --------------------------------------------------------------------------- resuming
@@ -206,8 +167,9 @@ def check_compatible(
 ) -> None:
     """Refuse a checkpoint written for another model, LoRA shape or dataset.
 
-    `model_sha256` is `fingerprint(cfg.model)` and `data` is `data_fingerprint`
-    of the rows, both taken at setup. Checkpoints older than a field skip its check.
+    `model_sha256` is `models.fingerprint(cfg.model)` and `data` is
+    `data.fingerprint` of the rows, both taken at setup. Checkpoints older
+    than a field skip its check.
     """
     state, problems = saved.state, []
     before = state.get("config", {})
@@ -336,12 +298,7 @@ def _check_finite(snap: Snapshot) -> None:
 
 
 def _digest(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
 # --------------------------------------------------------------------------- reading

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -302,6 +303,15 @@ def load_prompts(
         columns = {k: v for k, v in row.items() if k != prompt_column}
         out.append(PromptRow(prompt=prompt, prompt_ids=ids, columns=columns, source=source))
     return out
+
+
+def fingerprint(rows: list[PromptRow]) -> dict[str, Any]:
+    """Row count and SHA-256 of the prompt rows (prompt, encoded ids, other columns)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        record = [row.prompt, row.prompt_ids, row.columns]
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
+    return {"rows": len(rows), "sha256": digest.hexdigest()}
 
 
 __all__ = ["DataError", "PromptRow", "encode_prompt", "load_prompts", "load_rows"]

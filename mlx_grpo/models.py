@@ -8,6 +8,7 @@ that hides the padding, so a padded row computes what it would alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +19,26 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
 from mlx_grpo._backend import cpu_only
-from mlx_grpo.files import read_json_object
+from mlx_grpo.files import read_json_object, sha256
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 # Model types whose __call__ does more than head(model(x)) (soft-capping, scaling).
 _OWN_HEAD = {"gemma", "gemma2", "gemma3", "gemma3_text", "cohere", "cohere2", "granite"}
+# Files of a local model folder that decide what the model computes.
+_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template*",
+)
+
+
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 
@@ -81,6 +96,22 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
     tokenizer.eos_token_ids = eos  # so mlx-lm's own generate stops there too
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     return LoadedModel(model, tokenizer, config, path_or_id, sorted(eos), int(pad))
+
+
+def fingerprint(model: str) -> str | None:
+    """SHA-256 of a local model folder's config, weights and tokenizer files (None for Hub ids).
+
+    The bytes are hashed, so a changed weight of the same size counts; read
+    once per setup, in chunks.
+    """
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return None
+    files = sorted({f for pattern in _MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{sha256(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def check_max_tokens(lm: LoadedModel, max_tokens: int, flag: str = "--max-tokens") -> None:

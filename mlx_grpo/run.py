@@ -21,7 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_grpo import __version__, checkpoint, outputs, runfolder
+from mlx_grpo import __version__, checkpoint, models, outputs, runfolder
 from mlx_grpo import data as data_mod
 from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
@@ -189,7 +189,7 @@ def _load(
     """Model, data and optimizer, checked against `saved`; then the rewards."""
     mx.random.seed(cfg.seed)
     lm, paths = _load_model(cfg)
-    model_sha256 = checkpoint.fingerprint(cfg.model)
+    model_sha256 = models.fingerprint(cfg.model)
     max_prompt = cfg.prompt_limit(lm.config.get("max_position_embeddings"), cfg.model)
     rows = data_mod.load_prompts(
         cfg.data,
@@ -199,7 +199,7 @@ def _load(
         cfg.enable_thinking,
         max_prompt,
     )
-    data = checkpoint.data_fingerprint(rows)
+    data = data_mod.fingerprint(rows)
     if saved is not None:
         checkpoint.check_compatible(saved, cfg, model_sha256, data)
         _check_adapter_fits(lm.model, saved)
