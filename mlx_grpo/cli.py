@@ -171,8 +171,8 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
 
     Each run rebuilds the model and replaces the previous demo run in OUTPUT_DIR.
     """
-    from mlx_grpo.config import AT_LEAST_1, check_option
     from mlx_grpo.toy import run_demo
+    from mlx_grpo.values import AT_LEAST_1, check_option
 
     _run(lambda: check_option("--max-steps", max_steps, AT_LEAST_1), debug)
     summary = _run(lambda: run_demo(Path(output_dir), max_steps), debug)
@@ -296,8 +296,8 @@ def quickstart(
     converts it, evaluates it on held-out problems, trains a LoRA adapter for
     MINUTES, evaluates again, exports the PEFT adapter and plots the run.
     """
-    from mlx_grpo.config import AT_LEAST_1, MAX_SEED, POSITIVE, Range, check_option
     from mlx_grpo.quickstart import run_quickstart
+    from mlx_grpo.values import AT_LEAST_1, MAX_SEED, POSITIVE, Range, check_option
 
     def check() -> None:
         check_option("--minutes", minutes, POSITIVE)

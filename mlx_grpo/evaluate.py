@@ -24,9 +24,9 @@ from mlx_grpo import data as data_mod
 from mlx_grpo import reward_calls
 from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.adapters import Adapter
-from mlx_grpo.config import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
 from mlx_grpo.models import check_max_tokens, load_model
 from mlx_grpo.rollout import SamplingSettings, rollout
+from mlx_grpo.values import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
 
 
 @dataclass

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 
 from mlx_grpo.adapters import PEFT_CONFIG, Adapter
-from mlx_grpo.config import is_hub_id
 from mlx_grpo.outputs import build, check_target
+from mlx_grpo.values import is_hub_id
 
 CARD_FILE = "README.md"
 

@@ -54,8 +54,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_grpo.config import is_hub_id
 from mlx_grpo.outputs import build, check_target
+from mlx_grpo.values import is_hub_id
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
