@@ -117,12 +117,17 @@ def _sizes_fingerprint(model: str) -> str | None:
 
 
 def resume_settings(
-    run_dir: str | Path, config: Any = None, overrides: dict[str, Any] | None = None
+    run_dir: str | Path,
+    config: Any = None,
+    overrides: dict[str, Any] | None = None,
+    given_as: str = "argument",
 ) -> TrainConfig:
     """The settings of the run in `run_dir`, with the changes a resume allows.
 
     Refuses a folder that is not a run, a config file (the run has its own),
-    and changes to settings outside RESUMABLE.
+    and changes to settings outside RESUMABLE. `overrides` are checked on
+    top of the run's own settings; `given_as` says what they were (see
+    config.resolve).
     """
     run_dir = Path(run_dir).expanduser()
     saved_file = run_dir / CONFIG_FILE
@@ -139,7 +144,7 @@ def resume_settings(
             f"only {', '.join(RESUMABLE[:-1])})."
         )
     saved = resolve(saved_file)
-    given = resolve(None, **(overrides or {})) if overrides else None
+    given = resolve(saved_file, given_as=given_as, **(overrides or {}))
     changed = []
     for key in overrides or {}:
         old = getattr(saved, key)

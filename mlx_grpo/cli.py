@@ -142,16 +142,19 @@ def train(config_file: str | None, resume: str | None, debug: bool, **flags: Any
           --prompt-column question --rewards math_answer --max-steps 200
       mlx-grpo train --resume runs/grpo --max-steps 400
     """
+    from mlx_grpo.checkpoint import resume_settings
     from mlx_grpo.config import resolve
     from mlx_grpo.trainer import train as run_training
 
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     given = {k: v for k, v in given.items() if v is not None and v != []}
-    # Say which flag or YAML line holds a bad value. A resumed run's own file is checked
-    # later, and so is a config file that only process 0 of a distributed run has.
-    if not (config_file and not Path(config_file).is_file()):
-        file = None if resume else config_file
-        _run(lambda: resolve(file, given_as="flag", **given), debug)
+    # Say which flag or YAML line holds a bad value. A config file or run folder that only
+    # process 0 of a distributed run has is read there (the others get its settings).
+    if resume:
+        if (Path(resume).expanduser() / "config.yaml").is_file():
+            _run(lambda: resume_settings(resume, config_file, given, given_as="flag"), debug)
+    elif not (config_file and not Path(config_file).is_file()):
+        _run(lambda: resolve(config_file, given_as="flag", **given), debug)
     result = _run(lambda: run_training(config_file, resume=resume, **given), debug)
     if result.rank == 0:  # the other processes of a distributed run write nothing
         click.echo(f"adapter saved in {result.output_dir}")

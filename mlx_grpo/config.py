@@ -11,6 +11,7 @@ value is tuned for full fine-tuning and barely moves a LoRA adapter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import re
@@ -349,9 +350,12 @@ def _scalar(name: str, base: type, value: Any) -> Any:
         if base is float and number:
             return float(value)
         if base is int and number:
-            as_float = float(value)
+            if isinstance(value, (int, str)):
+                with contextlib.suppress(ValueError):
+                    return int(value)  # "123" exactly, however large
+            as_float = float(value)  # "1e3", 2.0
             if as_float.is_integer():
-                return int(value) if isinstance(value, int) else int(as_float)
+                return int(as_float)
     except (ValueError, OverflowError):
         pass
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):

@@ -130,13 +130,20 @@ def evaluate(
 
 
 def _check_output(output: Path, data: str) -> None:
-    """Refuse an --output that is a folder, the --data file itself, or cannot be created."""
+    """Refuse an --output that is not a new .jsonl file or an earlier evaluation's own."""
+    if output.suffix.lower() != ".jsonl":
+        raise ValueError(f"--output {output}: give it a .jsonl name, e.g. {output.stem}.jsonl.")
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder; give the path of a .jsonl file.")
-    if output.exists() and Path(data).exists() and output.resolve() == Path(data).resolve():
+    if Path(data).exists() and output.exists() and output.resolve() == Path(data).resolve():
         raise ValueError(
             f"--output {output} is the --data file itself, which would be overwritten by the "
             "completions; give another --output path."
+        )
+    if output.exists() and not _written_by_eval(output):
+        raise ValueError(
+            f"--output {output} exists and is not an earlier evaluation's output, so it is not "
+            "overwritten; give another --output path."
         )
     parent = output.resolve().parent
     if not parent.is_dir():
@@ -144,6 +151,19 @@ def _check_output(output: Path, data: str) -> None:
             f"--output {output}: the folder {parent} does not exist; create it or choose "
             "another path."
         )
+
+
+def _written_by_eval(path: Path) -> bool:
+    """Whether `path` starts with a completion record as `evaluate` writes them (or is empty)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    try:
+        record = json.loads(first) if first.strip() else {}
+    except ValueError:
+        return False
+    return isinstance(record, dict) and (not record or {"source", "completion"} <= set(record))
 
 
 def _check_group_by(group_by: str | None, rows: list[data_mod.PromptRow], data: str) -> None:

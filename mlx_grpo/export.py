@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from mlx_grpo.adapters import PEFT_CONFIG, Adapter
+from mlx_grpo.files import read_json_object
 from mlx_grpo.outputs import build, check_target
 from mlx_grpo.values import is_hub_id
 
@@ -36,6 +37,11 @@ def check_repo_id(repo_id: str) -> None:
             f"--push-to-hub {repo_id!r} is not a Hub repository id: give it as your-name/repo "
             "(letters, digits, '-', '_' and '.'; at most 96 characters on each side of the /)."
         )
+
+
+def _on_hub(name: str | None) -> bool:
+    """A Hub id that is not also a local path: models/qwen3 may be a folder, not a repository."""
+    return is_hub_id(name) and not Path(name).expanduser().exists()
 
 
 def hub_id(model: str | None) -> str | None:
@@ -114,7 +120,7 @@ def import_peft(source: str | Path, output: str | Path) -> Path:
 
 
 def _require_hub_id(base: str | None, what: str) -> None:
-    if is_hub_id(base):
+    if _on_hub(base):
         return
     known = f"known only as {base!r}, not a Hub id (org/name)" if base else "not recorded"
     raise ValueError(
@@ -153,7 +159,8 @@ def _num_layers(base_model: str | None) -> int | None:
     folder = Path(base_model).expanduser() if base_model else None
     if folder is None or not (folder / "config.json").is_file():
         return None
-    return json.loads((folder / "config.json").read_text()).get("num_hidden_layers")
+    fix = "restore the base model's config.json, or pass another --base-model"
+    return read_json_object(folder / "config.json", fix).get("num_hidden_layers")
 
 
 def model_card(adapter: Adapter, run: dict[str, Any]) -> str:
@@ -163,7 +170,7 @@ def model_card(adapter: Adapter, run: dict[str, Any]) -> str:
     so none can add metadata keys, table rows or code.
     """
     base = adapter.base_model
-    on_hub = is_hub_id(base)
+    on_hub = _on_hub(base)
     meta: dict[str, Any] = {"base_model": base} if on_hub else {}
     meta |= {"library_name": "peft", "tags": ["lora", "grpo", "mlx-grpo"]}
     rewards = run.get("rewards") or []
@@ -267,7 +274,7 @@ def fuse(model: str, adapter: str | Path, output: str | Path, dequantize: bool =
     from mlx_grpo.lora import LoRALinear
     from mlx_grpo.models import hub_snapshot, load_model
 
-    on_hub = is_hub_id(model) and not Path(model).expanduser().exists()
+    on_hub = _on_hub(model)
     protected = {
         "the base model": model,
         "the base model's download": hub_snapshot(model) if on_hub else None,
@@ -301,7 +308,8 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, api: An
     """
     config = Path(folder) / PEFT_CONFIG
     if config.is_file():  # a PEFT adapter: its base must be loadable by others
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
+        fix = "export the adapter again"
+        base = read_json_object(config, fix).get("base_model_name_or_path")
         _require_hub_id(base, f"{folder}")
     if api is None:
         from huggingface_hub import HfApi

@@ -40,6 +40,7 @@ KINDS = {
     "demo": "a demo folder",
 }
 _PARTIAL, _OLD = ".partial-", ".old-"
+SYSTEM_FILES = (".DS_Store",)  # what macOS Finder leaves in a folder it opened
 
 Protected = Mapping[str, "str | Path | None"]
 
@@ -104,7 +105,7 @@ def check_target(
     if blocker is not None and not blocker.is_dir():
         where = "is a file" if blocker == target else f"cannot be created: {blocker} is a file"
         raise ValueError(f"{option} {target} {where}, not a folder; choose another {option}.")
-    if not target.is_dir() or not any(target.iterdir()):
+    if not target.is_dir() or not entries(target):
         return target
     found = kind_of(target)
     if found is None:
@@ -155,6 +156,7 @@ def build(
     final.parent.mkdir(parents=True, exist_ok=True)
     _tidy(final)
     partial = final.with_name(f".{final.name}{_PARTIAL}{os.getpid()}")
+    old = final.with_name(f".{final.name}{_OLD}{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
@@ -163,31 +165,45 @@ def build(
         mark(partial, kind, record_files=True)
         _fsync_tree(partial)
         check_target(target, kind, protected, option)  # it may have changed meanwhile
-        if final.is_dir() and any(final.iterdir()):
-            old = final.with_name(f".{final.name}{_OLD}{os.getpid()}")
+        if entries(final):
             os.rename(final, old)
             os.rename(partial, final)
-            shutil.rmtree(old)
         else:
-            os.replace(partial, final)  # onto nothing or an empty folder
+            shutil.rmtree(final, ignore_errors=True)  # nothing, or only system files
+            os.replace(partial, final)
         fsync(final.parent)
     except BaseException:
+        if old.exists() and not final.exists():
+            os.rename(old, final)  # stopped between the two renames: the previous one is back
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _real(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def entries(folder: Path) -> list[str]:
+    """The names in `folder` that are someone's: not the desktop's own files (.DS_Store)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name not in SYSTEM_FILES)
+
+
 def _files(folder: Path) -> dict[str, list[int]]:
-    """Relative path -> [size, mtime_ns] of every file and link under `folder`."""
+    """Relative path -> [size, mtime_ns] of every file and link under `folder`.
+
+    Folders are listed too, as [-1, -1]: only that they are there counts.
+    """
     out = {}
-    for root, _, names in os.walk(folder):
+    for root, dirs, names in os.walk(folder):
+        for name in dirs:
+            out[str((Path(root) / name).relative_to(folder))] = [-1, -1]
         for name in names:
             path = Path(root) / name
             rel = str(path.relative_to(folder))
-            if rel != MARKER:
+            if rel != MARKER and name not in SYSTEM_FILES:
                 info = path.lstat()
                 out[rel] = [info.st_size, info.st_mtime_ns]
     return out
@@ -209,7 +225,7 @@ def _changed(folder: Path) -> list[str]:
 
 
 def _describe(folder: Path) -> str:
-    names = {p.name for p in folder.iterdir()}
+    names = set(entries(folder))
     if names & {"config.yaml", "checkpoints"}:
         what = "a training run"
     elif names & {"adapters.safetensors", "adapter_model.safetensors"}:

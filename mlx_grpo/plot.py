@@ -83,11 +83,16 @@ def _check_output(out: Path) -> None:
         raise ValueError(f"--output {out}: give the plot a .png name, e.g. {out.stem}.png.")
     if out.is_dir():
         raise ValueError(f"--output {out} is a folder; give the path of a .png file.")
-    if out.exists() and out.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+    if out.exists() and not (out.is_file() and _starts_with(out, b"\x89PNG\r\n\x1a\n")):
         raise ValueError(
             f"--output {out} exists and is not a PNG image, so it is not overwritten; choose "
             "another path."
         )
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
 
 
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

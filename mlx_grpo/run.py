@@ -311,8 +311,7 @@ def check_output(cfg: TrainConfig, resume: bool) -> Path:
     outputs.check_protected(
         out, {"the model": cfg.model, "the starting adapter": cfg.adapter}, "--output-dir"
     )
-    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    names = [n for n in names if n != LOCK_FILE]
+    names = [n for n in outputs.entries(out) if n != LOCK_FILE]
     held = [n for n in (*checkpoint.RUN_FILES, MLX_WEIGHTS) if n in names]
     ours = outputs.kind_of(out) == "run"
     if not names or (ours and (cfg.overwrite or not held)):

@@ -73,7 +73,7 @@ _guard = threading.Lock()
 
 def lock(run_dir: str | Path) -> RunLock:
     """Take RUN_DIR's lock (the folder must exist); RunInUse when another process has it."""
-    path = (Path(run_dir) / LOCK_FILE).resolve()
+    path = Path(run_dir).resolve() / LOCK_FILE  # the file itself: never followed
     with _guard:
         if path in _holds:
             fd, count = _holds[path]
@@ -103,8 +103,8 @@ def _take(run_dir: Path, path: Path) -> int:
 
 def check_unlocked(run_dir: str | Path) -> None:
     """Refuse a run folder whose lock another process holds; writes nothing."""
-    path = (Path(run_dir) / LOCK_FILE).resolve()
-    if path in _holds or not path.exists() or path.is_symlink():
+    path = Path(run_dir).resolve() / LOCK_FILE  # the file itself: never followed
+    if path in _holds or not (path.exists() or path.is_symlink()):
         return
     fd = _open(path, os.O_RDONLY)
     try:

@@ -315,3 +315,25 @@ def test_outputs_never_write_through_a_symlinked_file(tmp_path):
     assert victim.read_text() == "precious"
     assert not (folder / "adapter_config.json").is_symlink()
     assert Adapter.load(folder).rank == 2
+
+
+def test_finders_ds_store_does_not_block_a_re_export(run_dir, tmp_path):
+    out = tmp_path / "peft"
+    assert run_cli("export", run_dir, "-o", out).exit_code == 0
+    (out / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # the folder was opened in Finder
+    assert run_cli("export", run_dir, "-o", out).exit_code == 0
+    (out / "my-folder").mkdir()  # a folder of the user's is theirs, even empty
+    assert_refused(run_cli("export", run_dir, "-o", out), "my-folder was added or changed")
+    assert (out / "my-folder").is_dir()
+
+
+def test_a_local_folder_shaped_like_a_hub_id_is_not_pushed(
+    run_dir, tiny_model_dir, tmp_path, hub_calls, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "qwen3")  # a folder, not a repository
+    result = run_cli(
+        "export", run_dir, "-o", "peft", "--base-model", "models/qwen3", "--push-to-hub", "me/x"
+    )
+    assert_refused(result, "known only as 'models/qwen3', not a Hub id", "--base-model")
+    assert hub_calls == [] and not (tmp_path / "peft").exists()

@@ -389,3 +389,16 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one(settings, tmp_pa
     monkeypatch.undo()
     assert resume(out).exit_code == 0
     assert checkpoint.latest(out).step == 6
+
+
+def test_a_symlinked_lock_file_is_refused_not_written_through(settings, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    (out / ".lock").symlink_to(notes)
+    flags = ["--model", settings["model"], "--data", settings["data"], "--rewards"]
+    flags += [settings["rewards"][0], "--output-dir", str(out), "--max-steps", "1"]
+    result = CliRunner().invoke(main, ["train", *flags], catch_exceptions=False)
+    assert result.exit_code == 2 and "is a symlink" in result.output, result.output
+    assert notes.read_text() == "my notes"

@@ -335,3 +335,40 @@ def test_text_settings_cannot_inject_keys_into_the_saved_config(quick_settings):
     saved = resolve(Path(quick_settings["output_dir"]) / "config.yaml")
     assert saved.system_prompt == sneaky
     assert saved.lora_rank == quick_settings["lora_rank"] and saved.model == quick_settings["model"]
+
+
+def test_a_large_seed_is_kept_exactly():
+    assert resolve(None, given_as="flag", seed="9007199254740993").seed == 9007199254740993
+    assert resolve(None, given_as="flag", seed=str(2**63 - 1)).seed == 2**63 - 1
+
+
+def test_eval_never_writes_over_a_file_it_did_not_write(eval_args, tmp_path):
+    config = tmp_path / "notes.jsonl"
+    config.write_text('{"my": "notes"}\n')
+    for target, phrase in (
+        (tmp_path / "a.yaml", "give it a .jsonl name"),
+        (config, "not an earlier"),
+    ):
+        before = target.read_bytes() if target.exists() else None
+        assert_refused(run_cli("eval", *eval_args, "--limit", "1", "-o", target), phrase)
+        assert (target.read_bytes() if target.exists() else None) == before
+    out = tmp_path / "completions.jsonl"
+    for _ in range(2):  # its own output is replaced
+        assert (
+            run_cli("eval", *eval_args, "--limit", "1", "--max-tokens", "2", "-o", out).exit_code
+            == 0
+        )
+
+
+def test_resume_checks_flags_against_the_runs_own_settings(quick_settings):
+    settings = {**quick_settings, "epsilon": 0.1, "epsilon_high": 0.15, "max_steps": 1}
+    settings["save_steps"] = 1
+    assert run_cli("train", *cli_flags(settings)).exit_code == 0
+    out = quick_settings["output_dir"]
+    # 0.15 >= the run's epsilon 0.1 (the default, 0.2, is not the run's)
+    result = run_cli("train", "--resume", out, "--epsilon-high", "0.15", "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    assert_refused(
+        run_cli("train", "--resume", out, "--max-steps", "0"),
+        "max_steps must be >= 1, got 0 (from the flag --max-steps)",
+    )
