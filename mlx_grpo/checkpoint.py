@@ -332,7 +332,7 @@ def latest(run_dir: Path) -> Loaded:
             "into a symlinked folder. Replace it with a regular folder, then resume."
         )
     skipped = [
-        f"{leftover.name}: half written when the run stopped; removed"
+        f"{leftover.name}: half written when the run stopped; removed once the resume starts"
         for leftover in sorted(root.glob(f"{_PARTIAL}*"))
     ]
     for path in reversed(_complete(root)):

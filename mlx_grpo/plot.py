@@ -106,12 +106,15 @@ def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         raise ValueError(f"{path} not found: is {run_dir} the output_dir of a training run?")
     text = read_text(path, "it is not a metrics file mlx-grpo wrote: plot a run's output_dir")
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    lines = text.rstrip().splitlines()
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
+            if lineno == len(lines):  # cut short by a kill mid-write: the run resumes without it
+                break
             raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise ValueError(

@@ -66,7 +66,8 @@ class TrainerState:
 
     global_step: int = 0  # steps completed before the one being scored
     max_steps: int = 0  # the run's step limit (0 in evaluation)
-    epoch: float = 0.0  # passes over the dataset so far: 1.5 = one and a half
+    epoch: float = 0.0  # passes over the data so far, 1.5 = one and a half (as TRL; the
+    # `epoch` metric counts the passes begun)
     num_input_tokens_seen: int = 0  # prompt + completion tokens of the completed steps
     is_world_process_zero: bool = True  # process 0 of a distributed run
 

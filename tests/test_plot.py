@@ -228,11 +228,18 @@ def test_empty_metrics_file_is_a_clear_error(tmp_path):
 
 
 def test_bad_json_line_is_named_by_file_and_line(tmp_path):
+    lines = [json.dumps({"step": 1, "reward": 0.1}), '{"step": 2, "rew', json.dumps({"step": 3})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not valid JSON"):
+        plot_run(tmp_path)
+
+
+def test_a_last_line_cut_short_by_a_kill_is_left_out(tmp_path):
     lines = [json.dumps({"step": 1, "reward": 0.1}), json.dumps({"step": 2}), '{"step": 3, "rew']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
-    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 3: not valid JSON"):
-        plot_run(tmp_path)
+    assert [r["step"] for r in load_metrics(tmp_path)] == [1, 2]
 
 
 def test_a_line_that_is_not_an_object_is_refused(tmp_path):
