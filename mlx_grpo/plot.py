@@ -17,7 +17,6 @@ only here, and drawn through the Agg canvas: no display and no pyplot state.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,13 +24,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from mlx_grpo.files import read_text
+from mlx_grpo.reporting import METRICS_FILE, read_log
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-METRICS_FILE = "metrics.jsonl"  # as written by reporting.Reporter
 PLOT_FILE = "training.png"
 INSTALL_HINT = 'plotting needs matplotlib: pip install "mlx-grpo[plot]"'
 
@@ -104,24 +102,7 @@ def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise ValueError(f"{path} not found: is {run_dir} the output_dir of a training run?")
-    text = read_text(path, "it is not a metrics file mlx-grpo wrote: plot a run's output_dir")
-    records = []
-    lines = text.rstrip().splitlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):  # cut short by a kill mid-write: the run resumes without it
-                break
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{path}, line {lineno}: expected a JSON object of metrics, "
-                f"got {type(record).__name__}"
-            )
-        records.append(record)
+    records, _ = read_log(path)  # a last line cut short by a kill is left out
     if not records:
         raise ValueError(f"{path} is empty: the run has not logged a step yet")
     return records

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mlx_grpo.files import read_text
 from mlx_grpo.objective import Advantages, nanstd
 from mlx_grpo.runfolder import disk_full, is_disk_full, open_append, open_new, refuse_symlinks
 
@@ -46,7 +47,7 @@ def rewrite_logs(output_dir: Path, metrics: list[dict[str, Any]], step: int) -> 
     notes = []
     for name in LOG_FILES:
         path = output_dir / name
-        records, note = _read_records(path)
+        records, note = read_log(path)
         notes += [note] if note else []
         if name != METRICS_FILE and path.exists():
             _replace(path, [json.dumps(r) for r in records if r["step"] <= step])
@@ -58,17 +59,20 @@ def rewrite_logs(output_dir: Path, metrics: list[dict[str, Any]], step: int) -> 
 def check_logs(output_dir: Path) -> list[str]:
     """Read a run's logs as `rewrite_logs` will (writes nothing); its warnings, or ValueError."""
     refuse_symlinks(output_dir, LOG_FILES)
-    notes = [_read_records(output_dir / name)[1] for name in LOG_FILES]
+    notes = [read_log(output_dir / name)[1] for name in LOG_FILES]
     return [note for note in notes if note]
 
 
-def _read_records(path: Path) -> tuple[list[dict[str, Any]], str | None]:
-    """The JSON records of a log file, and a warning when its last line was cut short."""
+def read_log(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The step records of a run's JSON-lines log, and a warning when its last line was cut short.
+
+    A last line that is not JSON (a kill mid-write) is left out; any other
+    line that is not a JSON object with an integer `step` is refused with its
+    file and line number.
+    """
     if not path.exists():
         return [], None
-    lines = path.read_text(errors="replace").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
+    lines = read_text(path, "it is not a log mlx-grpo wrote").rstrip().splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -82,14 +86,14 @@ def _read_records(path: Path) -> tuple[list[dict[str, Any]], str | None]:
                     "the run stopped while writing it"
                 )
             raise ValueError(
-                f"{path} line {number} is not valid JSON ({exc.msg} at column {exc.colno}), so "
-                "the run cannot continue its logs. The file was edited or damaged: repair or "
-                "delete that line, then resume again."
+                f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}); the "
+                "file was edited or damaged: repair or delete that line."
             ) from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            got = type(record).__name__ if not isinstance(record, dict) else "one with no step"
             raise ValueError(
-                f"{path} line {number} is not a record of this run's log (a JSON object with "
-                "an integer 'step'). Repair or delete that line, then resume again."
+                f"{path}, line {number}: expected a JSON object of metrics with an integer "
+                f"'step', got {got}; repair or delete that line."
             )
         records.append(record)
     return records, None

@@ -317,7 +317,7 @@ def test_a_damaged_log_line_before_the_last_is_refused_with_its_line(settings, t
     path.write_text("\n".join([lines[0], "{broken", *lines[1:]]) + "\n")
     result = resume(out, "--max-steps", "4")
     assert result.exit_code == 2
-    assert f"{path} line 2 is not valid JSON" in one_line(result.output)
+    assert f"{path}, line 2: not valid JSON" in one_line(result.output)
 
 
 # --------------------------------------------------------------------------- checkpoints/
