@@ -25,6 +25,7 @@ from mlx_grpo import reward_calls
 from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.adapters import Adapter
 from mlx_grpo.models import check_max_tokens, load_model
+from mlx_grpo.objective import weighted_rewards
 from mlx_grpo.rollout import SamplingSettings, rollout
 from mlx_grpo.values import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
 
@@ -185,7 +186,7 @@ def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any
         funcs, chunk, n, texts, ids, state=reward_calls.TrainerState()
     )
     weights = np.array([f.weight for f in funcs])
-    totals = np.nansum(per_func * weights, axis=1)
+    totals = weighted_rewards(per_func, weights)  # NaN: no function scored it
     out = []
     for i, text in enumerate(texts):
         row = chunk[i // n]
@@ -198,8 +199,8 @@ def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any
                 "rewards": {
                     f.name: reward_calls.optional_float(per_func[i, k]) for k, f in enumerate(funcs)
                 },
-                "reward": float(totals[i]),
-                "correct": bool(totals[i] >= threshold),
+                "reward": reward_calls.optional_float(totals[i]),
+                "correct": bool(totals[i] >= threshold),  # False when unscored
                 "truncated": batch.truncated[i],
                 "columns": row.columns,
             }
@@ -221,7 +222,8 @@ def summarize(records: list[dict], n: int, group_by: str | None) -> dict[str, di
             by_prompt[r["source"]].append(r["correct"])
         figures: dict[str, Any] = {"prompts": len(by_prompt)}
         figures["accuracy"] = float(np.mean([r["correct"] for r in items]))
-        figures["mean_reward"] = float(np.mean([r["reward"] for r in items]))
+        scored = [r["reward"] for r in items if r["reward"] is not None]
+        figures["mean_reward"] = float(np.mean(scored)) if scored else float("nan")
         if len(items[0]["rewards"]) > 1:
             for func in items[0]["rewards"]:
                 values = [r["rewards"][func] for r in items if r["rewards"][func] is not None]

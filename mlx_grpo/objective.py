@@ -52,6 +52,22 @@ def nanstd(x: np.ndarray, axis: int | None = None) -> np.ndarray:
     return np.where(count > 1, np.sqrt(var), np.nan)
 
 
+def weighted_rewards(
+    rewards_per_func: np.ndarray,  # (N, K), NaN where a function returned None
+    weights: np.ndarray,  # (K,)
+) -> np.ndarray:
+    """Each completion's weighted sum of rewards (N,), float64, skipping None (NaN).
+
+    A completion that no function scored stays NaN: it has no reward, not a
+    reward of 0 (training gives it advantage 0, evaluation leaves it out of
+    the mean).
+    """
+    per_func = np.asarray(rewards_per_func, dtype=np.float64)
+    rewards = np.nansum(per_func * np.asarray(weights, dtype=np.float64)[None], axis=1)
+    rewards[np.isnan(per_func).all(axis=1)] = np.nan
+    return rewards
+
+
 def group_advantages(
     rewards_per_func: np.ndarray,  # (N, K), NaN where a function returned None
     weights: np.ndarray,  # (K,)
@@ -59,12 +75,8 @@ def group_advantages(
     scale_rewards: str = "group",
 ) -> Advantages:
     """Group-relative advantages; rows are grouped in consecutive blocks of G."""
-    per_func = np.asarray(rewards_per_func, dtype=np.float64)
-    n, _ = per_func.shape
-    g = num_generations
-    unscorable = np.isnan(per_func).all(axis=1)
-    rewards = np.nansum(per_func * np.asarray(weights, dtype=np.float64)[None], axis=1)
-    rewards[unscorable] = np.nan
+    rewards = weighted_rewards(rewards_per_func, weights)
+    n, g = len(rewards), num_generations
     grouped = rewards.reshape(n // g, g)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a group with no scorable row

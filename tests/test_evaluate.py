@@ -162,3 +162,20 @@ def test_summary_has_every_group_and_each_reward_mean():
     assert summary["add1"]["accuracy"] == 0.5 and summary["add1"]["arithmetic"] == 1.0
     assert summary["addsub2"]["arithmetic"] == 0.0  # None is left out, not counted as 0
     assert summary["all"]["accuracy"] == 0.25 and summary["all"]["prompts"] == 4
+
+
+def test_a_completion_no_reward_scored_has_no_reward_as_in_training(tiny_model_dir, tmp_path):
+    """One rule for training and eval: an all-None completion is left out, not scored 0."""
+    path = tmp_path / "half.py"
+    path.write_text(  # scores odd rows 2.0, and none of the even ones
+        "def odd_only(completions, **kw):\n"
+        "    return [2.0 if i % 2 else None for i in range(len(completions))]\n"
+    )
+    _, test = write_split(tmp_path / "task", 0, 4, seed=1)
+    result = evaluate(
+        str(tiny_model_dir), str(test), [f"{path}:odd_only"], max_tokens=2, show_progress=False
+    )
+    rewards = [r["reward"] for r in result.records]
+    assert rewards == [None, 2.0, None, 2.0]
+    assert [r["correct"] for r in result.records] == [False, True, False, True]
+    assert result.summary["all"]["mean_reward"] == 2.0  # not (0 + 2 + 0 + 2) / 4

@@ -23,6 +23,7 @@ from mlx_grpo.objective import (
     grpo_loss,
     k3_kl,
     token_logprobs,
+    weighted_rewards,
 )
 
 STD_EPS = 1e-4
@@ -666,3 +667,11 @@ def test_grpo_with_two_accumulation_steps_equals_full_batch_mean():
     assert halves == pytest.approx(full, rel=1e-5)
     # Without the division by accumulation_steps the sum would be twice the mean.
     assert abs(full) > 1e-3
+
+
+def test_weighted_rewards_skip_none_and_leave_unscored_completions_without_a_reward():
+    per_func = np.array([[1.0, np.nan], [np.nan, np.nan], [0.5, 2.0]])
+    got = weighted_rewards(per_func, np.array([1.0, 0.5]))
+    assert got[0] == 1.0 and np.isnan(got[1]) and got[2] == 0.5 + 0.5 * 2.0
+    adv = group_advantages(per_func, np.array([1.0, 0.5]), 3)
+    assert np.array_equal(np.isnan(adv.rewards), np.isnan(got)) and adv.advantages[1] == 0.0
