@@ -12,7 +12,6 @@ config (REFERENCE section 2). PEFT -> mlx -> PEFT gives identical tensors.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_grpo.files import read_json_object
-from mlx_grpo.lora import LoRALinear, wrap_modules
+from mlx_grpo.lora import LoRALinear, lora_scale, wrap_modules
 
 MLX_WEIGHTS = "adapters.safetensors"
 MLX_CONFIG = "adapter_config.json"
@@ -44,7 +43,7 @@ class Adapter:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
     @property
     def modules(self) -> list[str]:

@@ -24,6 +24,13 @@ from typing import Any
 import yaml
 
 from mlx_grpo.files import read_text
+from mlx_grpo.lora import LORA_TARGETS, lora_scale
+from mlx_grpo.objective import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    SCALE_REWARDS,
+)
 from mlx_grpo.values import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -38,7 +45,6 @@ from mlx_grpo.values import (
     shown,
 )
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYERS_RE = re.compile(r"all|last:[1-9]\d*|\d+(,\d+)*,?")
 
 
@@ -127,10 +133,10 @@ class TrainConfig:
     min_p: float = _opt(0.0, "Min-p sampling (0 = off).", allowed=SHARE)
 
     # Objective
-    loss_type: str = _opt("dapo", "Loss aggregation.", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    loss_type: str = _opt("dapo", "Loss aggregation.", choices=LOSS_TYPES)
     beta: float = _opt(0.0, "KL penalty weight (0 = no reference pass).", allowed=AT_LEAST_0)
     kl_estimator: str = _opt(
-        "k3", "KL per token: k3 estimator or exact full-vocabulary KL.", choices=("k3", "exact")
+        "k3", "KL per token: k3 estimator or exact full-vocabulary KL.", choices=KL_ESTIMATORS
     )
     use_bias_correction_kl: bool = _opt(
         True, "Multiply the k3 KL term by the importance ratio (TRL's default)."
@@ -141,11 +147,9 @@ class TrainConfig:
     )
     num_iterations: int = _opt(1, "mu: optimisation passes per rollout.", allowed=AT_LEAST_1)
     importance_sampling_level: str = _opt(
-        "token", "token (GRPO) or sequence (GSPO) ratios.", choices=("token", "sequence")
+        "token", "token (GRPO) or sequence (GSPO) ratios.", choices=IMPORTANCE_SAMPLING_LEVELS
     )
-    scale_rewards: str = _opt(
-        "group", "Advantage scaling by std.", choices=("group", "batch", "none")
-    )
+    scale_rewards: str = _opt("group", "Advantage scaling by std.", choices=SCALE_REWARDS)
 
     # Optimisation
     learning_rate: float = _opt(1e-5, "Peak learning rate of AdamW.", allowed=POSITIVE)
@@ -222,7 +226,7 @@ class TrainConfig:
 
     @property
     def lora_scale(self) -> float:
-        return self.lora_alpha / (self.lora_rank**0.5 if self.use_rslora else self.lora_rank)
+        return lora_scale(self.lora_alpha, self.lora_rank, self.use_rslora)
 
     def validate(self) -> None:
         """Check choices, ranges and the settings that constrain each other.

@@ -25,6 +25,7 @@ import yaml
 from mlx_grpo.adapters import PEFT_CONFIG, Adapter
 from mlx_grpo.files import read_json_object
 from mlx_grpo.outputs import build, check_target
+from mlx_grpo.reporting import CONFIG_FILE, METRICS_FILE
 from mlx_grpo.values import is_hub_id
 
 CARD_FILE = "README.md"
@@ -140,11 +141,11 @@ def _run_summary(source: Path) -> dict[str, Any]:
     from mlx_grpo.plot import load_metrics
 
     summary: dict[str, Any] = {}
-    if (source / "config.yaml").is_file():
+    if (source / CONFIG_FILE).is_file():
         with contextlib.suppress(ValueError):
-            summary.update(load_yaml(source / "config.yaml"))
+            summary.update(load_yaml(source / CONFIG_FILE))
     try:
-        records = load_metrics(source) if (source / "metrics.jsonl").is_file() else []
+        records = load_metrics(source) if (source / METRICS_FILE).is_file() else []
     except ValueError:
         records = []
     if records:

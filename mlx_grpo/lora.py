@@ -48,6 +48,14 @@ def split_small_matmuls(streams: list | None) -> Iterator[None]:
         _split_streams = before
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The factor of the low-rank update: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
     """(in, out) features of a Linear or QuantizedLinear."""
     out_dims, in_dims = layer.weight.shape
@@ -152,7 +160,7 @@ def apply_lora(
     rank: int,
     scale: float,
     dropout: float = 0.0,
-    targets: tuple[str, ...] | list[str] = ("q_proj", "v_proj"),
+    targets: tuple[str, ...] | list[str] = LORA_TARGETS,
     layers: list[int] | None = None,
 ) -> list[str]:
     """Freeze `model` and wrap every target linear of the chosen layers.

@@ -182,6 +182,10 @@ AGGREGATIONS: dict[str, Callable[[mx.array, mx.array, LossSettings, Normalizer],
     "dr_grpo": _dr_grpo,
     "dapo": _dapo,
 }
+LOSS_TYPES = tuple(AGGREGATIONS)
+SCALE_REWARDS = ("group", "batch", "none")  # the std advantages are divided by
+KL_ESTIMATORS = ("k3", "exact")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")  # GRPO's token ratios, GSPO's sequence ones
 
 
 def log_importance_weights(

@@ -17,6 +17,7 @@ from mlx_lm.models import qwen3
 from mlx_lm.tuner.lora import LoRALinear as MlxLmLoRALinear
 
 from mlx_grpo.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
+from mlx_grpo.config import TrainConfig
 from mlx_grpo.lora import (
     adapters_disabled,
     apply_lora,
@@ -261,3 +262,10 @@ def test_saved_adapter_loads_in_mlx_lm_with_identical_logits(
     adapted = {n for n, m in theirs.named_modules() if isinstance(m, MlxLmLoRALinear)}
     assert adapted == set(paths)
     assert max_diff(theirs(TOKENS), ours) <= 1e-5
+
+
+def test_apply_lora_defaults_to_the_targets_and_scale_a_run_uses(tiny_path):
+    cfg = TrainConfig(lora_rank=4, lora_alpha=6.0, use_rslora=True)
+    paths = apply_lora(fresh(tiny_path), 4, cfg.lora_scale)
+    assert {p.rsplit(".", 1)[-1] for p in paths} == set(cfg.lora_targets)
+    assert cfg.lora_scale == Adapter(rank=4, alpha=6.0, rslora=True).scale == 6.0 / 2.0
