@@ -70,7 +70,6 @@ class RolloutBatch:
     completion_mask: mx.array  # (N, T) float32, 1 up to and including the first EOS
     sampled_logprobs: mx.array  # (N, T) float32, log pi(token) while sampling, at temperature
     truncated: list[bool]  # no EOS within max_tokens
-    num_generations: int
 
     @property
     def tokens(self) -> mx.array:
@@ -148,7 +147,6 @@ def rollout(
         completion_mask=mask,
         sampled_logprobs=mx.stack(steps_logp, axis=1),
         truncated=truncated,
-        num_generations=g,
     )
 
 

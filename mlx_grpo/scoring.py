@@ -150,7 +150,7 @@ def _logprobs_now(
     return Scores(mx.concatenate(parts).reshape(targets.shape), None, None)
 
 
-def score_completions(
+def completion_logprobs(
     model: nn.Module,
     prompt_tokens: mx.array,  # (N, P)
     padding: mx.array,  # (N,)

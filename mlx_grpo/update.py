@@ -29,7 +29,7 @@ from mlx_grpo.distributed import Peers
 from mlx_grpo.lora import adapters_disabled
 from mlx_grpo.objective import LossSettings, Normalizer, grpo_loss, k3_kl
 from mlx_grpo.rollout import RolloutBatch, SamplingSettings
-from mlx_grpo.scoring import Scores, completion_hidden, score_completions
+from mlx_grpo.scoring import Scores, completion_hidden, completion_logprobs
 
 
 @dataclass
@@ -114,7 +114,7 @@ def _score(
     model: nn.Module, mb: MicroBatch, cfg: TrainConfig, ref_hidden=None, no_grad=False
 ) -> Scores:
     temperature = SamplingSettings(cfg.temperature).logprob_temperature
-    return score_completions(
+    return completion_logprobs(
         model,
         mb.prompt_tokens,
         mb.padding,

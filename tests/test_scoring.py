@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 
 from mlx_grpo.lora import adapters_disabled, apply_lora
 from mlx_grpo.models import left_pad, load_model
-from mlx_grpo.scoring import completion_hidden, head_logprobs, prompt_groups, score_completions
+from mlx_grpo.scoring import completion_hidden, completion_logprobs, head_logprobs, prompt_groups
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21, 22, 23]]
 COMPLETIONS = [[40, 41, 42, 43, 44], [50, 51, 52, 53, 54], [60, 61, 62, 63, 64]]
@@ -38,7 +38,7 @@ def alone_logprobs(model, prompt, completion, temperature):
 
 def test_padded_batch_scores_equal_each_row_scored_alone(lm):
     tokens, padding, completions = padded_batch(lm)
-    scores = score_completions(lm.model, tokens, padding, completions, 0.8, chunk_size=2)
+    scores = completion_logprobs(lm.model, tokens, padding, completions, 0.8, chunk_size=2)
     for i, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
         expected = alone_logprobs(lm.model, prompt, completion, 0.8)
         np.testing.assert_allclose(np.array(scores.logp[i]), expected, atol=1e-5)
@@ -49,7 +49,7 @@ def test_chunking_the_lm_head_changes_neither_values_nor_gradients(lm):
     tokens, padding, completions = padded_batch(lm)
 
     def loss(model, chunk):
-        return score_completions(model, tokens, padding, completions, 1.0, chunk).logp.sum()
+        return completion_logprobs(model, tokens, padding, completions, 1.0, chunk).logp.sum()
 
     results = [nn.value_and_grad(lm.model, lambda m, c=c: loss(m, c))(lm.model) for c in (1, 3, 64)]
     values = [float(v) for v, _ in results]
@@ -93,7 +93,7 @@ def test_lora_gradients_through_the_chunked_head_equal_plain_autodiff(lm):
     weights = mx.array([[1.0, -2.0, 0.5, 3.0, -1.0]] * 3) * mx.array([[1.0], [0.3], [-0.7]])
 
     def chunked(model):
-        logp = score_completions(model, tokens, padding, completions, 0.8, chunk_size=4).logp
+        logp = completion_logprobs(model, tokens, padding, completions, 0.8, chunk_size=4).logp
         return (logp * weights).sum()
 
     def plain(model):  # each row alone, full logits, MLX's own autodiff
@@ -117,11 +117,11 @@ def test_lora_gradients_through_the_chunked_head_equal_plain_autodiff(lm):
 def test_exact_kl_is_zero_against_itself_and_positive_against_another_policy(lm):
     tokens, padding, completions = padded_batch(lm)
     own = completion_hidden(lm.model, tokens, padding, completions)
-    same = score_completions(lm.model, tokens, padding, completions, 1.0, ref_hidden=own)
+    same = completion_logprobs(lm.model, tokens, padding, completions, 1.0, ref_hidden=own)
     assert np.abs(np.array(same.kl)).max() < 1e-5
     with adapters_disabled(lm.model):
         base = completion_hidden(lm.model, tokens, padding, completions)
-    other = score_completions(lm.model, tokens, padding, completions, 1.0, ref_hidden=base)
+    other = completion_logprobs(lm.model, tokens, padding, completions, 1.0, ref_hidden=base)
     assert (np.array(other.kl) > 0).all()
 
 
@@ -148,7 +148,7 @@ def test_a_prompt_shared_by_its_group_gives_the_values_and_gradients_of_separate
     assert owner.tolist() == [0, 0, 0, 1, 1, 1] and first.tolist() == [0, 3]
 
     def batched(model):
-        return score_completions(model, tokens, padding, ids, 0.9, chunk_size=2).logp.sum()
+        return completion_logprobs(model, tokens, padding, ids, 0.9, chunk_size=2).logp.sum()
 
     def alone(model):
         total = 0.0
@@ -170,7 +170,7 @@ def test_a_prompt_shared_by_its_group_gives_the_values_and_gradients_of_separate
 
 def test_no_grad_scoring_gives_the_same_log_probs_chunk_by_chunk(lm):
     tokens, padding, completions = padded_batch(lm)
-    full = score_completions(lm.model, tokens, padding, completions, 0.8, chunk_size=64)
-    now = score_completions(lm.model, tokens, padding, completions, 0.8, 4, no_grad=True)
+    full = completion_logprobs(lm.model, tokens, padding, completions, 0.8, chunk_size=64)
+    now = completion_logprobs(lm.model, tokens, padding, completions, 0.8, 4, no_grad=True)
     assert now.entropy is None
     np.testing.assert_allclose(np.array(now.logp), np.array(full.logp), atol=1e-5)
