@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_finishing: list[bool] = []  # non-empty while a run that is stopping anyway saves its state
 
 
 class Interrupted(KeyboardInterrupt):
@@ -41,7 +42,8 @@ def stop_on_signals() -> Iterator[None]:
             sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting without saving\n")
             sys.stderr.flush()
             os._exit(128 + signum)
-        raise Interrupted(signum)
+        if not _finishing:  # while stopping on an error, the save goes on; the run ends after
+            raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
@@ -49,3 +51,14 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def finishing() -> Iterator[None]:
+    """A run stopping on an error saves its state here: a first signal does not cut the save
+    short (the run ends right after it anyway); a second still exits at once."""
+    _finishing.append(True)
+    try:
+        yield
+    finally:
+        _finishing.pop()

@@ -74,14 +74,7 @@ def snapshot(run: Run) -> checkpoint.Snapshot:
         run.lm.model, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, base_model=cfg.model
     )
     state = {
-        "step": run.step,
-        "epoch": run.epoch,
-        "queue": list(run.queue),
-        "order": checkpoint.order_state(run.order),
-        "rng": checkpoint.take_rng(),
-        "num_tokens": run.num_tokens,
-        "bad_updates": run.bad_updates,
-        "metrics": list(run.history),
+        **progress(run),
         "rewards": [r.name for r in run.rewards],
         "model_sha256": run.model_fingerprint,
         "data": run.data_fingerprint,
@@ -101,11 +94,8 @@ def restore(run: Run, saved: checkpoint.Loaded) -> None:
     run.lm.model.update(tree_unflatten(list(weights.items())))
     run.optimizer.state = tree_unflatten(list(saved.optimizer.items()))
     mx.eval(run.lm.model.parameters(), run.optimizer.state)
-    run.step = run.saved_step = saved.step
-    run.epoch, run.queue = state["epoch"], list(state["queue"])
-    run.order = checkpoint.order_from_state(state["order"])
-    run.num_tokens, run.bad_updates = state["num_tokens"], state["bad_updates"]
-    run.history = list(state["metrics"])
+    set_progress(run, state)
+    run.saved_step = run.step
     run.resume_notes = [f"not used: {why}" for why in saved.skipped]
     before = state.get("processes", 1)
     if before != run.peers.size:
@@ -114,7 +104,6 @@ def restore(run: Run, saved: checkpoint.Loaded) -> None:
             f"{run.peers.size} x {run.cfg.prompts_per_step} prompts (it continues, but not "
             "as the original run would have)"
         )
-    checkpoint.restore_rng(state["rng"])
     run.resume_notes += rewrite_logs(run.output_dir, run.history, run.step)
     checkpoint.tidy(run.output_dir, run.cfg.save_total_limit, saved.path)
 
@@ -373,23 +362,29 @@ def share_state(run: Run) -> None:
     moments = peers.broadcast(dict(tree_flatten(run.optimizer.state)), "the optimizer state")
     run.optimizer.state = tree_unflatten(list(moments.items()))
     mx.eval(model.parameters(), run.optimizer.state)
-    state = peers.broadcast_json(
-        {
-            "step": run.step,
-            "epoch": run.epoch,
-            "queue": run.queue,
-            "order": checkpoint.order_state(run.order),
-            "rng": checkpoint.take_rng(),
-            "num_tokens": run.num_tokens,
-            "bad_updates": run.bad_updates,
-            "history": run.history,
-        },
-        "the run's state",
-    )
-    run.step, run.epoch, run.queue = state["step"], state["epoch"], state["queue"]
+    set_progress(run, peers.broadcast_json(progress(run), "the run's state"))
+
+
+def progress(run: Run) -> dict[str, Any]:
+    """Where the run stands, JSON-ready: the one place these checkpoint keys are spelled."""
+    return {
+        "step": run.step,
+        "epoch": run.epoch,
+        "queue": list(run.queue),
+        "order": checkpoint.order_state(run.order),
+        "rng": checkpoint.take_rng(),
+        "num_tokens": run.num_tokens,
+        "bad_updates": run.bad_updates,
+        "metrics": list(run.history),
+    }
+
+
+def set_progress(run: Run, state: dict[str, Any]) -> None:
+    """Put `progress`'s record back into `run` (the global MLX random key too)."""
+    run.step, run.epoch, run.queue = state["step"], state["epoch"], list(state["queue"])
     run.order = checkpoint.order_from_state(state["order"])
     run.num_tokens, run.bad_updates = state["num_tokens"], state["bad_updates"]
-    run.history = state["history"]
+    run.history = list(state["metrics"])
     checkpoint.restore_rng(state["rng"])
 
 

@@ -29,7 +29,7 @@ from mlx_grpo import rewards as rewards_mod
 from mlx_grpo.adapters import Adapter
 from mlx_grpo.config import TrainConfig, resolve
 from mlx_grpo.distributed import PeerLost, connect
-from mlx_grpo.interrupts import Interrupted, stop_on_signals
+from mlx_grpo.interrupts import Interrupted, finishing, stop_on_signals
 from mlx_grpo.objective import group_advantages
 from mlx_grpo.reporting import (
     REWARD_ERRORS_FILE,
@@ -172,13 +172,15 @@ def _loop(run: Run, reporter: Reporter) -> None:
             exc.exit_code,
         ) from None
     except PeerLost as exc:
-        where = _save_checkpoint(run, run.last)
+        with finishing():  # mlx.launch signals the other processes as well
+            where = _save_checkpoint(run, run.last)
         raise TrainingStopped(
             f"{exc} Stopped after step {run.last.step}; {where}. Once every process can run "
             f"again, resume with: {_resume_command(run)}"
         ) from None
     except BaseException:
-        reporter.write(f"run stopped by an error; {_save_checkpoint(run, run.last)}")
+        with finishing():
+            reporter.write(f"run stopped by an error; {_save_checkpoint(run, run.last)}")
         raise
 
 
