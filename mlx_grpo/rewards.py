@@ -200,31 +200,37 @@ def _check_signature(fn: RewardFn, name: str) -> None:
         )
 
 
-def load_rewards(specs: list[str], weights: list[float] | None = None) -> list[Reward]:
-    """Load every spec (see `load_reward`) and pair it with its weight.
+def load_rewards(
+    specs: list[str], weights: list[float] | None = None, callables: Iterable[RewardFn] = ()
+) -> list[Reward]:
+    """Load every spec (see `load_reward`), add the Python `callables`, pair each with its weight.
 
-    `weights` None means 1.0 each. Two functions with the same name get
-    suffixes (`reward`, `reward_2`) so their metrics stay apart.
+    `weights` None means 1.0 each; otherwise one per function, specs first. Two
+    functions with the same name get suffixes (`reward`, `reward_2`) so their
+    metrics stay apart.
 
     Example:
         >>> [r.name for r in load_rewards(["math_answer", "think_format"], [1.0, 0.5])]
         ['math_answer', 'think_format']
     """
-    if not specs:
+    callables = list(callables)
+    if not specs and not callables:
         raise RewardSpecError("no reward functions given; name at least one, e.g. 'math_answer'.")
-    if weights is None:
-        weights = [1.0] * len(specs)
-    if len(weights) != len(specs):
+    names = [*specs, *(getattr(f, "__name__", "reward") for f in callables)]
+    weights = [1.0] * len(names) if weights is None else list(weights)
+    if len(weights) != len(names):
         raise RewardSpecError(
-            f"got {len(specs)} reward functions ({', '.join(specs)}) but {len(weights)} weights "
+            f"got {len(names)} reward functions ({', '.join(names)}) but {len(weights)} weights "
             f"({', '.join(map(str, weights))}); give one weight per reward function, in order."
         )
+    for name, weight in zip(names, weights, strict=True):
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise RewardSpecError(f"weight {weight!r} for reward {name!r} must be a finite number.")
+    loaded = [load_reward(spec) for spec in specs]
+    loaded += [(getattr(f, "__name__", "reward"), f) for f in callables]
     rewards: list[Reward] = []
     seen: dict[str, int] = {}
-    for spec, weight in zip(specs, weights, strict=True):
-        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise RewardSpecError(f"weight {weight!r} for reward {spec!r} must be a finite number.")
-        name, fn = load_reward(spec)
+    for (name, fn), weight in zip(loaded, weights, strict=True):
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name}_{seen[name]}"

@@ -238,17 +238,7 @@ def _load_model(cfg: TrainConfig) -> tuple[LoadedModel, list[str]]:
 
 def _load_rewards(cfg: TrainConfig, reward_funcs: list[Callable]) -> list[rewards_mod.Reward]:
     """The named rewards (imported here), then the callables, with their weights."""
-    rewards = rewards_mod.load_rewards(cfg.rewards, None) if cfg.rewards or not reward_funcs else []
-    rewards += [rewards_mod.Reward(getattr(f, "__name__", "reward"), f) for f in reward_funcs]
-    weights = cfg.reward_weights or [1.0] * len(rewards)
-    if len(weights) != len(rewards):
-        names = [r.name for r in rewards]
-        raise ValueError(
-            f"reward_weights has {len(weights)} values ({', '.join(f'{w:g}' for w in weights)}) "
-            f"for {len(rewards)} reward functions ({', '.join(names)}); give one weight per "
-            "reward function, in order."
-        )
-    return [rewards_mod.Reward(r.name, r.fn, w) for r, w in zip(rewards, weights)]
+    return rewards_mod.load_rewards(cfg.rewards, cfg.reward_weights, reward_funcs)
 
 
 def _start_output(cfg: TrainConfig, output_dir: Path) -> RunLock:
