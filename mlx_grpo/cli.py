@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
-from mlx_grpo.config import TrainConfig, field_type
+from mlx_grpo.core.config import TrainConfig, field_type
 
 _METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT"}
 
@@ -64,8 +64,8 @@ def _run(fn: Callable, debug: bool) -> Any:
     saving a checkpoint. Any other error is reported in one paragraph too
     (exit 1); `--debug` shows its traceback.
     """
-    from mlx_grpo.distributed import PeerLost, where
-    from mlx_grpo.trainer import TrainingInterrupted, TrainingStopped
+    from mlx_grpo.core.distributed import PeerLost, where
+    from mlx_grpo.core.trainer import TrainingInterrupted, TrainingStopped
 
     try:
         return fn()
@@ -142,9 +142,9 @@ def train(config_file: str | None, resume: str | None, debug: bool, **flags: Any
           --prompt-column question --rewards math_answer --max-steps 200
       mlx-grpo train --resume runs/grpo --max-steps 400
     """
-    from mlx_grpo.checkpoint import resume_settings
-    from mlx_grpo.config import resolve
-    from mlx_grpo.trainer import train as run_training
+    from mlx_grpo.core.checkpoint import resume_settings
+    from mlx_grpo.core.config import resolve
+    from mlx_grpo.core.trainer import train as run_training
 
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     given = {k: v for k, v in given.items() if v is not None and v != []}
@@ -174,8 +174,8 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
 
     Each run rebuilds the model and replaces the previous demo run in OUTPUT_DIR.
     """
-    from mlx_grpo.toy import run_demo
-    from mlx_grpo.values import AT_LEAST_1, check_option
+    from mlx_grpo.core.values import AT_LEAST_1, check_option
+    from mlx_grpo.tasks.toy import run_demo
 
     _run(lambda: check_option("--max-steps", max_steps, AT_LEAST_1), debug)
     summary = _run(lambda: run_demo(Path(output_dir), max_steps), debug)
@@ -244,7 +244,7 @@ def eval_cmd(
     **options: Any,
 ) -> None:
     """Accuracy and mean reward of a model (and adapter) on a held-out set."""
-    from mlx_grpo.evaluate import evaluate
+    from mlx_grpo.tools.evaluate import evaluate
 
     def run() -> Any:
         weights = [_weight(w) for w in _listed(reward_weights)] or None
@@ -273,7 +273,7 @@ def eval_cmd(
 @debug_option
 def plot_cmd(run_dir: str, output: str | None, debug: bool) -> None:
     """Plot reward, KL, completion length, clip ratios and learning rate over steps."""
-    from mlx_grpo.plot import plot_run
+    from mlx_grpo.tools.plot import plot_run
 
     click.echo(f"plot written to {_run(lambda: plot_run(run_dir, output), debug)}")
 
@@ -299,8 +299,8 @@ def quickstart(
     converts it, evaluates it on held-out problems, trains a LoRA adapter for
     MINUTES, evaluates again, exports the PEFT adapter and plots the run.
     """
-    from mlx_grpo.quickstart import run_quickstart
-    from mlx_grpo.values import AT_LEAST_1, MAX_SEED, POSITIVE, Range, check_option
+    from mlx_grpo.core.values import AT_LEAST_1, MAX_SEED, POSITIVE, Range, check_option
+    from mlx_grpo.tasks.quickstart import run_quickstart
 
     def check() -> None:
         check_option("--minutes", minutes, POSITIVE)
@@ -334,7 +334,7 @@ def convert_cmd(gguf: str, output: str, keep_quantized: bool | None, debug: bool
     `--model file.gguf` works directly too: the conversion is then cached. The
     Hub id the GGUF names as its source is kept in config.json (_name_or_path).
     """
-    from mlx_grpo.gguf import convert_gguf
+    from mlx_grpo.core.gguf import convert_gguf
 
     out = _run(lambda: convert_gguf(gguf, output, keep_quantized), debug)
     click.echo(f"mlx-lm model written to {out}")
@@ -371,7 +371,7 @@ def export_cmd(
     debug: bool,
 ) -> None:
     """Export a run or adapter folder SOURCE as a PEFT LoRA adapter."""
-    from mlx_grpo.export import check_repo_id, export_peft, push_to_hub
+    from mlx_grpo.tools.export import check_repo_id, export_peft, push_to_hub
 
     if repo_id:
         _run(lambda: check_repo_id(repo_id), debug)
@@ -395,7 +395,7 @@ def export_cmd(
 @debug_option
 def import_cmd(peft_dir: str, output: str, debug: bool) -> None:
     """Convert the PEFT LoRA adapter in PEFT_DIR into an mlx-lm adapter."""
-    from mlx_grpo.export import import_peft
+    from mlx_grpo.tools.export import import_peft
 
     out = _run(lambda: import_peft(peft_dir, output), debug)
     click.echo(f"mlx adapter written to {out}")
@@ -421,7 +421,7 @@ def import_cmd(peft_dir: str, output: str, debug: bool) -> None:
 @debug_option
 def fuse_cmd(model: str, adapter: str, output: str, dequantize: bool, debug: bool) -> None:
     """Merge an adapter into its base model (W + alpha/r BA); mlx_lm.load reads the result."""
-    from mlx_grpo.export import fuse
+    from mlx_grpo.tools.export import fuse
 
     out = _run(lambda: fuse(model, adapter, output, dequantize), debug)
     click.echo(f"fused model written to {out}")
@@ -453,7 +453,7 @@ def generate_cmd(
     debug: bool,
 ) -> None:
     """Generate a reply to PROMPT with a model and, optionally, an adapter."""
-    from mlx_grpo.generate import generate
+    from mlx_grpo.tools.generate import generate
 
     text = _run(
         lambda: generate(

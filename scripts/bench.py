@@ -50,13 +50,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import mlx_grpo  # first: loads OpenBLAS before mlx.core is imported (see mlx_grpo._backend)
+import mlx_grpo  # first: loads OpenBLAS before mlx.core is imported (see mlx_grpo.core.backend)
 
 # isort: split
 import mlx.core as mx
 import numpy as np
 
-from mlx_grpo.toy import QWEN3_0_6B, TINY, build_tiny_qwen3
+from mlx_grpo.tasks.toy import QWEN3_0_6B, TINY, build_tiny_qwen3
 
 # With the byte tokenizer's chat template (19 tokens around the user text),
 # 77 ASCII characters make a 96-token prompt.
@@ -175,8 +175,8 @@ class Ours:
     """mlx-grpo's trainer: `trainer.setup`, then one `train_step` per step."""
 
     def __init__(self, spec: Spec, model: Path, data: Path, output: Path):
-        from mlx_grpo.config import resolve
-        from mlx_grpo.trainer import setup
+        from mlx_grpo.core.config import resolve
+        from mlx_grpo.core.trainer import setup
 
         cfg = resolve(
             None,
@@ -203,7 +203,7 @@ class Ours:
         self.step_index = 0
 
     def info(self) -> dict[str, Any]:
-        from mlx_grpo.lora import total_count, trainable_count
+        from mlx_grpo.core.lora import total_count, trainable_count
 
         model = self.run.lm.model
         return {
@@ -213,7 +213,7 @@ class Ours:
         }
 
     def step(self) -> dict[str, float]:
-        from mlx_grpo.trainer import train_step
+        from mlx_grpo.core.trainer import train_step
 
         t0 = time.perf_counter()
         metrics, _ = train_step(self.run, self.step_index)
@@ -511,7 +511,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
-        "blas": mlx_grpo._backend.openblas_path or "MLX's own BLAS",
+        "blas": mlx_grpo.core.backend.openblas_path or "MLX's own BLAS",
     }
 
 

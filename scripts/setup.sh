@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment (.venv) with mlx-grpo and its test tools.
 # On Linux it also installs OpenBLAS when it can: MLX's CPU backend is ~30x
-# faster with it (see mlx_grpo/_backend.py).
+# faster with it (see mlx_grpo/core/backend.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

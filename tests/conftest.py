@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
-from mlx_grpo.toy import build_tiny_qwen3, write_toy_task
+from mlx_grpo.tasks.toy import build_tiny_qwen3, write_toy_task
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def quick_settings(tiny_model_dir, toy_data, tmp_path):
     return dict(
         model=str(tiny_model_dir),
         data=str(toy_data),
-        rewards=["mlx_grpo.toy:allowed_share"],
+        rewards=["mlx_grpo.tasks.toy:allowed_share"],
         output_dir=str(tmp_path / "run"),
         num_generations=4,
         prompts_per_step=2,

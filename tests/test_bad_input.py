@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import assert_refused, cli_flags, tree
 
 from mlx_grpo.cli import main
-from mlx_grpo.data import DataError
+from mlx_grpo.core.data import DataError
 
 
 def train(*args):

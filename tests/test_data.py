@@ -5,8 +5,8 @@ import types
 import pytest
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before anything imports mlx)
-from mlx_grpo.data import DataError, PromptRow, encode_prompt, load_prompts, load_rows
-from mlx_grpo.toy import save_byte_tokenizer
+from mlx_grpo.core.data import DataError, PromptRow, encode_prompt, load_prompts, load_rows
+from mlx_grpo.tasks.toy import save_byte_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from conftest import cli_flags
 
-from mlx_grpo import checkpoint
-from mlx_grpo.trainer import train
+from mlx_grpo.core import checkpoint
+from mlx_grpo.core.trainer import train
 
 BIN = Path(sys.executable).parent
 LAUNCH, CLI = BIN / "mlx.launch", BIN / "mlx-grpo"
@@ -260,7 +260,7 @@ COLLECTIVES = """
 import json, sys
 import mlx_grpo
 import mlx.core as mx, numpy as np
-from mlx_grpo.distributed import connect
+from mlx_grpo.core.distributed import connect
 
 peers = connect()
 r = peers.rank

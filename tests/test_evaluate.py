@@ -4,16 +4,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlx_grpo.arithmetic import (
-    arithmetic,
-    equation_format,
-    exact_answer,
-    make_split,
-    write_split,
-)
 from mlx_grpo.cli import main
-from mlx_grpo.evaluate import evaluate, pass_at_k, summarize
-from mlx_grpo.generate import generate
+from mlx_grpo.core.builtin_rewards import arithmetic, equation_format, exact_answer
+from mlx_grpo.tasks.arithmetic import make_split, write_split
+from mlx_grpo.tools.evaluate import evaluate, pass_at_k, summarize
+from mlx_grpo.tools.generate import generate
 
 
 def test_arithmetic_rewards_check_value_format_and_both():

@@ -1,4 +1,4 @@
-"""GGUF -> mlx-lm conversion, checked against references that do not use mlx_grpo.gguf.
+"""GGUF -> mlx-lm conversion, checked against references that do not use mlx_grpo.core.gguf.
 
 SmolLM2 (real, Llama architecture, Q4_1): transformers' own GGUF loader, which
 reads the file with the `gguf` package, dequantizes in NumPy and undoes the Q/K
@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_grpo.gguf import convert_gguf, source_hub_id, string_metadata, tensor_types
-from mlx_grpo.models import load_model
+from mlx_grpo.core.gguf import convert_gguf, source_hub_id, string_metadata, tensor_types
+from mlx_grpo.core.models import load_model
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -41,7 +41,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def smol_gguf():
-    from mlx_grpo.smollm2 import fetch_smollm2_gguf
+    from mlx_grpo.tasks.smollm2 import fetch_smollm2_gguf
 
     return fetch_smollm2_gguf()
 

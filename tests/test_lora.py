@@ -1,4 +1,4 @@
-"""mlx_grpo.lora: exact no-op at init, the reference-policy switch, parameter counts,
+"""mlx_grpo.core.lora: exact no-op at init, the reference-policy switch, parameter counts,
 quantized base layers, and adapters that mlx-lm's own loader reads back.
 
 Expected counts come from an independent formula over the config's shapes
@@ -16,9 +16,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import qwen3
 from mlx_lm.tuner.lora import LoRALinear as MlxLmLoRALinear
 
-from mlx_grpo.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
-from mlx_grpo.config import TrainConfig
-from mlx_grpo.lora import (
+from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
+from mlx_grpo.core.config import TrainConfig
+from mlx_grpo.core.lora import (
     adapters_disabled,
     apply_lora,
     lora_modules,
@@ -26,8 +26,8 @@ from mlx_grpo.lora import (
     total_count,
     trainable_count,
 )
-from mlx_grpo.models import load_model
-from mlx_grpo.toy import QWEN3_0_6B, TINY, build_tiny_qwen3
+from mlx_grpo.core.models import load_model
+from mlx_grpo.tasks.toy import QWEN3_0_6B, TINY, build_tiny_qwen3
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK = 3  # differs from every in/out dimension of the tiny model

@@ -1,4 +1,4 @@
-"""mlx_grpo.objective against an independent float64 NumPy reference of TRL's GRPO formulas.
+"""mlx_grpo.core.objective against an independent float64 NumPy reference of TRL's GRPO formulas.
 
 The reference functions below (prefixed `ref_`) are written from /work/shared/REFERENCE.md
 section 1 and TRL's GRPOTrainer (`_compute_loss`, the advantage block of
@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_grpo.objective import (
+from mlx_grpo.core.objective import (
     LossSettings,
     Normalizer,
     exact_kl,

@@ -11,18 +11,18 @@ import pytest
 import yaml
 from conftest import assert_refused, cli_flags, run_cli, tree
 
-from mlx_grpo import outputs
-from mlx_grpo.adapters import MLX_WEIGHTS, PEFT_CONFIG, Adapter
-from mlx_grpo.export import export_peft, hub_id, push_to_hub
-from mlx_grpo.toy import build_tiny_qwen3
-from mlx_grpo.trainer import train
+from mlx_grpo.core import outputs
+from mlx_grpo.core.adapters import MLX_WEIGHTS, PEFT_CONFIG, Adapter
+from mlx_grpo.core.trainer import train
+from mlx_grpo.tasks.toy import build_tiny_qwen3
+from mlx_grpo.tools.export import export_peft, hub_id, push_to_hub
 
 gguf = pytest.importorskip("gguf")
 from test_gguf import _random_model, _write_gguf  # noqa: E402
 
 REPO = "TinyOrg/tiny-qwen3"
 RUN_SETTINGS = dict(
-    rewards=["mlx_grpo.toy:allowed_share"],
+    rewards=["mlx_grpo.tasks.toy:allowed_share"],
     num_generations=4,
     prompts_per_step=2,
     max_completion_length=8,
@@ -144,7 +144,7 @@ def test_a_crash_mid_export_keeps_the_previous_export(run_dir, tmp_path, monkeyp
         raise RuntimeError("disk on fire")
 
     # The weights and config are written by then; the card is the last file.
-    monkeypatch.setattr("mlx_grpo.export.model_card", crash)
+    monkeypatch.setattr("mlx_grpo.tools.export.model_card", crash)
     with pytest.raises(RuntimeError, match="disk on fire"):
         export_peft(run_dir, out, base_model="Org/second")
     assert tree(out) == before

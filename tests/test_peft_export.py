@@ -19,12 +19,12 @@ from click.testing import CliRunner
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from mlx_grpo.adapters import PEFT_CONFIG, PEFT_WEIGHTS, Adapter, AdapterSet
 from mlx_grpo.cli import main
-from mlx_grpo.export import export_peft, fuse, push_to_hub
-from mlx_grpo.models import load_model
-from mlx_grpo.toy import save_byte_tokenizer
-from mlx_grpo.trainer import train
+from mlx_grpo.core.adapters import PEFT_CONFIG, PEFT_WEIGHTS, Adapter, AdapterSet
+from mlx_grpo.core.models import load_model
+from mlx_grpo.core.trainer import train
+from mlx_grpo.tasks.toy import save_byte_tokenizer
+from mlx_grpo.tools.export import export_peft, fuse, push_to_hub
 
 TOKENS = [[5, 17, 42, 99, 200, 7, 3, 58, 64, 12]]
 RANK = 3

@@ -11,8 +11,8 @@ pytest.importorskip("matplotlib")
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
-from mlx_grpo import plot  # noqa: E402
-from mlx_grpo.plot import figure_for, load_metrics, plot_run, rolling_mean  # noqa: E402
+from mlx_grpo.tools import plot  # noqa: E402
+from mlx_grpo.tools.plot import figure_for, load_metrics, plot_run, rolling_mean  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

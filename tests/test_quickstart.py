@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mlx_grpo.outputs import kind_of
-from mlx_grpo.quickstart import report, run_quickstart
+from mlx_grpo.core.outputs import kind_of
+from mlx_grpo.tasks.quickstart import report, run_quickstart
 
 
 def test_main_job_refuses_a_folder_it_did_not_make(tmp_path):

@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import cli_flags
 
-from mlx_grpo import checkpoint
-from mlx_grpo import update as update_mod
-from mlx_grpo.adapters import Adapter
 from mlx_grpo.cli import main
-from mlx_grpo.trainer import TrainingStopped, train
+from mlx_grpo.core import checkpoint
+from mlx_grpo.core import update as update_mod
+from mlx_grpo.core.adapters import Adapter
+from mlx_grpo.core.trainer import TrainingStopped, train
 
 VOLATILE = ("time/", "memory/", "peak_memory_gb", "tokens_per_second")
 
@@ -118,7 +118,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(
     # Kill the process after the step-4 checkpoint's adapter is written, before the rest.
     prelude = (
         "import os, signal\n"
-        "from mlx_grpo import checkpoint\n"
+        "from mlx_grpo.core import checkpoint\n"
         "real = checkpoint.fsync\n"
         "def fsync(path):\n"
         "    if 'step-000004' in str(path) and path.name == 'optimizer.safetensors':\n"
@@ -306,7 +306,7 @@ def test_a_second_sigint_exits_at_once_without_waiting_for_the_save(settings, tm
     # Saving takes "forever" here, so only the second Ctrl-C can end the process.
     prelude = (
         "import time\n"
-        "from mlx_grpo import checkpoint\n"
+        "from mlx_grpo.core import checkpoint\n"
         "checkpoint.write = lambda *a, **k: time.sleep(600)\n"
     )
     args = cli_args(settings, output_dir=out, max_steps=50, save_steps=0)

@@ -15,16 +15,20 @@ from click.testing import CliRunner
 from conftest import cli_flags
 
 import mlx_grpo
-from mlx_grpo.arithmetic import arithmetic, equation_format, exact_answer
-from mlx_grpo.builtin_rewards import math_answer, think_format
 from mlx_grpo.cli import main
-from mlx_grpo.distributed import Peers
-from mlx_grpo.evaluate import evaluate
-from mlx_grpo.reward_calls import (
+from mlx_grpo.core.builtin_rewards import (
+    arithmetic,
+    equation_format,
+    exact_answer,
+    math_answer,
+    think_format,
+)
+from mlx_grpo.core.distributed import Peers
+from mlx_grpo.core.reward_calls import (
     RewardLogs,
     score_completions,
 )
-from mlx_grpo.rewards import (
+from mlx_grpo.core.rewards import (
     STANDARD_ARGUMENTS,
     Reward,
     RewardError,
@@ -33,7 +37,8 @@ from mlx_grpo.rewards import (
     load_reward,
     load_rewards,
 )
-from mlx_grpo.trainer import _logged_metrics
+from mlx_grpo.core.trainer import _logged_metrics
+from mlx_grpo.tools.evaluate import evaluate
 
 # Written as for TRL: no prompts/completion_ids parameters, keyword-only, async.
 TRL_REWARDS = """

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before anything imports mlx)
-from mlx_grpo.reward_calls import (
+from mlx_grpo.core.reward_calls import (
     TrainerState,
     score_completions,
 )
-from mlx_grpo.rewards import (
+from mlx_grpo.core.rewards import (
     BUILTIN_REWARDS,
     Reward,
     RewardError,

@@ -1,4 +1,4 @@
-"""mlx_grpo.rollout: shapes and masks, EOS handling, batched greedy decoding equal to
+"""mlx_grpo.core.rollout: shapes and masks, EOS handling, batched greedy decoding equal to
 decoding alone and to mlx-lm, independent sampling of a group after one prefill, and
 sampled log-probs equal to a fresh forward pass.
 
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 
-from mlx_grpo.models import load_model
-from mlx_grpo.rollout import Noise, SamplingSettings, inverse_cdf, make_draw, rollout
-from mlx_grpo.toy import build_tiny_qwen3
+from mlx_grpo.core.models import load_model
+from mlx_grpo.core.rollout import Noise, SamplingSettings, inverse_cdf, make_draw, rollout
+from mlx_grpo.tasks.toy import build_tiny_qwen3
 
 PROMPTS = [[10, 20, 30], [5, 6, 7, 8, 9, 11, 12], [40, 41, 42, 43, 44]]  # lengths 3, 7, 5
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=8)
@@ -242,8 +242,8 @@ def test_inverse_cdf_never_draws_a_zero_weight_entry():
 
 
 def test_split_matmul_equals_one_matmul_and_small_decodes_use_it(lm):
-    from mlx_grpo.lora import split_matmul
-    from mlx_grpo.rollout import decode_streams
+    from mlx_grpo.core.lora import split_matmul
+    from mlx_grpo.core.rollout import decode_streams
 
     rng = np.random.default_rng(0)
     x, w = rng.normal(size=(3, 16)), rng.normal(size=(10, 16))
@@ -255,7 +255,7 @@ def test_split_matmul_equals_one_matmul_and_small_decodes_use_it(lm):
 
 
 def test_greedy_decoding_is_the_same_with_and_without_split_matmuls(lm, monkeypatch):
-    import mlx_grpo.rollout as rollout_mod
+    import mlx_grpo.core.rollout as rollout_mod
 
     split = run(lm, PROMPTS, 2, GREEDY)
     monkeypatch.setattr(rollout_mod, "decode_streams", lambda rows: None)

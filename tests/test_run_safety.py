@@ -12,9 +12,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from mlx_grpo import checkpoint, runfolder
 from mlx_grpo.cli import main
-from mlx_grpo.trainer import train
+from mlx_grpo.core import checkpoint, runfolder
+from mlx_grpo.core.trainer import train
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def own_data(toy_data, tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from mlx_grpo import runfolder
+from mlx_grpo.core import runfolder
 held = runfolder.lock(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)

@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_grpo.lora import adapters_disabled, apply_lora
-from mlx_grpo.models import left_pad, load_model
-from mlx_grpo.scoring import completion_hidden, completion_logprobs, head_logprobs, prompt_groups
+from mlx_grpo.core.logprobs import (
+    completion_hidden,
+    completion_logprobs,
+    head_logprobs,
+    prompt_groups,
+)
+from mlx_grpo.core.lora import adapters_disabled, apply_lora
+from mlx_grpo.core.models import left_pad, load_model
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21, 22, 23]]
 COMPLETIONS = [[40, 41, 42, 43, 44], [50, 51, 52, 53, 54], [60, 61, 62, 63, 64]]

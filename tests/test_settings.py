@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import assert_refused, cli_flags, run_cli
 
-from mlx_grpo.config import TrainConfig, resolve
+from mlx_grpo.core.config import TrainConfig, resolve
 
 
 def entries(folder: Path) -> set[str]:
@@ -149,24 +149,24 @@ def test_comma_and_repeated_list_flags_resolve_alike(tmp_path):
     repeated = resolve(
         None,
         given_as="flag",
-        rewards=["math_answer", "think_format", "mlx_grpo.toy:allowed_share"],
+        rewards=["math_answer", "think_format", "mlx_grpo.tasks.toy:allowed_share"],
         reward_weights=["1.0", "0.2", "0.5"],
         lora_targets=["q_proj", "v_proj"],
     )
     comma = resolve(
         None,
         given_as="flag",
-        rewards=["math_answer,think_format", "mlx_grpo.toy:allowed_share"],
+        rewards=["math_answer,think_format", "mlx_grpo.tasks.toy:allowed_share"],
         reward_weights=["1.0,0.2", "0.5"],
         lora_targets=["q_proj,v_proj"],
     )
     config = tmp_path / "grpo.yaml"
     config.write_text(
-        "rewards: math_answer, think_format,mlx_grpo.toy:allowed_share\n"
+        "rewards: math_answer, think_format,mlx_grpo.tasks.toy:allowed_share\n"
         "reward_weights: [1.0, 0.2, 0.5]\nlora_targets: q_proj,v_proj\n"
     )
     assert repeated == comma == resolve(config)
-    assert comma.rewards == ["math_answer", "think_format", "mlx_grpo.toy:allowed_share"]
+    assert comma.rewards == ["math_answer", "think_format", "mlx_grpo.tasks.toy:allowed_share"]
     assert comma.reward_weights == [1.0, 0.2, 0.5]
     assert comma != TrainConfig()
 
@@ -176,11 +176,11 @@ def test_the_readme_reward_flags_train_with_both_rewards(quick_settings):
     out = Path(quick_settings["output_dir"])
     settings = {k: v for k, v in quick_settings.items() if k != "rewards"}
     flags = cli_flags({**settings, "max_steps": 1})
-    rewards = "mlx_grpo.toy:allowed_share,think_format"
+    rewards = "mlx_grpo.tasks.toy:allowed_share,think_format"
     result = run_cli("train", *flags, "--rewards", rewards, "--reward-weights", "1.0,0.2")
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["rewards"] == ["mlx_grpo.toy:allowed_share", "think_format"]
+    assert saved["rewards"] == ["mlx_grpo.tasks.toy:allowed_share", "think_format"]
     assert saved["reward_weights"] == [1.0, 0.2]
 
 
@@ -201,7 +201,7 @@ def eval_args(tiny_model_dir, toy_data):
         "--data",
         toy_data,
         "--rewards",
-        "mlx_grpo.toy:allowed_share",
+        "mlx_grpo.tasks.toy:allowed_share",
     ]
 
 

@@ -7,12 +7,12 @@ import pytest
 import yaml
 from mlx.utils import tree_flatten
 
-from mlx_grpo import update as update_mod
-from mlx_grpo.config import resolve
-from mlx_grpo.lora import adapters_disabled
-from mlx_grpo.toy import build_tiny_qwen3
-from mlx_grpo.trainer import setup, train, train_step
-from mlx_grpo.update import lr_at
+from mlx_grpo.core import update as update_mod
+from mlx_grpo.core.config import resolve
+from mlx_grpo.core.lora import adapters_disabled
+from mlx_grpo.core.trainer import setup, train, train_step
+from mlx_grpo.core.update import lr_at
+from mlx_grpo.tasks.toy import build_tiny_qwen3
 
 TRL_METRICS = {
     "reward",
@@ -151,7 +151,7 @@ def test_pi_old_is_the_rollouts_log_probs_without_another_forward_pass(quick_set
         return out
 
     monkeypatch.setattr(update_mod, "micro_batches", micro)
-    monkeypatch.setattr("mlx_grpo.trainer.micro_batches", micro)
+    monkeypatch.setattr("mlx_grpo.core.trainer.micro_batches", micro)
     train_step(run, 0)
     assert len(calls) == 2  # the two update passes only
     old, fresh, mask = seen[0]

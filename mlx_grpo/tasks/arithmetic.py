@@ -2,12 +2,10 @@
 
 Each row asks for a sum or difference in a fixed reply format:
 "What is 7 + 5? Reply with the equation and its result, like 2 + 2 = 4."
-Three rewards live here: `arithmetic` (the reply's last number is right,
-whatever the wording), `equation_format` (the reply is one equation
-"a op b = c" and nothing else) and `exact_answer` (both: the reply is exactly
-"7 + 5 = 12", a final period allowed). Training uses the first two, so a
-model is paid for being right and learns the format from the second;
-evaluation counts `exact_answer`.
+Each row carries the `answer` and `equation` columns that the built-in rewards
+`arithmetic`, `equation_format` and `exact_answer` check. Training uses the
+first two, so a model is paid for being right and learns the format from the
+second; evaluation counts `exact_answer`.
 
 Kinds: `add1` one-digit sums (0-9 + 0-9); `addsub2` two-digit sums and
 differences (10-99 +/- 10-99, differences may be negative).
@@ -17,16 +15,11 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 from typing import Any
 
-from mlx_grpo.builtin_rewards import completion_text
-
 KINDS = ("add1", "addsub2")
 INSTRUCTION = "Reply with the equation and its result, like 2 + 2 = 4."
-_NUMBER = re.compile(r"-?\d+")
-_EQUATION = re.compile(r"-?\d+ [+-] -?\d+ = -?\d+\.?")
 
 
 def all_problems(kind: str) -> list[dict[str, Any]]:
@@ -85,32 +78,3 @@ def write_split(
     for path, rows in zip(paths, make_split(n_train, n_test, seed)):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
-
-
-def _replies(completions: list, answer: list | None) -> list[tuple[str, str | None]]:
-    texts = [completion_text(c).strip() for c in completions]
-    return list(zip(texts, answer or [None] * len(completions)))
-
-
-def arithmetic(prompts, completions, completion_ids, answer=None, **kwargs) -> list[float | None]:
-    """Correctness: 1.0 when the reply's last number is the answer, in any wording."""
-    out: list[float | None] = []
-    for reply, expected in _replies(completions, answer):
-        numbers = _NUMBER.findall(reply)
-        out.append(None if expected is None else float(bool(numbers) and numbers[-1] == expected))
-    return out
-
-
-def equation_format(prompts, completions, completion_ids, **kwargs) -> list[float | None]:
-    """Format: 1.0 when the reply is one equation "a op b = c" and nothing else."""
-    return [float(_EQUATION.fullmatch(completion_text(c).strip()) is not None) for c in completions]
-
-
-def exact_answer(
-    prompts, completions, completion_ids, equation=None, **kwargs
-) -> list[float | None]:
-    """Answer and format checked exactly: the reply is the row's equation (final period allowed)."""
-    return [
-        None if e is None else float(r.removesuffix(".") == e)
-        for r, e in _replies(completions, equation)
-    ]

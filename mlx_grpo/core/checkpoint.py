@@ -37,11 +37,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_grpo.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
-from mlx_grpo.config import TrainConfig, resolve
-from mlx_grpo.files import fsync, sha256
-from mlx_grpo.reporting import COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, REWARD_ERRORS_FILE
-from mlx_grpo.runfolder import SymlinkRefused, disk_full, is_disk_full
+from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
+from mlx_grpo.core.config import TrainConfig, resolve
+from mlx_grpo.core.files import fsync, sha256
+from mlx_grpo.core.reporting import COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, REWARD_ERRORS_FILE
+from mlx_grpo.core.runfolder import SymlinkRefused, disk_full, is_disk_full
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"

@@ -20,8 +20,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_grpo.files import read_json_object
-from mlx_grpo.lora import LoRALinear, lora_scale, wrap_modules
+from mlx_grpo.core.files import read_json_object
+from mlx_grpo.core.lora import LoRALinear, lora_scale, wrap_modules
 
 MLX_WEIGHTS = "adapters.safetensors"
 MLX_CONFIG = "adapter_config.json"

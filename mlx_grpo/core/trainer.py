@@ -24,24 +24,24 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from mlx_grpo import checkpoint, reward_calls
-from mlx_grpo import rewards as rewards_mod
-from mlx_grpo.adapters import Adapter
-from mlx_grpo.config import TrainConfig, resolve
-from mlx_grpo.distributed import PeerLost, connect
-from mlx_grpo.interrupts import Interrupted, finishing, stop_on_signals
-from mlx_grpo.objective import group_advantages
-from mlx_grpo.reporting import (
+from mlx_grpo.core import checkpoint, reward_calls
+from mlx_grpo.core import rewards as rewards_mod
+from mlx_grpo.core.adapters import Adapter
+from mlx_grpo.core.config import TrainConfig, resolve
+from mlx_grpo.core.distributed import PeerLost, connect
+from mlx_grpo.core.interrupts import Interrupted, finishing, stop_on_signals
+from mlx_grpo.core.objective import group_advantages
+from mlx_grpo.core.reporting import (
     REWARD_ERRORS_FILE,
     Reporter,
     clean_record,
     length_metrics,
     reward_metrics,
 )
-from mlx_grpo.rollout import Noise, SamplingSettings, rollout
-from mlx_grpo.run import Run, next_prompts, setup, snapshot, summary
-from mlx_grpo.runfolder import DiskFull, disk_full, is_disk_full, open_append
-from mlx_grpo.update import lr_at, micro_batches, optimise
+from mlx_grpo.core.rollout import Noise, SamplingSettings, rollout
+from mlx_grpo.core.runfolder import DiskFull, disk_full, is_disk_full, open_append
+from mlx_grpo.core.setup import Run, next_prompts, setup, snapshot, summary
+from mlx_grpo.core.update import lr_at, micro_batches, optimise
 
 
 @dataclass

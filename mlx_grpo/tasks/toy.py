@@ -6,7 +6,7 @@ byte) plus the Qwen3 special tokens, and a ChatML chat template that honours
 `enable_thinking` as Qwen3's does.
 
 Example:
-    >>> from mlx_grpo.toy import build_tiny_qwen3
+    >>> from mlx_grpo.tasks.toy import build_tiny_qwen3
     >>> path = build_tiny_qwen3("/tmp/tiny-qwen3")
     >>> import mlx_lm; model, tokenizer = mlx_lm.load(str(path))
 """
@@ -185,8 +185,8 @@ def run_demo(output_dir: Path, max_steps: int = 60) -> str:
     `output_dir` must be new, empty or an earlier demo's folder (marked by
     outputs.MARKER), whose model and run are replaced.
     """
-    from mlx_grpo.outputs import own_folder
-    from mlx_grpo.trainer import train
+    from mlx_grpo.core.outputs import own_folder
+    from mlx_grpo.core.trainer import train
 
     output_dir = own_folder(output_dir, "demo")
     # A wide init gives the random model peaky outputs that a reward can shape.
@@ -195,7 +195,7 @@ def run_demo(output_dir: Path, max_steps: int = 60) -> str:
     result = train(
         model=str(model_dir),
         data=str(data),
-        rewards=["mlx_grpo.toy:allowed_share"],
+        rewards=["mlx_grpo.tasks.toy:allowed_share"],
         output_dir=str(output_dir / "run"),
         overwrite=True,  # the demo directory is the demo's own
         num_generations=8,

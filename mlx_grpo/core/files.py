@@ -52,3 +52,9 @@ def sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where downloads and converted models are kept (MLX_GRPO_CACHE overrides)."""
+    default = Path.home() / ".cache" / "mlx-grpo"
+    return Path(os.environ.get("MLX_GRPO_CACHE", default)).expanduser()

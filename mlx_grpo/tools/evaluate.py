@@ -20,14 +20,14 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from mlx_grpo import data as data_mod
-from mlx_grpo import reward_calls
-from mlx_grpo import rewards as rewards_mod
-from mlx_grpo.adapters import Adapter
-from mlx_grpo.models import check_max_tokens, load_model
-from mlx_grpo.objective import weighted_rewards
-from mlx_grpo.rollout import SamplingSettings, rollout
-from mlx_grpo.values import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
+from mlx_grpo.core import data as data_mod
+from mlx_grpo.core import reward_calls
+from mlx_grpo.core import rewards as rewards_mod
+from mlx_grpo.core.adapters import Adapter
+from mlx_grpo.core.models import check_max_tokens, load_model
+from mlx_grpo.core.objective import weighted_rewards
+from mlx_grpo.core.rollout import SamplingSettings, rollout
+from mlx_grpo.core.values import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Built-in rewards: a numeric math-answer check and Qwen3's think format.
+"""Built-in rewards (TRL's signature): numeric answers, Qwen3's think format, equations.
 
-Both have TRL's reward signature and live here with the answer parsing they
-need; `rewards.BUILTIN_REWARDS` names them for `--rewards`.
+`rewards.BUILTIN_REWARDS` names them for `--rewards`. `math_answer` and
+`think_format` fit GSM8K-style data; `arithmetic`, `equation_format` and
+`exact_answer` check one-line "a op b = c" replies against a row's `answer`
+and `equation` columns.
 """
 
 from __future__ import annotations
@@ -162,3 +164,38 @@ def _is_think_formatted(text: str) -> bool:
         return False
     opens = before.count("<think>")
     return opens == 0 or (opens == 1 and before.startswith("<think>"))
+
+
+# --------------------------------------------------------------------------- equations
+
+_INTEGER = re.compile(r"-?\d+")
+_EQUATION = re.compile(r"-?\d+ [+-] -?\d+ = -?\d+\.?")
+
+
+def _replies(completions: list, answer: list | None) -> list[tuple[str, str | None]]:
+    texts = [completion_text(c).strip() for c in completions]
+    return list(zip(texts, answer or [None] * len(completions)))
+
+
+def arithmetic(prompts, completions, completion_ids, answer=None, **kwargs) -> list[float | None]:
+    """Correctness: 1.0 when the reply's last number is the answer, in any wording."""
+    out: list[float | None] = []
+    for reply, expected in _replies(completions, answer):
+        numbers = _INTEGER.findall(reply)
+        out.append(None if expected is None else float(bool(numbers) and numbers[-1] == expected))
+    return out
+
+
+def equation_format(prompts, completions, completion_ids, **kwargs) -> list[float | None]:
+    """Format: 1.0 when the reply is one equation "a op b = c" and nothing else."""
+    return [float(_EQUATION.fullmatch(completion_text(c).strip()) is not None) for c in completions]
+
+
+def exact_answer(
+    prompts, completions, completion_ids, equation=None, **kwargs
+) -> list[float | None]:
+    """Answer and format checked exactly: the reply is the row's equation (final period allowed)."""
+    return [
+        None if e is None else float(r.removesuffix(".") == e)
+        for r, e in _replies(completions, equation)
+    ]

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mlx_grpo.files import read_text
-from mlx_grpo.objective import Advantages, nanstd
-from mlx_grpo.runfolder import disk_full, is_disk_full, open_append, open_new, refuse_symlinks
+from mlx_grpo.core.files import read_text
+from mlx_grpo.core.objective import Advantages, nanstd
+from mlx_grpo.core.runfolder import disk_full, is_disk_full, open_append, open_new, refuse_symlinks
 
 METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"

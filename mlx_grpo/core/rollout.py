@@ -23,9 +23,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from mlx_grpo._backend import blas_threads, cpu_only
-from mlx_grpo.lora import SMALL_MATMUL_ROWS, split_matmul, split_small_matmuls
-from mlx_grpo.models import RolloutCache, head_and_body, left_pad
+from mlx_grpo.core.backend import blas_threads, cpu_only
+from mlx_grpo.core.lora import SMALL_MATMUL_ROWS, split_matmul, split_small_matmuls
+from mlx_grpo.core.models import RolloutCache, head_and_body, left_pad
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
-from mlx_grpo._backend import cpu_only
-from mlx_grpo.files import read_json_object, sha256
+from mlx_grpo.core.backend import cpu_only
+from mlx_grpo.core.files import cache_dir, read_json_object, sha256
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -162,8 +162,7 @@ def _check_model_dir(folder: Path) -> None:
 
 def converted_gguf(gguf: Path) -> Path:
     """The mlx-lm directory converted from a GGUF file, converting it once into the cache."""
-    from mlx_grpo.gguf import convert_gguf
-    from mlx_grpo.smollm2 import cache_dir
+    from mlx_grpo.core.gguf import convert_gguf
 
     if not gguf.is_file():
         raise ValueError(f"GGUF file {gguf} does not exist")

@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
-from mlx_grpo.adapters import PEFT_CONFIG, Adapter
-from mlx_grpo.files import read_json_object
-from mlx_grpo.outputs import build, check_target
-from mlx_grpo.reporting import CONFIG_FILE, METRICS_FILE
-from mlx_grpo.values import is_hub_id
+from mlx_grpo.core.adapters import PEFT_CONFIG, Adapter
+from mlx_grpo.core.files import read_json_object
+from mlx_grpo.core.outputs import build, check_target
+from mlx_grpo.core.reporting import CONFIG_FILE, METRICS_FILE
+from mlx_grpo.core.values import is_hub_id
 
 CARD_FILE = "README.md"
 
@@ -59,7 +59,7 @@ def hub_id(model: str | None) -> str | None:
         return model if is_hub_id(model) else None
     try:
         if path.is_file() and path.suffix.lower() == ".gguf":
-            from mlx_grpo.gguf import source_hub_id, string_metadata
+            from mlx_grpo.core.gguf import source_hub_id, string_metadata
 
             return source_hub_id(string_metadata(path))
         name = json.loads((path / "config.json").read_text()).get("_name_or_path")
@@ -137,8 +137,8 @@ def _run_summary(source: Path) -> dict[str, Any]:
     A config.yaml or metrics.jsonl that cannot be read leaves its part of the
     model card "not recorded": the adapter itself does not depend on them.
     """
-    from mlx_grpo.config import load_yaml
-    from mlx_grpo.plot import load_metrics
+    from mlx_grpo.core.config import load_yaml
+    from mlx_grpo.tools.plot import load_metrics
 
     summary: dict[str, Any] = {}
     if (source / CONFIG_FILE).is_file():
@@ -272,8 +272,8 @@ def fuse(model: str, adapter: str | Path, output: str | Path, dequantize: bool =
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, save
 
-    from mlx_grpo.lora import LoRALinear
-    from mlx_grpo.models import hub_snapshot, load_model
+    from mlx_grpo.core.lora import LoRALinear
+    from mlx_grpo.core.models import hub_snapshot, load_model
 
     on_hub = _on_hub(model)
     protected = {

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlx_grpo.adapters import Adapter
-from mlx_grpo.data import encode_prompt
-from mlx_grpo.models import check_max_tokens, load_model
-from mlx_grpo.values import AT_LEAST_0, AT_LEAST_1, check_option
+from mlx_grpo.core.adapters import Adapter
+from mlx_grpo.core.data import encode_prompt
+from mlx_grpo.core.models import check_max_tokens, load_model
+from mlx_grpo.core.values import AT_LEAST_0, AT_LEAST_1, check_option
 
 
 def generate(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from mlx_grpo.reporting import METRICS_FILE, read_log
+from mlx_grpo.core.reporting import METRICS_FILE, read_log
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -24,12 +24,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from mlx_grpo.config import TrainConfig
-from mlx_grpo.distributed import Peers
-from mlx_grpo.lora import adapters_disabled
-from mlx_grpo.objective import LossSettings, Normalizer, grpo_loss, k3_kl
-from mlx_grpo.rollout import RolloutBatch, SamplingSettings
-from mlx_grpo.scoring import Scores, completion_hidden, completion_logprobs
+from mlx_grpo.core.config import TrainConfig
+from mlx_grpo.core.distributed import Peers
+from mlx_grpo.core.logprobs import Scores, completion_hidden, completion_logprobs
+from mlx_grpo.core.lora import adapters_disabled
+from mlx_grpo.core.objective import LossSettings, Normalizer, grpo_loss, k3_kl
+from mlx_grpo.core.rollout import RolloutBatch, SamplingSettings
 
 
 @dataclass

@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from mlx_grpo.files import fsync
+from mlx_grpo.core.files import fsync
 
 MARKER = ".mlx-grpo.json"
 KINDS = {
@@ -56,7 +56,7 @@ def kind_of(folder: str | Path) -> str | None:
 
 def mark(folder: str | Path, kind: str, record_files: bool = False) -> None:
     """Write the marker; `record_files` lists the files now there (they may be replaced)."""
-    from mlx_grpo import __version__
+    from mlx_grpo.core import __version__
 
     assert kind in KINDS, kind
     folder = Path(folder)

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from mlx_grpo.builtin_rewards import completion_text
-from mlx_grpo.rewards import (
+from mlx_grpo.core.builtin_rewards import completion_text
+from mlx_grpo.core.rewards import (
     NOT_CAUGHT,
     STANDARD_ARGUMENTS,
     Reward,

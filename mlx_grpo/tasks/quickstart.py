@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlx_grpo.arithmetic import write_split
-from mlx_grpo.evaluate import evaluate
-from mlx_grpo.export import export_peft
-from mlx_grpo.models import converted_gguf
-from mlx_grpo.outputs import own_folder
-from mlx_grpo.smollm2 import fetch_smollm2_gguf
-from mlx_grpo.trainer import train
+from mlx_grpo.core.models import converted_gguf
+from mlx_grpo.core.outputs import own_folder
+from mlx_grpo.core.trainer import train
+from mlx_grpo.tasks.arithmetic import write_split
+from mlx_grpo.tasks.smollm2 import fetch_smollm2_gguf
+from mlx_grpo.tools.evaluate import evaluate
+from mlx_grpo.tools.export import export_peft
 
 # Chosen on this task with SmolLM2-135M on 2 CPU cores (README: the main job).
 TRAINING: dict[str, Any] = dict(
@@ -130,7 +130,7 @@ def run_quickstart(
 
 
 def _plot(run_dir: Path) -> Path | None:
-    from mlx_grpo.plot import plot_run
+    from mlx_grpo.tools.plot import plot_run
 
     try:
         return plot_run(run_dir)

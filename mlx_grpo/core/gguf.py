@@ -54,8 +54,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_grpo.outputs import build, check_target
-from mlx_grpo.values import is_hub_id
+from mlx_grpo.core.outputs import build, check_target
+from mlx_grpo.core.values import is_hub_id
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -117,7 +117,7 @@ def convert_gguf(
     folder is written beside it and renamed into place (outputs.build).
 
     Example:
-        >>> from mlx_grpo.smollm2 import fetch_smollm2_gguf
+        >>> from mlx_grpo.tasks.smollm2 import fetch_smollm2_gguf
         >>> path = convert_gguf(fetch_smollm2_gguf(), "/tmp/smollm2-135m")
         >>> import mlx_lm; model, tokenizer = mlx_lm.load(str(path))
     """

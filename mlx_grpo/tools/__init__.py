@@ -1,0 +1,1 @@
+"""What users run around training: evaluate, generate, export, plot."""
