@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
-from mlx_grpo.core.config import TrainConfig, field_type
+from mlx_grpo.core.config import DEFAULTS, TrainConfig, field_type, setting
 
 _METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT"}
 
@@ -45,6 +45,28 @@ def _config_options(command: Callable) -> Callable:
             option = click.option(flag, f.name, metavar=metavar, default=None, help=help_text)
         command = option(command)
     return command
+
+
+def _setting_option(name: str, *flags: str, **changes: Any) -> Callable:
+    """An option of eval or generate that means what the training setting `name` means: its
+    help, default and range come from TrainConfig (`changes` may give another default)."""
+    f = setting(name)
+    base, _, _ = field_type(f)
+    default = changes.get("default", getattr(DEFAULTS, name))
+    help_text = f"{f.metadata['help']} [default: {_show(default)}]"
+    if f.metadata.get("allowed") is not None:
+        help_text += f" [{f.metadata['allowed']}]"
+    flag = "--" + name.replace("_", "-")
+    if base is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=default, help=help_text)
+    return click.option(
+        *(flags or (flag,)),
+        name,
+        type=base,
+        metavar=_METAVARS[base],
+        default=default,
+        help=help_text,
+    )
 
 
 def _show(value: Any) -> str:
@@ -202,11 +224,9 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
     multiple=True,
     help="One weight per reward function (default 1). Repeat the flag or separate with commas.",
 )
-@click.option("--prompt-column", default="prompt", show_default=True)
-@click.option("--system-prompt", help="System message for chat models.")
-@click.option(
-    "--enable-thinking/--no-enable-thinking", default=None, help="Qwen3 chat-template switch."
-)
+@_setting_option("prompt_column")
+@_setting_option("system_prompt")
+@_setting_option("enable_thinking")
 @click.option(
     "--samples",
     default=1,
@@ -214,8 +234,10 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
     help="Completions per prompt; more than 1 reports pass@k (needs --temperature).",
 )
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--max-tokens", default=256, show_default=True)
+@_setting_option("top_p")
+@_setting_option("top_k")
+@_setting_option("min_p")
+@_setting_option("max_completion_length", "--max-tokens", "--max-completion-length", default=256)
 @click.option("--batch-size", default=32, show_default=True, help="Sequences decoded together.")
 @click.option(
     "--success-threshold",
@@ -435,32 +457,19 @@ def fuse_cmd(model: str, adapter: str, output: str, dequantize: bool, debug: boo
     type=click.Path(exists=True, file_okay=False),
     help="Run or adapter folder (mlx-lm or PEFT); none = the base model.",
 )
-@click.option("--max-tokens", default=256, show_default=True)
+@_setting_option("max_completion_length", "--max-tokens", "--max-completion-length", default=256)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--system-prompt", help="System message for chat models.")
-@click.option(
-    "--enable-thinking/--no-enable-thinking", default=None, help="Qwen3 chat-template switch."
-)
+@_setting_option("top_p")
+@_setting_option("top_k")
+@_setting_option("min_p")
+@_setting_option("system_prompt")
+@_setting_option("enable_thinking")
 @debug_option
-def generate_cmd(
-    prompt: str,
-    model: str,
-    adapter: str | None,
-    max_tokens: int,
-    temperature: float,
-    system_prompt: str | None,
-    enable_thinking: bool | None,
-    debug: bool,
-) -> None:
+def generate_cmd(prompt: str, model: str, adapter: str | None, debug: bool, **options: Any) -> None:
     """Generate a reply to PROMPT with a model and, optionally, an adapter."""
     from mlx_grpo.tools.generate import generate
 
-    text = _run(
-        lambda: generate(
-            model, prompt, adapter, max_tokens, temperature, system_prompt, enable_thinking
-        ),
-        debug,
-    )
+    text = _run(lambda: generate(model, prompt, adapter, **options), debug)
     click.echo(text)
 
 

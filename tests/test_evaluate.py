@@ -68,7 +68,7 @@ def test_greedy_eval_scores_what_the_model_generates(tiny_model_dir, reward_file
         str(tiny_model_dir),
         str(test),
         [reward_file],
-        max_tokens=6,
+        max_completion_length=6,
         group_by="kind",
         output=out,
         show_progress=False,
@@ -83,7 +83,7 @@ def test_greedy_eval_scores_what_the_model_generates(tiny_model_dir, reward_file
     assert result.summary["add1"]["prompts"] == 3 and result.summary["addsub2"]["prompts"] == 3
     # Batched greedy decoding gives what generating each prompt alone gives.
     first = json.loads(test.read_text().splitlines()[0])["prompt"]
-    alone = generate(str(tiny_model_dir), first, max_tokens=6)
+    alone = generate(str(tiny_model_dir), first, max_completion_length=6)
     assert records[0]["completion"] == alone
 
 
@@ -95,7 +95,7 @@ def test_sampled_eval_reports_pass_at_k(tiny_model_dir, reward_file, tmp_path):
         [reward_file],
         num_samples=4,
         temperature=1.0,
-        max_tokens=4,
+        max_completion_length=4,
         show_progress=False,
     )
     figures = result.summary["all"]
@@ -168,7 +168,11 @@ def test_a_completion_no_reward_scored_has_no_reward_as_in_training(tiny_model_d
     )
     _, test = write_split(tmp_path / "task", 0, 4, seed=1)
     result = evaluate(
-        str(tiny_model_dir), str(test), [f"{path}:odd_only"], max_tokens=2, show_progress=False
+        str(tiny_model_dir),
+        str(test),
+        [f"{path}:odd_only"],
+        max_completion_length=2,
+        show_progress=False,
     )
     rewards = [r["reward"] for r in result.records]
     assert rewards == [None, 2.0, None, 2.0]

@@ -5,6 +5,7 @@ section 1 and TRL's GRPOTrainer (`_compute_loss`, the advantage block of
 `_generate_and_score_completions`); they call nothing from the package.
 """
 
+import dataclasses
 import itertools
 import math
 
@@ -15,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.objective import (
     LossSettings,
     Normalizer,
@@ -25,6 +27,12 @@ from mlx_grpo.core.objective import (
     token_logprobs,
     weighted_rewards,
 )
+
+
+def loss_settings(**changes) -> LossSettings:
+    """The training defaults with `changes`."""
+    return dataclasses.replace(TrainConfig().loss_settings(), **changes)
+
 
 STD_EPS = 1e-4
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -380,7 +388,7 @@ LOSS_CASES = [
 def test_grpo_loss_and_metrics_match_reference(loss_type, level, beta, kl_kind, bias):
     logp, old_logp, ref_logp, logits, ref_logits = micro_batch()
     kl_mx, kl_np = kl_input(kl_kind, logp, ref_logp, logits, ref_logits)
-    settings = LossSettings(
+    settings = loss_settings(
         loss_type=loss_type,
         epsilon_low=EPS_LOW,
         epsilon_high=EPS_HIGH,
@@ -427,12 +435,12 @@ def test_clip_metric_counts_are_the_hand_counted_ones():
     args = (mx32(logp), mx32(old_logp), mx32(ADV), mx32(MASK))
     # Token level, counted from the LOG_RATIO comment: low {row1: -0.5, -0.6},
     # high {row0: 0.5, 0.4, 0.6; row2: 0.6}; the empty row and padding count for nothing.
-    s = LossSettings(epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+    s = loss_settings(epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
     _, stats = grpo_loss(*args, s, normalizer)
     assert [float(stats[k]) for k in ("clip_ratio/low_mean", "clip_ratio/high_mean")] == [2, 4]
     assert float(stats["clip_ratio/region_mean"]) == 6 and float(stats["count"]) == 12
     # Sequence level: row 1 low, row 0 high, out of 4 sequences.
-    s = LossSettings(
+    s = loss_settings(
         epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, importance_sampling_level="sequence"
     )
     _, stats = grpo_loss(*args, s, normalizer)
@@ -448,7 +456,7 @@ def test_grpo_loss_without_kl_when_beta_is_set_is_an_error():
             mx32(old_logp),
             mx32(ADV),
             mx32(MASK),
-            LossSettings(beta=0.1),
+            loss_settings(beta=0.1),
             Normalizer(),
         )
 
@@ -465,7 +473,7 @@ def test_on_policy_gradient_matches_analytic(loss_type, level, bias):
     """old_logp=None: rho = 1 in value, but d rho / d logp = rho (token) or m_t / L (sequence)."""
     logp, _, ref_logp, _, _ = micro_batch()
     beta = 0.1
-    settings = LossSettings(
+    settings = loss_settings(
         loss_type=loss_type,
         epsilon_low=EPS_LOW,
         epsilon_high=EPS_HIGH,
@@ -549,7 +557,7 @@ def test_full_pipeline_gradient_matches_finite_differences(loss_type, level):
     # pi_old: a fixed (stop-gradient) copy of the current log-probs, shifted so that ratios
     # leave the trust region on both sides.
     old_logp = logp0 - LOG_RATIO
-    settings = LossSettings(
+    settings = loss_settings(
         loss_type=loss_type,
         epsilon_low=EPS_LOW,
         epsilon_high=EPS_HIGH,
@@ -585,7 +593,7 @@ def test_full_pipeline_gradient_matches_finite_differences(loss_type, level):
 def test_clipped_tokens_get_no_policy_gradient():
     """beta = 0: only unclipped tokens move; wrong-side tokens (rho 0.74, A > 0) still do."""
     logp, old_logp, *_ = micro_batch()
-    s = LossSettings(loss_type="dapo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+    s = loss_settings(loss_type="dapo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
     n = Normalizer(tokens_in_batch=12.0)
     old, adv, mask = mx32(old_logp), mx32(ADV), mx32(MASK)
     grad = to_np(mx.grad(lambda lp: grpo_loss(lp, old, adv, mask, s, n)[0])(mx32(logp)))
@@ -619,7 +627,7 @@ def two_micro_batches():
 def test_dapo_over_micro_batches_is_one_token_mean_over_the_update():
     masks, logps, olds, advs = two_micro_batches()
     total = float(sum(m.sum() for m in masks))  # 12 + 17 tokens
-    s = LossSettings(loss_type="dapo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+    s = loss_settings(loss_type="dapo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
     split = sum(
         float(
             grpo_loss(
@@ -649,7 +657,7 @@ def test_dapo_over_micro_batches_is_one_token_mean_over_the_update():
 
 def test_grpo_with_two_accumulation_steps_equals_full_batch_mean():
     masks, logps, olds, advs = two_micro_batches()
-    s = LossSettings(loss_type="grpo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+    s = loss_settings(loss_type="grpo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
     halves = sum(
         float(grpo_loss(mx32(lp), mx32(old), mx32(a), mx32(m), s, Normalizer(2))[0])
         for lp, old, a, m in zip(logps, olds, advs, masks, strict=True)

@@ -37,7 +37,7 @@ from mlx_grpo.core.rewards import (
     load_reward,
     load_rewards,
 )
-from mlx_grpo.core.trainer import _logged_metrics
+from mlx_grpo.core.step_rewards import logged_metrics
 from mlx_grpo.tools.evaluate import evaluate
 
 # Written as for TRL: no prompts/completion_ids parameters, keyword-only, async.
@@ -230,7 +230,11 @@ def test_evaluation_passes_the_state_of_a_run_not_started(tiny_model_dir, tmp_pa
     )
     data = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "hi"}, {"prompt": "yo"}])
     result = evaluate(
-        str(tiny_model_dir), str(data), [f"{path}:at_start"], max_tokens=4, show_progress=False
+        str(tiny_model_dir),
+        str(data),
+        [f"{path}:at_start"],
+        max_completion_length=4,
+        show_progress=False,
     )
     assert [r["rewards"]["at_start"] for r in result.records] == [1.0, 1.0]
 
@@ -293,9 +297,9 @@ def test_a_logged_metric_named_like_a_trainer_metric_is_refused():
     logs = RewardLogs(metrics={"loss": [1.0]}, owners={"loss": "mine"})
     run = SimpleNamespace(peers=Peers())
     with pytest.raises(RewardError, match="'mine' logged the metric 'loss'"):
-        _logged_metrics(run, logs, {"loss": 0.5})
+        logged_metrics(run, logs, {"loss": 0.5})
     logs = RewardLogs(metrics={"a": [1.0, 2.0], "b": [4.0]})
-    assert _logged_metrics(run, logs, {"loss": 0.5}) == {"a": 1.5, "b": 4.0}
+    assert logged_metrics(run, logs, {"loss": 0.5}) == {"a": 1.5, "b": 4.0}
 
 
 # --------------------------------------------------------------------------- bad values

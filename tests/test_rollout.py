@@ -6,6 +6,7 @@ The model is a random tiny Qwen3 with a wide init (init_std=0.3), so its next-to
 distributions are peaky and greedy choices are far from ties.
 """
 
+import dataclasses
 import os
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx.core; must come first)
@@ -16,12 +17,20 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 
+from mlx_grpo.core.config import SamplingSettings, TrainConfig
 from mlx_grpo.core.models import load_model
-from mlx_grpo.core.rollout import Noise, SamplingSettings, inverse_cdf, make_draw, rollout
+from mlx_grpo.core.rollout import Noise, inverse_cdf, make_draw, rollout
 from mlx_grpo.tasks.toy import build_tiny_qwen3
 
 PROMPTS = [[10, 20, 30], [5, 6, 7, 8, 9, 11, 12], [40, 41, 42, 43, 44]]  # lengths 3, 7, 5
-GREEDY = SamplingSettings(temperature=0.0, max_tokens=8)
+
+
+def settings(**changes) -> SamplingSettings:
+    """The training defaults with `changes`."""
+    return dataclasses.replace(TrainConfig().sampling(), **changes)
+
+
+GREEDY = settings(temperature=0.0, max_completion_length=8)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +65,7 @@ class RecordingModel:
 def test_rollout_shapes_and_left_padded_prompts(lm):
     prompts = [PROMPTS[0], PROMPTS[1]]  # 3 and 7 tokens
     b, g, max_tokens = len(prompts), 3, 6
-    batch = run(lm, prompts, g, SamplingSettings(temperature=1.0, max_tokens=max_tokens))
+    batch = run(lm, prompts, g, settings(temperature=1.0, max_completion_length=max_tokens))
 
     n, t = batch.completion_ids.shape
     assert n == b * g and t <= max_tokens
@@ -76,7 +85,7 @@ def test_rollout_shapes_and_left_padded_prompts(lm):
 
 def test_mask_is_a_prefix_and_ids_after_it_are_padding(lm):
     # Make a common byte an extra EOS so that sampled rows stop at different points.
-    sampling = SamplingSettings(temperature=1.0, max_tokens=12)
+    sampling = settings(temperature=1.0, max_completion_length=12)
     mx.random.seed(3)
     eos = lm.eos_ids + list(range(0, 256, 3))
     batch = run(lm, PROMPTS, 4, sampling, eos_ids=eos)
@@ -90,7 +99,7 @@ def test_mask_is_a_prefix_and_ids_after_it_are_padding(lm):
         assert mask == [1.0] * length + [0.0] * (len(mask) - length)
         assert ids[length:] == [lm.pad_id] * (len(ids) - length)
         if truncated:
-            assert length == sampling.max_tokens
+            assert length == sampling.max_completion_length
             assert not set(ids[:length]) & set(eos)
         else:
             assert ids[length - 1] in eos
@@ -111,7 +120,7 @@ def test_first_eos_is_kept_and_counted_and_other_rows_run_to_the_limit(lm):
     assert batch.completion_lists()[0][-1] == stop
     assert batch.truncated[0] is False
     assert batch.truncated[1:] == [True, True]
-    assert batch.lengths[1:] == [GREEDY.max_tokens] * 2
+    assert batch.lengths[1:] == [GREEDY.max_completion_length] * 2
     assert batch.completion_ids.tolist()[1:] == rows[1:]
 
 
@@ -124,7 +133,7 @@ def test_greedy_batched_rows_equal_each_prompt_decoded_alone(lm):
     got = batch.completion_lists()
     for i, prompt in enumerate(PROMPTS):
         alone = run(lm, [prompt], 1, GREEDY).completion_lists()[0]
-        assert len(alone) == GREEDY.max_tokens
+        assert len(alone) == GREEDY.max_completion_length
         for j in range(g):
             assert got[i * g + j] == alone, (i, j)
 
@@ -134,7 +143,7 @@ def test_greedy_rollout_matches_mlx_lm_generate_step(lm):
     for prompt in (PROMPTS[0], PROMPTS[1]):
         ours = run(lm, [prompt], 1, GREEDY).completion_lists()[0]
         steps = generate_step(
-            mx.array(prompt), lm.model, max_tokens=GREEDY.max_tokens, sampler=greedy
+            mx.array(prompt), lm.model, max_tokens=GREEDY.max_completion_length, sampler=greedy
         )
         theirs = [int(tok) for tok, _ in steps]
         assert ours == theirs
@@ -143,7 +152,7 @@ def test_greedy_rollout_matches_mlx_lm_generate_step(lm):
 def test_top_k_1_sampling_gives_the_greedy_tokens(lm):
     greedy = run(lm, PROMPTS, 2, GREEDY)
     mx.random.seed(0)
-    top1 = run(lm, PROMPTS, 2, SamplingSettings(temperature=1.0, top_k=1, max_tokens=8))
+    top1 = run(lm, PROMPTS, 2, settings(temperature=1.0, top_k=1, max_completion_length=8))
     assert top1.completion_ids.tolist() == greedy.completion_ids.tolist()
 
 
@@ -156,7 +165,7 @@ def test_group_is_sampled_independently_after_a_single_prefill(lm):
     proxy = RecordingModel(lm.model)
     mx.random.seed(0)
     batch = rollout(
-        proxy, prompts, g, SamplingSettings(temperature=1.0, max_tokens=8), [], lm.pad_id
+        proxy, prompts, g, settings(temperature=1.0, max_completion_length=8), [], lm.pad_id
     )
 
     assert proxy.shapes[0] == (b, p)
@@ -173,7 +182,7 @@ def test_group_is_sampled_independently_after_a_single_prefill(lm):
 def test_sampled_logprobs_equal_a_full_forward_pass_at_temperature(lm):
     temperature = 0.7
     mx.random.seed(1)
-    batch = run(lm, PROMPTS, 2, SamplingSettings(temperature=temperature, max_tokens=8))
+    batch = run(lm, PROMPTS, 2, settings(temperature=temperature, max_completion_length=8))
     completions = batch.completion_lists()
     logprobs = batch.sampled_logprobs.tolist()
     checked = 0
@@ -211,7 +220,7 @@ def softmax(x, t=1.0):
 
 
 def test_sampling_follows_the_tempered_distribution_and_reports_its_log_probs():
-    freq, (tokens, logp) = frequencies(SamplingSettings(temperature=0.7))
+    freq, (tokens, logp) = frequencies(settings(temperature=0.7))
     p = softmax(LOGITS, 0.7)
     # 20,000 draws: a frequency's standard error is at most 0.0035.
     np.testing.assert_allclose(freq, p, atol=0.015)
@@ -221,9 +230,9 @@ def test_sampling_follows_the_tempered_distribution_and_reports_its_log_probs():
 @pytest.mark.parametrize(
     "sampling, kept",
     [
-        (SamplingSettings(top_k=2), [0, 5]),
-        (SamplingSettings(top_p=0.6), [0, 5]),  # p = .42, .25, .15, ...: the top two pass 0.6
-        (SamplingSettings(min_p=0.3), [0, 1, 5]),  # p >= 0.3 * p_max
+        (settings(top_k=2), [0, 5]),
+        (settings(top_p=0.6), [0, 5]),  # p = .42, .25, .15, ...: the top two pass 0.6
+        (settings(min_p=0.3), [0, 1, 5]),  # p >= 0.3 * p_max
     ],
 )
 def test_filters_keep_only_their_tokens_renormalised_and_log_probs_stay_unfiltered(sampling, kept):
@@ -269,7 +278,7 @@ def test_greedy_decoding_is_the_same_with_and_without_split_matmuls(lm, monkeypa
 def test_a_split_batch_samples_what_the_whole_batch_samples(lm):
     # What a data-parallel run relies on: each process rolls out its share of the
     # step's prompts and must draw the completions one process would draw.
-    g, sampling = 3, SamplingSettings(temperature=1.0, max_tokens=8)
+    g, sampling = 3, settings(temperature=1.0, max_completion_length=8)
     whole = rollout(lm.model, PROMPTS, g, sampling, lm.eos_ids, lm.pad_id, Noise(seed=11))
     total = len(PROMPTS) * g
     for b, prompt in enumerate(PROMPTS):

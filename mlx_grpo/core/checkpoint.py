@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
 from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
 from mlx_grpo.core.config import TrainConfig, resolve
@@ -83,16 +82,6 @@ class Snapshot:
     adapter: Adapter
     optimizer: dict[str, mx.array]  # flattened optimizer state
     state: dict[str, Any]  # JSON-ready: data order, RNG key, metrics, config, ...
-
-
-def take_rng() -> list[int]:
-    """The global MLX random key, as two integers."""
-    return [int(v) for v in mx.random.state[0].tolist()]
-
-
-def restore_rng(key: list[int]) -> None:
-    """Set the global MLX random key back to one `take_rng` returned."""
-    mx.random.seed((int(key[0]) << 32) | int(key[1]))
 
 
 def path(run_dir: str | Path, step: int) -> Path:
@@ -413,14 +402,3 @@ def _complete(root: Path) -> list[Path]:
         if _STEP_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
     ]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
-
-
-def order_state(rng: np.random.Generator) -> dict[str, Any]:
-    """A NumPy generator's state, JSON-ready."""
-    return rng.bit_generator.state
-
-
-def order_from_state(state: dict[str, Any]) -> np.random.Generator:
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state
-    return rng

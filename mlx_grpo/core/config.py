@@ -30,6 +30,7 @@ from mlx_grpo.core.objective import (
     KL_ESTIMATORS,
     LOSS_TYPES,
     SCALE_REWARDS,
+    LossSettings,
 )
 from mlx_grpo.core.values import (
     AT_LEAST_0,
@@ -42,6 +43,7 @@ from mlx_grpo.core.values import (
     SHARE,
     Range,
     SettingError,
+    check_option,
     shown,
 )
 
@@ -59,6 +61,22 @@ def _opt(
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are sampled (TrainConfig.sampling builds them for training)."""
+
+    temperature: float  # 0 = greedy
+    top_p: float  # 1 = off
+    top_k: int  # 0 = off
+    min_p: float  # 0 = off
+    max_completion_length: int
+
+    @property
+    def logprob_temperature(self) -> float:
+        # Greedy decoding has no sampling temperature; score at 1.
+        return self.temperature if self.temperature > 0 else 1.0
 
 
 @dataclass
@@ -228,6 +246,25 @@ class TrainConfig:
     def lora_scale(self) -> float:
         return lora_scale(self.lora_alpha, self.lora_rank, self.use_rslora)
 
+    def sampling(self) -> SamplingSettings:
+        """How the rollout samples completions."""
+        return SamplingSettings(
+            self.temperature, self.top_p, self.top_k, self.min_p, self.max_completion_length
+        )
+
+    def loss_settings(self) -> LossSettings:
+        """What the objective needs to know of the run."""
+        return LossSettings(
+            loss_type=self.loss_type,
+            epsilon_low=self.epsilon,
+            epsilon_high=self.epsilon_upper,
+            beta=self.beta,
+            importance_sampling_level=self.importance_sampling_level,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            max_completion_length=self.max_completion_length,
+            kl_estimator=self.kl_estimator,
+        )
+
     def validate(self) -> None:
         """Check choices, ranges and the settings that constrain each other.
 
@@ -303,6 +340,21 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+DEFAULTS = TrainConfig()  # the trainer's defaults, for the tools that share its options
+
+
+def setting(name: str) -> dataclasses.Field:
+    """TrainConfig's field `name`: its default, help text (`metadata["help"]`) and range."""
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+def check_setting(name: str, value: Any, flag: str) -> None:
+    """Refuse `value` for the setting `name` outside the range TrainConfig allows for it."""
+    allowed = setting(name).metadata.get("allowed")
+    if allowed is not None:
+        check_option(flag, value, allowed)
 
 
 def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:

@@ -74,6 +74,11 @@ class Peers:
     def label(self) -> str:
         return f"process {self.rank} of {self.size}"
 
+    def part(self, n: int) -> slice:
+        """This process's share of `n` items split evenly in rank order."""
+        share = n // self.size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
     # ---------------------------------------------------------------- collectives
 
     def sum(self, arrays: dict[str, mx.array], what: str) -> dict[str, mx.array]:

@@ -114,12 +114,12 @@ def fingerprint(model: str) -> str | None:
     return digest.hexdigest()
 
 
-def check_max_tokens(lm: LoadedModel, max_tokens: int, flag: str = "--max-tokens") -> None:
+def check_completion_length(lm: LoadedModel, length: int, flag: str) -> None:
     """Refuse a completion length that leaves no room for a prompt in the model's context."""
     context = lm.config.get("max_position_embeddings")
-    if context is not None and max_tokens >= context:
+    if context is not None and length >= context:
         raise ValueError(
-            f"{flag} {max_tokens} does not fit the model's context of {context} tokens "
+            f"{flag} {length} does not fit the model's context of {context} tokens "
             f"(max_position_embeddings of {lm.path}); pass {flag} below {context}."
         )
 

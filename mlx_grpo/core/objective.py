@@ -141,14 +141,17 @@ def k3_kl(logp: mx.array, ref_logp: mx.array) -> mx.array:
 
 @dataclass(frozen=True)
 class LossSettings:
-    loss_type: str = "dapo"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    beta: float = 0.0
-    importance_sampling_level: str = "token"
-    use_bias_correction_kl: bool = True
-    max_completion_length: int = 512
-    kl_estimator: str = "k3"  # the ratio correction applies to k3 samples only
+    """The run's loss settings (TrainConfig.loss_settings builds them; its fields hold the
+    defaults)."""
+
+    loss_type: str
+    epsilon_low: float
+    epsilon_high: float
+    beta: float
+    importance_sampling_level: str
+    use_bias_correction_kl: bool
+    max_completion_length: int
+    kl_estimator: str  # the ratio correction applies to k3 samples only
 
 
 @dataclass(frozen=True)

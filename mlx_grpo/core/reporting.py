@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
@@ -241,3 +243,53 @@ def length_metrics(lengths: list[int], truncated: list[bool]) -> dict[str, float
         "completions/clipped_ratio": float(truncated.mean()),
         "completions/mean_terminated_length": float(terminated.mean()) if terminated.size else 0.0,
     }
+
+
+class PhaseTimer:
+    """Seconds and peak memory of a step's phases, as `time/<phase>` and `memory/<phase>_gb`."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        mx.reset_peak_memory()  # so the peak is this phase's
+        started = time.perf_counter()
+        yield
+        self.times[f"time/{name}"] = time.perf_counter() - started
+        self.peaks[f"memory/{name}_gb"] = mx.get_peak_memory() / 1e9
+
+    def metrics(self, completion_tokens: int) -> dict[str, float]:
+        """The step's timing and memory metrics; `time/step` includes any wait for other
+        processes."""
+        return {
+            "tokens_per_second": completion_tokens / max(self.times["time/rollout"], 1e-9),
+            **self.times,
+            "time/step": time.perf_counter() - self.start,
+            "peak_memory_gb": max(self.peaks.values()),
+            **self.peaks,
+        }
+
+
+def sample_records(
+    prompt: Any,
+    texts: list[str],
+    names: list[str],
+    per_func: np.ndarray,
+    advantages: np.ndarray,
+    extra: dict[str, list[Any]],
+) -> list[dict[str, Any]]:
+    """completions.jsonl records of one group: its prompt, completions, rewards, advantages
+    and the columns reward functions added with `log_extra`."""
+    return [
+        {
+            "prompt": prompt,
+            "completion": text,
+            "rewards": {name: _clean(float(per_func[i, k])) for k, name in enumerate(names)},
+            "advantage": float(advantages[i]),
+            **{column: values[i] for column, values in extra.items()},
+        }
+        for i, text in enumerate(texts)
+    ]

@@ -24,22 +24,9 @@ import mlx.nn as nn
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from mlx_grpo.core.backend import blas_threads, cpu_only
+from mlx_grpo.core.config import SamplingSettings
 from mlx_grpo.core.lora import SMALL_MATMUL_ROWS, split_matmul, split_small_matmuls
 from mlx_grpo.core.models import RolloutCache, head_and_body, left_pad
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    max_tokens: int = 512
-
-    @property
-    def logprob_temperature(self) -> float:
-        # Greedy decoding has no sampling temperature; score at 1.
-        return self.temperature if self.temperature > 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +56,7 @@ class RolloutBatch:
     completion_ids: mx.array  # (N, T) int32, pad after the first EOS
     completion_mask: mx.array  # (N, T) float32, 1 up to and including the first EOS
     sampled_logprobs: mx.array  # (N, T) float32, log pi(token) while sampling, at temperature
-    truncated: list[bool]  # no EOS within max_tokens
+    truncated: list[bool]  # no EOS within max_completion_length
 
     @property
     def tokens(self) -> mx.array:
@@ -100,7 +87,8 @@ def rollout(
     `noise` defaults to a fresh seed from MLX's global random stream.
 
     Example:
-        >>> batch = rollout(model, [tok.encode("2+2=")], 4, SamplingSettings(max_tokens=8),
+        >>> sampling = TrainConfig(max_completion_length=8).sampling()
+        >>> batch = rollout(model, [tok.encode("2+2=")], 4, sampling,
         ...                 eos_ids=[tok.eos_token_id], pad_id=0)
         >>> batch.completion_ids.shape
         (4, 8)
@@ -110,7 +98,7 @@ def rollout(
     cache = [RolloutCache(padding.tolist()) for _ in model.layers]
     logits = model(tokens, cache=cache)[:, -1, :]  # (B, V): one prefill per prompt
     for c in cache:
-        c.repeat(g, room=sampling.max_tokens)
+        c.repeat(g, room=sampling.max_completion_length)
     logits = mx.repeat(logits, g, axis=0)  # (B*G, V)
 
     draw = make_draw(sampling)
@@ -123,7 +111,7 @@ def rollout(
     streams = decode_streams(n)
     step_fn = decode_step(model, streams)
     with split_small_matmuls(streams), blas_threads(1 if streams else None):
-        for step in range(sampling.max_tokens):
+        for step in range(sampling.max_completion_length):
             key, sub = mx.random.split(key)
             u = mx.random.uniform(shape=(rows, 1), key=sub)[noise.first_row : noise.first_row + n]
             token, token_logp = draw(logits, u)
@@ -133,7 +121,7 @@ def rollout(
             steps_logp.append(mx.where(live, token_logp, 0.0))
             done = done | (token[:, None] == eos[None]).any(axis=1)
             mx.eval(done, steps_ids[-1], steps_logp[-1])
-            if step + 1 == sampling.max_tokens or done.all().item():
+            if step + 1 == sampling.max_completion_length or done.all().item():
                 break
             logits = step_fn(token[:, None], cache)
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_grpo.core import __version__, checkpoint, models, outputs, runfolder
@@ -31,6 +30,7 @@ from mlx_grpo.core.lora import apply_lora, parse_layers, total_count, trainable_
 from mlx_grpo.core.models import LoadedModel, checkpoint_blocks, load_model
 from mlx_grpo.core.reporting import CONFIG_FILE, check_logs, rewrite_logs
 from mlx_grpo.core.runfolder import LOCK_FILE, RunLock
+from mlx_grpo.core.state import RunState
 
 
 @dataclass
@@ -44,13 +44,7 @@ class Run:
     rows: list[data_mod.PromptRow]
     optimizer: optim.Optimizer
     output_dir: Path
-    order: np.random.Generator
-    queue: list[int] = field(default_factory=list)
-    epoch: int = 0
-    num_tokens: int = 0
-    bad_updates: int = 0  # updates skipped in a row for non-finite values
-    step: int = 0  # steps completed
-    history: list[dict[str, Any]] = field(default_factory=list)  # metrics, JSON-ready
+    state: RunState  # where the run stands: what a checkpoint restores
     saved_step: int = 0  # step of the newest checkpoint on disk
     resume_notes: list[str] = field(default_factory=list)  # checkpoints not used, and why, ...
     model_fingerprint: str | None = None  # of the local model folder, taken once at setup
@@ -74,14 +68,16 @@ def snapshot(run: Run) -> checkpoint.Snapshot:
         run.lm.model, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, base_model=cfg.model
     )
     state = {
-        **progress(run),
+        **run.state.to_json(),
         "rewards": [r.name for r in run.rewards],
         "model_sha256": run.model_fingerprint,
         "data": run.data_fingerprint,
         "processes": run.peers.size,
         "config": cfg.to_dict(),
     }
-    return checkpoint.Snapshot(run.step, adapter, dict(tree_flatten(run.optimizer.state)), state)
+    return checkpoint.Snapshot(
+        run.state.step, adapter, dict(tree_flatten(run.optimizer.state)), state
+    )
 
 
 def restore(run: Run, saved: checkpoint.Loaded) -> None:
@@ -94,8 +90,8 @@ def restore(run: Run, saved: checkpoint.Loaded) -> None:
     run.lm.model.update(tree_unflatten(list(weights.items())))
     run.optimizer.state = tree_unflatten(list(saved.optimizer.items()))
     mx.eval(run.lm.model.parameters(), run.optimizer.state)
-    set_progress(run, state)
-    run.saved_step = run.step
+    run.state = RunState.from_json(state)
+    run.saved_step = run.state.step
     run.resume_notes = [f"not used: {why}" for why in saved.skipped]
     before = state.get("processes", 1)
     if before != run.peers.size:
@@ -104,7 +100,7 @@ def restore(run: Run, saved: checkpoint.Loaded) -> None:
             f"{run.peers.size} x {run.cfg.prompts_per_step} prompts (it continues, but not "
             "as the original run would have)"
         )
-    run.resume_notes += rewrite_logs(run.output_dir, run.history, run.step)
+    run.resume_notes += rewrite_logs(run.output_dir, run.state.history, run.state.step)
     checkpoint.tidy(run.output_dir, run.cfg.save_total_limit, saved.path)
 
 
@@ -204,7 +200,7 @@ def _load(
         bias_correction=True,  # as torch.optim.AdamW
     )
     optimizer.init(lm.model.trainable_parameters())  # so a checkpoint before step 1 has it
-    run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, np.random.default_rng(cfg.seed))
+    run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, RunState.start(cfg.seed))
     run.model_fingerprint, run.data_fingerprint, run.peers = model_sha256, data, peers
     peers.check_same(
         {
@@ -352,30 +348,7 @@ def share_state(run: Run) -> None:
     moments = peers.broadcast(dict(tree_flatten(run.optimizer.state)), "the optimizer state")
     run.optimizer.state = tree_unflatten(list(moments.items()))
     mx.eval(model.parameters(), run.optimizer.state)
-    set_progress(run, peers.broadcast_json(progress(run), "the run's state"))
-
-
-def progress(run: Run) -> dict[str, Any]:
-    """Where the run stands, JSON-ready: the one place these checkpoint keys are spelled."""
-    return {
-        "step": run.step,
-        "epoch": run.epoch,
-        "queue": list(run.queue),
-        "order": checkpoint.order_state(run.order),
-        "rng": checkpoint.take_rng(),
-        "num_tokens": run.num_tokens,
-        "bad_updates": run.bad_updates,
-        "metrics": list(run.history),
-    }
-
-
-def set_progress(run: Run, state: dict[str, Any]) -> None:
-    """Put `progress`'s record back into `run` (the global MLX random key too)."""
-    run.step, run.epoch, run.queue = state["step"], state["epoch"], list(state["queue"])
-    run.order = checkpoint.order_from_state(state["order"])
-    run.num_tokens, run.bad_updates = state["num_tokens"], state["bad_updates"]
-    run.history = list(state["metrics"])
-    checkpoint.restore_rng(state["rng"])
+    run.state = RunState.from_json(peers.broadcast_json(run.state.to_json(), "the run's state"))
 
 
 def _adopt_adapter_shape(cfg: TrainConfig, adapter: Adapter) -> None:
@@ -404,12 +377,7 @@ def summary(run: Run) -> str:
     )
 
 
-def next_prompts(run: Run) -> list[data_mod.PromptRow]:
-    """The next B prompts of a seeded shuffle, reshuffled every epoch (N x B for N processes)."""
-    picked = []
-    while len(picked) < run.cfg.prompts_per_step * run.peers.size:
-        if not run.queue:
-            run.queue = run.order.permutation(len(run.rows)).tolist()
-            run.epoch += 1
-        picked.append(run.rows[run.queue.pop(0)])
-    return picked
+def resume_command(run: Run) -> str:
+    """The command that continues this run."""
+    command = f"mlx-grpo train --resume {run.output_dir}"
+    return command if run.peers.size == 1 else f"mlx.launch <same hosts> -- {command}"

@@ -12,8 +12,6 @@ over several processes are described in distributed.py.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,26 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
-from tqdm import tqdm
 
-from mlx_grpo.core import checkpoint, reward_calls
-from mlx_grpo.core import rewards as rewards_mod
+from mlx_grpo.core import checkpoint
 from mlx_grpo.core.adapters import Adapter
 from mlx_grpo.core.config import TrainConfig, resolve
 from mlx_grpo.core.distributed import PeerLost, connect
 from mlx_grpo.core.interrupts import Interrupted, finishing, stop_on_signals
 from mlx_grpo.core.objective import group_advantages
 from mlx_grpo.core.reporting import (
-    REWARD_ERRORS_FILE,
+    PhaseTimer,
     Reporter,
     clean_record,
     length_metrics,
     reward_metrics,
+    sample_records,
 )
-from mlx_grpo.core.rollout import Noise, SamplingSettings, rollout
-from mlx_grpo.core.runfolder import DiskFull, disk_full, is_disk_full, open_append
-from mlx_grpo.core.setup import Run, next_prompts, setup, snapshot, summary
+from mlx_grpo.core.rollout import Noise, rollout
+from mlx_grpo.core.runfolder import DiskFull
+from mlx_grpo.core.setup import Run, resume_command, setup, snapshot, summary
+from mlx_grpo.core.step_rewards import logged_metrics, score_rollout, trainer_state
 from mlx_grpo.core.update import lr_at, micro_batches, optimise
 
 
@@ -104,7 +101,9 @@ def train(
     try:  # the run folder stays locked until here
         # A time limit makes the step count unknown: show elapsed time and rate instead.
         total = None if cfg.max_minutes else cfg.max_steps
-        reporter = Reporter(run.output_dir, total, show_progress, run.step, enabled=peers.main)
+        reporter = Reporter(
+            run.output_dir, total, show_progress, run.state.step, enabled=peers.main
+        )
         reporter.write(summary(run))
         if resume is not None:
             reporter.write(_resumed(run))
@@ -116,7 +115,7 @@ def train(
             peers.on_timeout = None
     finally:
         run.release()
-    return TrainResult(run.output_dir, run.history, peers.rank)
+    return TrainResult(run.output_dir, run.state.history, peers.rank)
 
 
 def _settings(
@@ -142,21 +141,15 @@ def _loop(run: Run, reporter: Reporter) -> None:
     run.peers.on_timeout = lambda: _save_checkpoint(run, run.last)
     started = time.perf_counter()
     try:
-        for step in range(run.step, cfg.max_steps):
+        for step in range(run.state.step, cfg.max_steps):
             metrics, samples = train_step(run, step)
             run.last = snapshot(run)  # before the logs show the step, so a save includes it
             reporter.log(metrics)
             if step % cfg.logging_steps == 0:
                 reporter.samples(step + 1, samples)
-            if cfg.save_steps and run.step % cfg.save_steps == 0:
+            if cfg.save_steps and run.state.step % cfg.save_steps == 0:
                 _save_checkpoint(run, run.last)
-            if run.bad_updates >= cfg.max_nonfinite_updates:
-                raise TrainingStopped(
-                    f"{run.bad_updates} updates in a row had a NaN or Inf loss or gradient "
-                    f"(up to step {run.step}); none was applied, so the adapter holds its last "
-                    "finite weights. Lower learning_rate, check the rewards and data for extreme "
-                    f"values, then continue with `mlx-grpo train --resume {run.output_dir}`."
-                )
+            _check_finite(run)
             out_of_time = cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes
             if cfg.max_minutes and run.peers.any(bool(out_of_time), "the time limit"):
                 reporter.write(f"stopping after {step + 1} steps: {cfg.max_minutes:g} minutes")
@@ -168,7 +161,7 @@ def _loop(run: Run, reporter: Reporter) -> None:
         where = _save_checkpoint(run, run.last)
         raise TrainingInterrupted(
             f"{exc} received: stopped after step {run.last.step}; {where}. "
-            f"Resume with: {_resume_command(run)}",
+            f"Resume with: {resume_command(run)}",
             exc.exit_code,
         ) from None
     except PeerLost as exc:
@@ -176,7 +169,7 @@ def _loop(run: Run, reporter: Reporter) -> None:
             where = _save_checkpoint(run, run.last)
         raise TrainingStopped(
             f"{exc} Stopped after step {run.last.step}; {where}. Once every process can run "
-            f"again, resume with: {_resume_command(run)}"
+            f"again, resume with: {resume_command(run)}"
         ) from None
     except BaseException:
         with finishing():
@@ -184,9 +177,16 @@ def _loop(run: Run, reporter: Reporter) -> None:
         raise
 
 
-def _resume_command(run: Run) -> str:
-    command = f"mlx-grpo train --resume {run.output_dir}"
-    return command if run.peers.size == 1 else f"mlx.launch <same hosts> -- {command}"
+def _check_finite(run: Run) -> None:
+    """Stop a run whose last `max_nonfinite_updates` updates were all skipped."""
+    if run.state.bad_updates < run.cfg.max_nonfinite_updates:
+        return
+    raise TrainingStopped(
+        f"{run.state.bad_updates} updates in a row had a NaN or Inf loss or gradient (up to "
+        f"step {run.state.step}); none was applied, so the adapter holds its last finite "
+        "weights. Lower learning_rate, check the rewards and data for extreme values, then "
+        f"continue with `mlx-grpo train --resume {run.output_dir}`."
+    )
 
 
 def _save_checkpoint(run: Run, snap: checkpoint.Snapshot) -> str:
@@ -212,192 +212,62 @@ def _save_checkpoint(run: Run, snap: checkpoint.Snapshot) -> str:
 
 def _resumed(run: Run) -> str:
     notes = "".join(f"\n  {note}" for note in run.resume_notes)
-    return f"resumed at step {run.step} from {checkpoint.path(run.output_dir, run.step)}{notes}"
+    where = checkpoint.path(run.output_dir, run.state.step)
+    return f"resumed at step {run.state.step} from {where}{notes}"
 
 
 def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One rollout and its mu updates; returns the step's metrics and samples.
+    """One step: rollout -> rewards -> advantages -> update -> log.
 
-    In a distributed run this process rolls out and trains on its share of
-    the step's prompts; rewards are gathered, so advantages and metrics are
-    the whole step's.
+    Returns the step's metrics and the completions of its first group. In a
+    distributed run this process rolls out and trains on its share of the
+    step's prompts; rewards are gathered, so advantages and metrics are the
+    whole step's.
     """
-    cfg, model, peers = run.cfg, run.lm.model, run.peers
-    g, b = cfg.num_generations, cfg.prompts_per_step
-    state = _trainer_state(run)  # before this step's prompts are taken
-    every_row = next_prompts(run)
-    rows = every_row[peers.rank * b : (peers.rank + 1) * b]
-    mx.reset_peak_memory()  # so peak_memory_gb is this step's peak
-    t0 = time.perf_counter()
-    model.eval()
-    sampling = SamplingSettings(
-        cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.max_completion_length
-    )
-    batch = rollout(
-        model,
-        [r.prompt_ids for r in rows],
-        g,
-        sampling,
-        run.lm.eos_ids,
-        run.lm.pad_id,
-        Noise.fresh(peers.rank * b * g, len(every_row) * g),
-    )
-    t_rollout = time.perf_counter() - t0
-    peaks = {"memory/rollout_gb": mx.get_peak_memory() / 1e9}
+    cfg, model, peers, g = run.cfg, run.lm.model, run.peers, run.cfg.num_generations
+    state = trainer_state(run)  # what reward functions see: before this step's prompts
+    taken = run.state.take_prompts(len(run.rows), cfg.prompts_per_step * peers.size)
+    every_row = [run.rows[i] for i in taken]
+    rows, mine = every_row[peers.part(len(every_row))], peers.part(len(every_row) * g)
+    timer = PhaseTimer()
+    with timer.phase("rollout"):
+        model.eval()
+        prompts = [r.prompt_ids for r in rows]
+        noise = Noise.fresh(mine.start, len(every_row) * g)
+        batch = rollout(model, prompts, g, cfg.sampling(), run.lm.eos_ids, run.lm.pad_id, noise)
+    scored = score_rollout(run, step, rows, batch, state)
+    adv = group_advantages(scored.per_func, scored.weights, g, cfg.scale_rewards)
+    with timer.phase("reference"):
+        micro = micro_batches(model, batch, mx.array(adv.advantages[mine]), cfg)
+    with timer.phase("update"):
+        update = optimise(model, run.optimizer, micro, cfg, lr_at(step, cfg), peers)
+    run.state.count_updates(update.applied)
 
-    ids = batch.completion_lists()
-    texts = [run.lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
-    errors: list[dict[str, Any]] = []
-    logged = reward_calls.RewardLogs()
-    per_func = reward_calls.score_groups(
-        run.rewards,
-        rows,
-        g,
-        texts,
-        ids,
-        cfg.on_reward_error,
-        _reward_error_log(run, step, errors),
-        state=state,
-        logs=logged,
-    )
-    _write_reward_errors(run, errors)
-    # Rewards, lengths and truncation of every process's rows, in rank order (exact bytes).
-    local = np.column_stack([per_func, batch.lengths, batch.truncated]).astype(np.float64)
-    every = peers.gather(local, "the rewards")
-    per_func, lengths, truncated = every[:, :-2], every[:, -2], every[:, -1].astype(bool)
-    weights = np.array([r.weight for r in run.rewards], dtype=np.float32)
-    adv = group_advantages(per_func, weights, g, cfg.scale_rewards)
-    mine = slice(peers.rank * b * g, (peers.rank + 1) * b * g)
-
-    t1 = time.perf_counter()
-    mx.reset_peak_memory()
-    micro = micro_batches(model, batch, mx.array(adv.advantages[mine]), cfg)
-    t_reference = time.perf_counter() - t1
-    peaks["memory/reference_gb"] = mx.get_peak_memory() / 1e9
-
-    t2 = time.perf_counter()
-    mx.reset_peak_memory()
-    update = optimise(model, run.optimizer, micro, cfg, lr_at(step, cfg), peers)
-    for applied in update.applied:
-        run.bad_updates = 0 if applied else run.bad_updates + 1
-    t_update = time.perf_counter() - t2
-    peaks["memory/update_gb"] = mx.get_peak_memory() / 1e9
-
-    n_completion = int(lengths.sum())
-    run.num_tokens += n_completion + g * sum(len(r.prompt_ids) for r in every_row)
+    completion_tokens = int(scored.lengths.sum())
+    run.state.num_tokens += completion_tokens + g * sum(len(r.prompt_ids) for r in every_row)
+    names = [r.name for r in run.rewards]
     metrics = {
         "step": step + 1,
-        "epoch": run.epoch,
-        **reward_metrics([r.name for r in run.rewards], per_func, adv),
-        **length_metrics(lengths.astype(int).tolist(), truncated.tolist()),
+        "epoch": run.state.epoch,
+        **reward_metrics(names, scored.per_func, adv),
+        **length_metrics(scored.lengths.astype(int).tolist(), scored.truncated.tolist()),
         **update.metrics,
-        "num_tokens": run.num_tokens,
-        "tokens_per_second": n_completion / max(t_rollout, 1e-9),
-        "time/rollout": t_rollout,
-        "time/reference": t_reference,
-        "time/update": t_update,
-        "time/step": time.perf_counter() - t0,  # with any wait for the other processes
-        "peak_memory_gb": max(peaks.values()),
-        **peaks,
+        "num_tokens": run.state.num_tokens,
+        **timer.metrics(completion_tokens),
     }
-    metrics |= _logged_metrics(run, logged, metrics)
-    run.step = step + 1
-    run.history.append(clean_record(metrics))
-    samples = [
-        {
-            "prompt": rows[i // g].prompt,
-            "completion": texts[i],
-            "rewards": {
-                r.name: reward_calls.optional_float(per_func[i, k])
-                for k, r in enumerate(run.rewards)
-            },
-            "advantage": float(adv.advantages[i]),
-            **{column: values[i] for column, values in logged.extra.items()},
-        }
-        for i in range(g)
-    ]
-    return metrics, samples
-
-
-def _trainer_state(run: Run) -> reward_calls.TrainerState:
-    """What reward functions see as `trainer_state` during the next step."""
-    return reward_calls.TrainerState(
-        global_step=run.step,
-        max_steps=run.cfg.max_steps,
-        epoch=run.epoch - len(run.queue) / len(run.rows),  # the share of the data used so far
-        num_input_tokens_seen=run.num_tokens,
-        is_world_process_zero=run.peers.main,
+    metrics |= logged_metrics(run, scored.logged, metrics)
+    run.state.step = step + 1
+    run.state.history.append(clean_record(metrics))
+    first = slice(0, g)
+    samples = sample_records(
+        rows[0].prompt,
+        scored.texts[first],
+        names,
+        scored.per_func[first],
+        adv.advantages[first],
+        {column: values[first] for column, values in scored.logged.extra.items()},
     )
-
-
-def _logged_metrics(
-    run: Run, logged: reward_calls.RewardLogs, metrics: dict[str, Any]
-) -> dict[str, float]:
-    """The step's `log_metric` values, each name's mean over every process's calls."""
-    local = {name: [sum(values), len(values)] for name, values in logged.metrics.items()}
-    totals: dict[str, list[float]] = {}
-    for part in run.peers.gather_json(local, "the metrics logged by reward functions"):
-        for name, (total, count) in part.items():
-            totals.setdefault(name, [0.0, 0])
-            totals[name][0] += total
-            totals[name][1] += count
-    for name in totals:
-        if name in metrics:
-            owner = logged.owners.get(name, "a reward function")
-            raise rewards_mod.RewardError(
-                f"reward function {owner!r} logged the metric {name!r}, which the trainer "
-                "writes itself; give log_metric another name (e.g. with a prefix)."
-            )
-    return {name: total / count for name, (total, count) in sorted(totals.items())}
-
-
-def _reward_error_log(
-    run: Run, step: int, records: list[dict[str, Any]]
-) -> Callable[[dict[str, Any]], None]:
-    """Collect a reward failure for reward_errors.jsonl and say so on the console.
-
-    With on_reward_error=raise the record is written at once: the run stops.
-    """
-
-    def log(record: dict[str, Any]) -> None:
-        record = {"step": step + 1, **record}
-        if record["action"] == "raise":
-            _append_reward_errors(run, [record])
-        else:
-            records.append(record)
-        action = {"raise": "stopping", "zero": "scored 0", "skip": "left unscored"}
-        where = "" if run.peers.size == 1 else f"{run.peers.label()}: "
-        tqdm.write(
-            f"{where}reward {record['function']} failed on {record['row']} at step {step + 1} "
-            f"({record['error']}); {action[record['action']]}. Details in "
-            f"{run.output_dir / REWARD_ERRORS_FILE}",
-            file=sys.stderr,
-        )
-
-    return log
-
-
-def _write_reward_errors(run: Run, records: list[dict[str, Any]]) -> None:
-    """Log this step's reward failures of every process (zero/skip modes)."""
-    if run.peers.size > 1 and run.cfg.on_reward_error != "raise":
-        every = run.peers.gather_json(records, "the reward errors")
-        records = [r for part in every for r in part]
-    _append_reward_errors(run, records)
-
-
-def _append_reward_errors(run: Run, records: list[dict[str, Any]]) -> None:
-    if not (run.peers.main and records):
-        return
-    path = run.output_dir / REWARD_ERRORS_FILE
-    try:
-        with open_append(path) as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    except OSError as exc:
-        if not is_disk_full(exc):
-            raise
-        what = f"the reward errors of step {records[0]['step']}"
-        then = f"continue with: {_resume_command(run)}"
-        raise disk_full(what, path, "The checkpoints already written are intact.", then) from None
+    return metrics, samples
 
 
 def _save(run: Run) -> Path:

@@ -29,7 +29,7 @@ from mlx_grpo.core.distributed import Peers
 from mlx_grpo.core.logprobs import Scores, completion_hidden, completion_logprobs
 from mlx_grpo.core.lora import adapters_disabled
 from mlx_grpo.core.objective import LossSettings, Normalizer, grpo_loss, k3_kl
-from mlx_grpo.core.rollout import RolloutBatch, SamplingSettings
+from mlx_grpo.core.rollout import RolloutBatch
 
 
 @dataclass
@@ -113,7 +113,7 @@ def computes_in_float32(model: nn.Module) -> bool:
 def _score(
     model: nn.Module, mb: MicroBatch, cfg: TrainConfig, ref_hidden=None, no_grad=False
 ) -> Scores:
-    temperature = SamplingSettings(cfg.temperature).logprob_temperature
+    temperature = cfg.sampling().logprob_temperature
     return completion_logprobs(
         model,
         mb.prompt_tokens,
@@ -127,23 +127,17 @@ def _score(
 
 
 def micro_loss(
-    model: nn.Module, mb: MicroBatch, cfg: TrainConfig, normalizer: Normalizer
+    model: nn.Module,
+    mb: MicroBatch,
+    cfg: TrainConfig,
+    settings: LossSettings,
+    normalizer: Normalizer,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     exact = cfg.beta != 0.0 and cfg.kl_estimator == "exact"
     scores = _score(model, mb, cfg, ref_hidden=mb.ref if exact else None)
     kl = None
     if cfg.beta != 0.0:
         kl = scores.kl if exact else k3_kl(scores.logp, mb.ref)
-    settings = LossSettings(
-        loss_type=cfg.loss_type,
-        epsilon_low=cfg.epsilon,
-        epsilon_high=cfg.epsilon_upper,
-        beta=cfg.beta,
-        importance_sampling_level=cfg.importance_sampling_level,
-        use_bias_correction_kl=cfg.use_bias_correction_kl,
-        max_completion_length=cfg.max_completion_length,
-        kl_estimator=cfg.kl_estimator,
-    )
     loss, stats = grpo_loss(
         scores.logp, mb.old_logp, mb.advantages, mb.mask, settings, normalizer, kl
     )
@@ -173,7 +167,10 @@ def optimise(
         accumulation_steps=len(micro) * peers.size,
         tokens_in_batch=peers.sum({"tokens": local_tokens}, "the token count")["tokens"].item(),
     )
-    loss_and_grad = nn.value_and_grad(model, lambda m, mb: micro_loss(m, mb, cfg, normalizer))
+    settings = cfg.loss_settings()
+    loss_and_grad = nn.value_and_grad(
+        model, lambda m, mb: micro_loss(m, mb, cfg, settings, normalizer)
+    )
     totals: dict[str, float] = {}
     losses, norms, finite = [], [], []
     optimizer.learning_rate = lr

@@ -24,9 +24,10 @@ from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import reward_calls
 from mlx_grpo.core import rewards as rewards_mod
 from mlx_grpo.core.adapters import Adapter
-from mlx_grpo.core.models import check_max_tokens, load_model
+from mlx_grpo.core.config import DEFAULTS, SamplingSettings, check_setting
+from mlx_grpo.core.models import check_completion_length, load_model
 from mlx_grpo.core.objective import weighted_rewards
-from mlx_grpo.core.rollout import SamplingSettings, rollout
+from mlx_grpo.core.rollout import rollout
 from mlx_grpo.core.values import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
 
 
@@ -66,13 +67,15 @@ def evaluate(
     adapter: str | Path | None = None,
     *,
     reward_weights: list[float] | None = None,
-    prompt_column: str = "prompt",
-    system_prompt: str | None = None,
-    enable_thinking: bool | None = None,
+    prompt_column: str = DEFAULTS.prompt_column,
+    system_prompt: str | None = DEFAULTS.system_prompt,
+    enable_thinking: bool | None = DEFAULTS.enable_thinking,
     num_samples: int = 1,
     temperature: float = 0.0,
-    top_p: float = 1.0,
-    max_tokens: int = 256,
+    top_p: float = DEFAULTS.top_p,
+    top_k: int = DEFAULTS.top_k,
+    min_p: float = DEFAULTS.min_p,
+    max_completion_length: int = 256,
     batch_size: int = 32,
     success_threshold: float = 1.0,
     group_by: str | None = None,
@@ -83,16 +86,21 @@ def evaluate(
 ) -> EvalResult:
     """Score a model on `data` with the reward functions; optionally write completions.
 
+    The prompt and sampling options mean what they mean in training (and
+    default as there), except the temperature: 0, greedy.
+
     Example:
         >>> result = evaluate("smollm2", "test.jsonl", ["arithmetic"], adapter="runs/a",
         ...                   group_by="kind")
         >>> print(result.table())
     """
+    check_setting("top_p", top_p, "--top-p")
+    check_setting("top_k", top_k, "--top-k")
+    check_setting("min_p", min_p, "--min-p")
+    check_setting("max_completion_length", max_completion_length, "--max-tokens")
     for flag, value, allowed in (
         ("--samples", num_samples, AT_LEAST_1),
         ("--temperature", temperature, AT_LEAST_0),
-        ("--top-p", top_p, Range(0, 1, low_open=True)),
-        ("--max-tokens", max_tokens, AT_LEAST_1),
         ("--batch-size", batch_size, AT_LEAST_1),
         ("--success-threshold", success_threshold, Range()),
         ("--limit", limit, AT_LEAST_1),
@@ -114,8 +122,8 @@ def evaluate(
     ]
     rewards_mod.check_arguments(funcs, (k for r in rows for k in r.columns), data)
     _check_group_by(group_by, rows, data)
-    check_max_tokens(lm, max_tokens)
-    sampling = SamplingSettings(temperature, top_p, max_tokens=max_tokens)
+    check_completion_length(lm, max_completion_length, "--max-tokens")
+    sampling = SamplingSettings(temperature, top_p, top_k, min_p, max_completion_length)
     per_batch = max(1, batch_size // num_samples)
     records = []
     for start in tqdm(

@@ -5,21 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlx_grpo.core.adapters import Adapter
+from mlx_grpo.core.config import DEFAULTS, check_setting
 from mlx_grpo.core.data import encode_prompt
-from mlx_grpo.core.models import check_max_tokens, load_model
-from mlx_grpo.core.values import AT_LEAST_0, AT_LEAST_1, check_option
+from mlx_grpo.core.models import check_completion_length, load_model
+from mlx_grpo.core.values import AT_LEAST_0, check_option
 
 
 def generate(
     model: str,
     prompt: str,
     adapter: str | Path | None = None,
-    max_tokens: int = 256,
+    max_completion_length: int = 256,
     temperature: float = 0.0,
-    system_prompt: str | None = None,
-    enable_thinking: bool | None = None,
+    system_prompt: str | None = DEFAULTS.system_prompt,
+    enable_thinking: bool | None = DEFAULTS.enable_thinking,
+    top_p: float = DEFAULTS.top_p,
+    top_k: int = DEFAULTS.top_k,
+    min_p: float = DEFAULTS.min_p,
 ) -> str:
     """The model's reply to `prompt` (chat template applied when the model has one).
+
+    Sampling options mean what they mean in training; the temperature
+    defaults to 0, greedy.
 
     Example:
         >>> generate("Qwen/Qwen3-0.6B", "What is 17 * 3?", adapter="runs/qwen3-gsm8k")
@@ -27,16 +34,20 @@ def generate(
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
-    check_option("--max-tokens", max_tokens, AT_LEAST_1)
+    check_setting("max_completion_length", max_completion_length, "--max-tokens")
     check_option("--temperature", temperature, AT_LEAST_0)
+    check_setting("top_p", top_p, "--top-p")
+    check_setting("top_k", top_k, "--top-k")
+    check_setting("min_p", min_p, "--min-p")
     if not prompt.strip():
         raise ValueError("the prompt is empty; give the text to reply to, e.g. 'What is 17 * 3?'")
     lm = load_model(model)
-    check_max_tokens(lm, max_tokens)
+    check_completion_length(lm, max_completion_length, "--max-tokens")
     if adapter is not None:
         Adapter.load(adapter).attach(lm.model)
     lm.model.eval()
     ids = encode_prompt(prompt, lm.tokenizer, system_prompt, enable_thinking)
+    sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
     return mlx_lm.generate(
-        lm.model, lm.tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)
+        lm.model, lm.tokenizer, ids, max_tokens=max_completion_length, sampler=sampler
     )
