@@ -165,7 +165,7 @@ def train(config_file: str | None, resume: str | None, debug: bool, **flags: Any
       mlx-grpo train --resume runs/grpo --max-steps 400
     """
     from mlx_grpo.core.checkpoint import resume_settings
-    from mlx_grpo.core.config import resolve
+    from mlx_grpo.core.settings import resolve
     from mlx_grpo.core.trainer import train as run_training
 
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}

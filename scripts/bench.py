@@ -175,7 +175,7 @@ class Ours:
     """mlx-grpo's trainer: `trainer.setup`, then one `train_step` per step."""
 
     def __init__(self, spec: Spec, model: Path, data: Path, output: Path):
-        from mlx_grpo.core.config import resolve
+        from mlx_grpo.core.settings import resolve
         from mlx_grpo.core.trainer import setup
 
         cfg = resolve(

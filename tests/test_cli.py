@@ -5,7 +5,8 @@ import pytest
 import yaml
 from conftest import cli_flags, run_cli
 
-from mlx_grpo.core.config import TrainConfig, resolve
+from mlx_grpo.core.config import TrainConfig
+from mlx_grpo.core.settings import resolve
 
 
 def test_flags_override_the_yaml_file_which_overrides_defaults(quick_settings, tmp_path):

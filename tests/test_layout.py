@@ -105,3 +105,34 @@ def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
         assert "mlx_grpo.core.a imports mlx_grpo.tools.plot" in str(exc)
     else:
         raise AssertionError("an import from core into tools went unnoticed")
+
+
+LOOP = {"mlx_grpo.core.trainer._loop"}  # the loop may read as one piece
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(package: Path, limit: int) -> list[str]:
+    """Functions (docstring included) of core longer than `limit` lines, the loop aside."""
+    found = []
+    for path in sorted((package / "core").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+                name = f"{module}.{node.name}"
+                if lines > limit and name not in LOOP:
+                    found.append(f"{name}: {lines} lines")
+    return found
+
+
+def test_no_function_in_core_is_longer_than_a_screen():
+    assert long_functions(PACKAGE, MAX_FUNCTION_LINES) == []
+
+
+def test_the_length_rule_sees_a_long_function(tmp_path):
+    (tmp_path / "core").mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "core" / "long.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}")
+    assert long_functions(tmp_path, MAX_FUNCTION_LINES) == [
+        f"{tmp_path.name}.core.long.long: {MAX_FUNCTION_LINES + 1} lines"
+    ]

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from conftest import assert_refused, cli_flags, run_cli
 
-from mlx_grpo.core.config import TrainConfig, resolve
+from mlx_grpo.core.config import TrainConfig
+from mlx_grpo.core.settings import resolve
 
 
 def entries(folder: Path) -> set[str]:

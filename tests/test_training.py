@@ -8,8 +8,8 @@ import yaml
 from mlx.utils import tree_flatten
 
 from mlx_grpo.core import update as update_mod
-from mlx_grpo.core.config import resolve
 from mlx_grpo.core.lora import adapters_disabled
+from mlx_grpo.core.settings import resolve
 from mlx_grpo.core.trainer import setup, train, train_step
 from mlx_grpo.core.update import lr_at
 from mlx_grpo.tasks.toy import build_tiny_qwen3

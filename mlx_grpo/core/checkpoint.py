@@ -37,10 +37,11 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
-from mlx_grpo.core.config import TrainConfig, resolve
+from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.files import fsync, sha256
 from mlx_grpo.core.reporting import COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, REWARD_ERRORS_FILE
 from mlx_grpo.core.runfolder import SymlinkRefused, disk_full, is_disk_full
+from mlx_grpo.core.settings import resolve
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -116,7 +117,7 @@ def resume_settings(
     Refuses a folder that is not a run, a config file (the run has its own),
     and changes to settings outside RESUMABLE. `overrides` are checked on
     top of the run's own settings; `given_as` says what they were (see
-    config.resolve).
+    settings.resolve).
     """
     run_dir = Path(run_dir).expanduser()
     saved_file = run_dir / CONFIG_FILE

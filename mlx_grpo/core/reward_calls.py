@@ -284,13 +284,7 @@ def score_completions(
     """
     n = len(completions)
     aligned = {"prompts": prompts, "completion_ids": completion_ids, "row_sources": row_sources}
-    for what, values in {**aligned, **columns}.items():
-        if len(values) != n:
-            raise ValueError(f"{what!r} has {len(values)} entries for {n} completions")
-    for column in columns:
-        if column in STANDARD_ARGUMENTS:
-            where = row_sources[0].rsplit(":", 1)[0] if row_sources else "the data"
-            raise RewardSpecError(clash(column, where))
+    _check_inputs(n, {**aligned, **columns}, columns, row_sources)
     lists = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids}
     batch = _Batch({**lists, **columns}, row_sources, state or TrainerState(), logs or RewardLogs())
     scores = np.full((n, len(rewards)), np.nan, dtype=np.float32)
@@ -312,6 +306,19 @@ def score_completions(
             _report(log, reward, row, completion, outcome, on_error)
             raise _raised_error(reward, batch, outcome, i) from outcome
     return scores
+
+
+def _check_inputs(
+    n: int, aligned: dict[str, list], columns: dict[str, list], row_sources: list[str]
+) -> None:
+    """Refuse lists of another length than the completions, and columns named like arguments."""
+    for what, values in aligned.items():
+        if len(values) != n:
+            raise ValueError(f"{what!r} has {len(values)} entries for {n} completions")
+    for column in columns:
+        if column in STANDARD_ARGUMENTS:
+            where = row_sources[0].rsplit(":", 1)[0] if row_sources else "the data"
+            raise RewardSpecError(clash(column, where))
 
 
 def _score_rows(

@@ -95,12 +95,7 @@ def rollout(
     """
     g = num_generations
     tokens, padding = left_pad(prompts, pad_id)
-    cache = [RolloutCache(padding.tolist()) for _ in model.layers]
-    logits = model(tokens, cache=cache)[:, -1, :]  # (B, V): one prefill per prompt
-    for c in cache:
-        c.repeat(g, room=sampling.max_completion_length)
-    logits = mx.repeat(logits, g, axis=0)  # (B*G, V)
-
+    logits, cache = _prefill(model, tokens, padding, g, sampling.max_completion_length)
     draw = make_draw(sampling)
     eos = mx.array(sorted(set(eos_ids)), dtype=mx.int32)
     n = logits.shape[0]
@@ -136,6 +131,17 @@ def rollout(
         sampled_logprobs=mx.stack(steps_logp, axis=1),
         truncated=truncated,
     )
+
+
+def _prefill(
+    model: nn.Module, tokens: mx.array, padding: mx.array, g: int, room: int
+) -> tuple[mx.array, list[RolloutCache]]:
+    """Run each prompt once; return its next-token logits and cache, each repeated G times."""
+    cache = [RolloutCache(padding.tolist()) for _ in model.layers]
+    logits = model(tokens, cache=cache)[:, -1, :]  # (B, V)
+    for c in cache:
+        c.repeat(g, room=room)
+    return mx.repeat(logits, g, axis=0), cache  # (B*G, V)
 
 
 _STREAMS: list = []

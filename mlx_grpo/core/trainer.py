@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from mlx_grpo.core import checkpoint
 from mlx_grpo.core.adapters import Adapter
-from mlx_grpo.core.config import TrainConfig, resolve
+from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.distributed import PeerLost, connect
 from mlx_grpo.core.interrupts import Interrupted, finishing, stop_on_signals
 from mlx_grpo.core.objective import group_advantages
@@ -36,6 +36,7 @@ from mlx_grpo.core.reporting import (
 )
 from mlx_grpo.core.rollout import Noise, rollout
 from mlx_grpo.core.runfolder import DiskFull
+from mlx_grpo.core.settings import resolve
 from mlx_grpo.core.setup import Run, resume_command, setup, snapshot, summary
 from mlx_grpo.core.step_rewards import logged_metrics, score_rollout, trainer_state
 from mlx_grpo.core.update import lr_at, micro_batches, optimise

@@ -197,6 +197,13 @@ def optimise(
         if finite[-1]:
             optimizer.update(model, grads)
             mx.eval(model.trainable_parameters(), optimizer.state)
+    return Update(_metrics(losses, norms, finite, totals, lr), finite)
+
+
+def _metrics(
+    losses: list[float], norms: list[float], finite: list[bool], totals: dict[str, float], lr: float
+) -> dict[str, float]:
+    """TRL's update metrics: means over the passes, per-token and per-count ratios."""
     metrics = {
         "loss": float(np.mean(losses)),
         "grad_norm": float(np.mean(norms)),
@@ -208,7 +215,7 @@ def optimise(
         metrics[key] = totals[key] / max(totals["count"], 1.0)
     if "kl" in totals:
         metrics["kl"] = totals["kl"] / max(totals["tokens"], 1.0)
-    return Update(metrics, finite)
+    return metrics
 
 
 def _summed(peers: Peers, grads: dict, sums: dict[str, mx.array]) -> tuple[dict, dict]:

@@ -3,7 +3,7 @@
 A `Range` is the finite numbers between two bounds, each open or closed; it
 prints as messages say it ("> 0", "in [0, 1)"). `check_option` refuses a
 command's option outside its range; `SettingError` names the settings a
-TrainConfig value breaks, for config.resolve to say where the value came from.
+TrainConfig value breaks, for settings.resolve to say where the value came from.
 """
 
 from __future__ import annotations

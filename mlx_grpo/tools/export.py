@@ -137,7 +137,7 @@ def _run_summary(source: Path) -> dict[str, Any]:
     A config.yaml or metrics.jsonl that cannot be read leaves its part of the
     model card "not recorded": the adapter itself does not depend on them.
     """
-    from mlx_grpo.core.config import load_yaml
+    from mlx_grpo.core.settings import load_yaml
     from mlx_grpo.tools.plot import load_metrics
 
     summary: dict[str, Any] = {}
