@@ -22,6 +22,7 @@ import mlx.nn as nn
 
 from mlx_grpo.core.files import read_json_object
 from mlx_grpo.core.lora import LoRALinear, lora_scale, wrap_modules
+from mlx_grpo.core.models import LoadedModel, load_model
 
 MLX_WEIGHTS = "adapters.safetensors"
 MLX_CONFIG = "adapter_config.json"
@@ -393,3 +394,14 @@ class AdapterSet:
                 module.lora_a, module.lora_b = adapter.lora_a[path], adapter.lora_b[path]
                 module.scale = adapter.scale
         self.active = name
+
+
+def load_adapted(
+    model: str, adapter: str | Path | None, dtype: str = "auto"
+) -> tuple[LoadedModel, Adapter | None]:
+    """The model, with the adapter of a run, mlx-lm or PEFT folder attached when one is given."""
+    lm = load_model(model, dtype)
+    loaded = Adapter.load(adapter) if adapter else None
+    if loaded is not None:
+        loaded.attach(lm.model)
+    return lm, loaded

@@ -40,6 +40,12 @@ class PromptRow:
     source: str  # "path/file.jsonl:LINE" (1-based) or "hf:<id>[<split>]:<index>"
 
 
+def per_completion(rows: list[PromptRow], g: int) -> list[PromptRow]:
+    """The row of each of G completions per row: completions b * G .. b * G + G - 1 are row b's,
+    as a rollout orders them."""
+    return [row for row in rows for _ in range(g)]
+
+
 def load_rows(
     path_or_id: str, prompt_column: str = "prompt", split: str = "train"
 ) -> tuple[list[dict], list[str]]:

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_grpo.core.models import PrefixCache, body_of, head_and_body
+from mlx_grpo.core.models import PrefixCache, body_and_head, body_of
 from mlx_grpo.core.objective import exact_kl, logprob_stats, token_logprobs
 
 
@@ -68,7 +68,7 @@ def prompt_groups(prompt_tokens: mx.array, padding: mx.array) -> tuple[mx.array,
 def _head(model: nn.Module) -> tuple[Callable | None, bool]:
     """(head, frozen): the LM head (None if it cannot be split off the model), and
     whether it has no trainable parameters."""
-    split = head_and_body(model)
+    split = body_and_head(model)
     if split is None:
         return None, False
     module = getattr(split[1], "__self__", split[1])  # embed_tokens.as_linear is a bound method

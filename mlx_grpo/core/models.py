@@ -303,7 +303,7 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[mx.array, mx.array]:
     return mx.array(tokens, dtype=mx.int32), mx.array(padding, dtype=mx.int32)
 
 
-def head_and_body(model: nn.Module) -> tuple[Callable, Callable] | None:
+def body_and_head(model: nn.Module) -> tuple[Callable, Callable] | None:
     """Split a causal LM into body (tokens -> final hidden) and head (hidden -> logits).
 
     Scoring runs the head over chunks of positions so that full-vocabulary
@@ -326,11 +326,11 @@ def head_and_body(model: nn.Module) -> tuple[Callable, Callable] | None:
 
 def body_of(model: nn.Module):
     """The part of the model that gives the hidden states the head reads (or the model)."""
-    split = head_and_body(model)
+    split = body_and_head(model)
     return model if split is None else split[0]
 
 
-def checkpoint_blocks(model: nn.Module) -> None:
+def recompute_activations(model: nn.Module) -> None:
     """Recompute each transformer block's activations during backward.
 
     Only blocks marked here and only in training mode are affected, so other
@@ -338,13 +338,13 @@ def checkpoint_blocks(model: nn.Module) -> None:
     """
     cls = type(model.layers[0])
     for layer in model.layers:
-        layer._grad_checkpoint = True
+        layer._recompute_activations = True
     if getattr(cls, "_plain_call", None) is not None:
         return
     cls._plain_call = plain = cls.__call__
 
     def call(self, x, mask=None, cache=None, **kwargs):
-        if not (self.training and getattr(self, "_grad_checkpoint", False)):
+        if not (self.training and getattr(self, "_recompute_activations", False)):
             return plain(self, x, mask, cache, **kwargs)
         # The block's keys and values pass through the checkpoint as explicit
         # inputs and outputs: later blocks' gradients reach them only that way.

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from mlx_grpo.core.builtin_rewards import completion_text
+from mlx_grpo.core.data import per_completion
 from mlx_grpo.core.rewards import (
     NOT_CAUGHT,
     STANDARD_ARGUMENTS,
@@ -392,7 +393,8 @@ def score_groups(
     `[{"role": "assistant", "content": text}]`.
     """
     names = sorted({k for r in rows for k in r.columns})
-    prompts = [r.prompt for r in rows for _ in range(g)]
+    each = per_completion(rows, g)
+    prompts = [r.prompt for r in each]
     return score_completions(
         rewards,
         prompts,
@@ -401,8 +403,8 @@ def score_groups(
             for p, c in zip(prompts, completions)
         ],
         completion_ids,
-        {k: [r.columns.get(k) for r in rows for _ in range(g)] for k in names},
-        [r.source for r in rows for _ in range(g)],
+        {k: [r.columns.get(k) for r in each] for k in names},
+        [r.source for r in each],
         on_error,
         log,
         state=state,

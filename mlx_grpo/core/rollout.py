@@ -26,7 +26,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 from mlx_grpo.core.backend import blas_threads, cpu_only
 from mlx_grpo.core.config import SamplingSettings
 from mlx_grpo.core.lora import SMALL_MATMUL_ROWS, split_matmul, split_small_matmuls
-from mlx_grpo.core.models import RolloutCache, head_and_body, left_pad
+from mlx_grpo.core.models import RolloutCache, body_and_head, left_pad
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def decode_streams(rows: int) -> list | None:
 
 def decode_step(model: nn.Module, streams: list | None):
     """(tokens (N, 1), cache) -> next-token logits (N, V); the LM head split too when asked."""
-    split = head_and_body(model) if streams else None
+    split = body_and_head(model) if streams else None
     head = getattr(split[1], "__self__", split[1]) if split else None
     weight = getattr(head, "weight", None)
     if split is None or type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:

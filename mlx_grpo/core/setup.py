@@ -23,11 +23,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_grpo.core import __version__, checkpoint, models, outputs, runfolder
 from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import rewards as rewards_mod
-from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter
+from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter, load_adapted
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.distributed import Peers
 from mlx_grpo.core.lora import apply_lora, parse_layers, total_count, trainable_count
-from mlx_grpo.core.models import LoadedModel, checkpoint_blocks, load_model
+from mlx_grpo.core.models import LoadedModel, recompute_activations
 from mlx_grpo.core.reporting import CONFIG_FILE, check_logs, rewrite_logs
 from mlx_grpo.core.runfolder import LOCK_FILE, RunLock
 from mlx_grpo.core.state import RunState
@@ -215,10 +215,8 @@ def _load(
 
 def _load_model(cfg: TrainConfig) -> tuple[LoadedModel, list[str]]:
     """The base model with LoRA applied (or the starting adapter attached)."""
-    lm = load_model(cfg.model, cfg.dtype)
-    if cfg.adapter:
-        start = Adapter.load(cfg.adapter)
-        start.attach(lm.model)
+    lm, start = load_adapted(cfg.model, cfg.adapter, cfg.dtype)
+    if start is not None:
         _adopt_adapter_shape(cfg, start)
         paths = start.modules
     else:
@@ -227,7 +225,7 @@ def _load_model(cfg: TrainConfig) -> tuple[LoadedModel, list[str]]:
             lm.model, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_targets, layers
         )
     if cfg.grad_checkpoint:
-        checkpoint_blocks(lm.model)
+        recompute_activations(lm.model)
     mx.eval(lm.model.parameters())
     return lm, paths
 

@@ -23,9 +23,9 @@ from tqdm import tqdm
 from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import reward_calls
 from mlx_grpo.core import rewards as rewards_mod
-from mlx_grpo.core.adapters import Adapter
+from mlx_grpo.core.adapters import load_adapted
 from mlx_grpo.core.config import DEFAULTS, SamplingSettings, check_setting
-from mlx_grpo.core.models import check_completion_length, load_model
+from mlx_grpo.core.models import check_completion_length
 from mlx_grpo.core.objective import weighted_rewards
 from mlx_grpo.core.rollout import rollout
 from mlx_grpo.core.values import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
@@ -112,9 +112,7 @@ def evaluate(
     if output is not None:
         _check_output(Path(output), data)
     mx.random.seed(seed)
-    lm = load_model(model)
-    if adapter is not None:
-        Adapter.load(adapter).attach(lm.model)
+    lm, _ = load_adapted(model, adapter)
     lm.model.eval()
     funcs = rewards_mod.load_rewards(rewards, reward_weights)
     rows = data_mod.load_prompts(data, lm.tokenizer, prompt_column, system_prompt, enable_thinking)[
@@ -196,8 +194,7 @@ def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any
     weights = np.array([f.weight for f in funcs])
     totals = weighted_rewards(per_func, weights)  # NaN: no function scored it
     out = []
-    for i, text in enumerate(texts):
-        row = chunk[i // n]
+    for i, (text, row) in enumerate(zip(texts, data_mod.per_completion(chunk, n))):
         out.append(
             {
                 "source": row.source,

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from mlx_grpo.core.adapters import PEFT_CONFIG, Adapter
+from mlx_grpo.core.adapters import PEFT_CONFIG, Adapter, load_adapted
 from mlx_grpo.core.files import read_json_object
 from mlx_grpo.core.outputs import build, check_target
 from mlx_grpo.core.reporting import CONFIG_FILE, METRICS_FILE
@@ -273,7 +273,7 @@ def fuse(model: str, adapter: str | Path, output: str | Path, dequantize: bool =
     from mlx_lm.utils import dequantize_model, save
 
     from mlx_grpo.core.lora import LoRALinear
-    from mlx_grpo.core.models import hub_snapshot, load_model
+    from mlx_grpo.core.models import hub_snapshot
 
     on_hub = _on_hub(model)
     protected = {
@@ -282,8 +282,7 @@ def fuse(model: str, adapter: str | Path, output: str | Path, dequantize: bool =
         "the adapter": adapter,
     }
     check_target(output, "fused", protected)  # before loading anything
-    lm = load_model(model, dtype="auto")
-    Adapter.load(adapter).attach(lm.model)
+    lm, _ = load_adapted(model, adapter)
     fused = [
         (name, m.fuse(dequantize))
         for name, m in lm.model.named_modules()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlx_grpo.core.adapters import Adapter
+from mlx_grpo.core.adapters import load_adapted
 from mlx_grpo.core.config import DEFAULTS, check_setting
 from mlx_grpo.core.data import encode_prompt
-from mlx_grpo.core.models import check_completion_length, load_model
+from mlx_grpo.core.models import check_completion_length
 from mlx_grpo.core.values import AT_LEAST_0, check_option
 
 
@@ -41,10 +41,8 @@ def generate(
     check_setting("min_p", min_p, "--min-p")
     if not prompt.strip():
         raise ValueError("the prompt is empty; give the text to reply to, e.g. 'What is 17 * 3?'")
-    lm = load_model(model)
+    lm, _ = load_adapted(model, adapter)
     check_completion_length(lm, max_completion_length, "--max-tokens")
-    if adapter is not None:
-        Adapter.load(adapter).attach(lm.model)
     lm.model.eval()
     ids = encode_prompt(prompt, lm.tokenizer, system_prompt, enable_thinking)
     sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
