@@ -75,6 +75,19 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def _new_folder_option(what: str, earlier: str, extra: str = "") -> Callable:
+    """The --output of a command that writes a new folder (an earlier one of its own kind is
+    replaced, nothing else)."""
+    refused = f"anything else {extra} is refused" if extra else "anything else is refused"
+    return click.option(
+        "--output",
+        "-o",
+        required=True,
+        type=click.Path(file_okay=False),
+        help=f"New folder for {what}; an earlier {earlier} there is replaced, {refused}.",
+    )
+
+
 debug_option = click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
 
 
@@ -336,14 +349,7 @@ def quickstart(
 
 @main.command("convert")
 @click.argument("gguf", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--output",
-    "-o",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="New folder for the mlx-lm model (config, weights, tokenizer, chat template); "
-    "an earlier conversion there is replaced, anything else is refused.",
-)
+@_new_folder_option("the mlx-lm model (config, weights, tokenizer, chat template)", "conversion")
 @click.option(
     "--keep-quantized/--dequantize",
     default=None,
@@ -364,14 +370,7 @@ def convert_cmd(gguf: str, output: str, keep_quantized: bool | None, debug: bool
 
 @main.command("export")
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--output",
-    "-o",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="New folder for the PEFT adapter (adapter_model.safetensors, config, card); an "
-    "earlier export there is replaced, anything else is refused.",
-)
+@_new_folder_option("the PEFT adapter (adapter_model.safetensors, config, card)", "export")
 @click.option(
     "--base-model",
     help="base_model_name_or_path to record: the Hub id of the base (default: the Hub id of "
@@ -406,14 +405,7 @@ def export_cmd(
 
 @main.command("import")
 @click.argument("peft_dir", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--output",
-    "-o",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="New folder for the mlx-lm adapter (train --adapter and mlx_lm load it); an "
-    "earlier import there is replaced, anything else is refused.",
-)
+@_new_folder_option("the mlx-lm adapter (train --adapter and mlx_lm load it)", "import")
 @debug_option
 def import_cmd(peft_dir: str, output: str, debug: bool) -> None:
     """Convert the PEFT LoRA adapter in PEFT_DIR into an mlx-lm adapter."""
@@ -431,14 +423,7 @@ def import_cmd(peft_dir: str, output: str, debug: bool) -> None:
     type=click.Path(exists=True, file_okay=False),
     help="Run or adapter folder (mlx-lm or PEFT).",
 )
-@click.option(
-    "--output",
-    "-o",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="New folder for the merged model; an earlier fused model there is replaced, "
-    "anything else (the base model's folder included) is refused.",
-)
+@_new_folder_option("the merged model", "fused model", "(the base model's folder included)")
 @click.option("--dequantize", is_flag=True, help="Write a quantized base back in float.")
 @debug_option
 def fuse_cmd(model: str, adapter: str, output: str, dequantize: bool, debug: bool) -> None:

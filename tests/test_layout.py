@@ -136,3 +136,13 @@ def test_the_length_rule_sees_a_long_function(tmp_path):
     assert long_functions(tmp_path, MAX_FUNCTION_LINES) == [
         f"{tmp_path.name}.core.long.long: {MAX_FUNCTION_LINES + 1} lines"
     ]
+
+
+def test_every_module_opens_with_a_one_line_summary():
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        lines = doc.splitlines() or [""]
+        if not lines[0].strip() or (len(lines) > 1 and lines[1].strip()):
+            missing.append(module_name(path))
+    assert missing == []

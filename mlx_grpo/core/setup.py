@@ -1,10 +1,11 @@
-"""A training run's state: set up from its settings, saved to and restored from
-checkpoints, and handed from process 0 to the others in a distributed run.
+"""Setting a run up: lock its folder, load and check every input, restore a checkpoint.
 
 `setup` locks the run folder, loads everything a run needs (model, adapters,
 data, optimizer, and last the rewards, whose code it imports) and checks every
-input before anything is written; the step loop that moves a `Run` forward is
-in trainer.py.
+input before anything is written. A `Run` is what it returns: the loaded
+parts and the `RunState` (state.py) that checkpoints save and restore, handed
+from process 0 to the others in a distributed run. The loop that moves a run
+forward is in trainer.py.
 """
 
 from __future__ import annotations
