@@ -28,7 +28,6 @@ import asyncio
 import inspect
 import json
 import math
-import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,8 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from mlx_grpo.core.builtin_rewards import completion_text
 from mlx_grpo.core.data import per_completion
+from mlx_grpo.core.reward_checks import (
+    NUMBER,
+    check_values,
+    raised_error,
+    report_failure,
+)
 from mlx_grpo.core.rewards import (
     NOT_CAUGHT,
     STANDARD_ARGUMENTS,
@@ -46,15 +50,11 @@ from mlx_grpo.core.rewards import (
     RewardFn,
     RewardSpecError,
     clash,
-    describe_failure,
     parameters,
-    source_file,
 )
 
 # The keys of a completions.jsonl record, so log_extra columns cannot overwrite them.
 RESERVED_COLUMNS = ("step", "prompt", "completion", "rewards", "advantage")
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-_NUMBER = (int, float, np.integer, np.floating, np.bool_)
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class _Hooks:
 
     def log_metric(self, name: str, value: float) -> None:
         """A number for metrics.jsonl, averaged over the step's calls."""
-        if not isinstance(name, str) or not isinstance(value, _NUMBER):
+        if not isinstance(name, str) or not isinstance(value, NUMBER):
             raise RewardError(
                 f"reward function {self.reward!r} called log_metric({name!r}, {value!r}); give "
                 "a string name and a number."
@@ -236,7 +236,7 @@ def _outcome(reward: Reward, attempt: _Attempt, batch: _Batch) -> np.ndarray | B
         return attempt.error
     rows = attempt.hooks.rows
     try:
-        values = _check_values(
+        values = check_values(
             reward.name,
             attempt.values,
             batch.completions[rows.start : rows.stop],
@@ -297,15 +297,17 @@ def score_completions(
         elif on_error != "raise":
             scores[:, k] = _score_rows(reward, batch, on_error, log)
         elif isinstance(outcome, RewardError):  # it ran but returned bad values
-            _report(log, reward, "batch", completions, outcome, on_error)
+            report_failure(log, reward, "batch", completions, outcome, on_error)
             raise outcome
         else:
             i = _failing_row(reward, batch)
             row, completion = (
                 ("batch", completions) if i is None else (row_sources[i], completions[i])
             )
-            _report(log, reward, row, completion, outcome, on_error)
-            raise _raised_error(reward, batch, outcome, i) from outcome
+            report_failure(log, reward, row, completion, outcome, on_error)
+            raise raised_error(
+                reward, batch.completions, batch.row_sources, outcome, i
+            ) from outcome
     return scores
 
 
@@ -334,7 +336,7 @@ def _score_rows(
         if isinstance(outcome, np.ndarray):
             out[i] = outcome[0]
             continue
-        _report(log, reward, batch.row_sources[i], batch.completions[i], outcome, on_error)
+        report_failure(log, reward, batch.row_sources[i], batch.completions[i], outcome, on_error)
         out[i] = 0.0 if on_error == "zero" else np.nan
     return out
 
@@ -346,32 +348,6 @@ def _failing_row(reward: Reward, batch: _Batch) -> int | None:
         if attempt.error is not None:
             return i
     return None
-
-
-def _report(
-    log: Callable[[dict[str, Any]], None] | None,
-    reward: Reward,
-    row: str,
-    completion: Any,
-    exc: BaseException,
-    on_error: str,
-) -> None:
-    if log is None:
-        return
-    if row == "batch":
-        completion = [completion_text(c) for c in completion]
-    else:
-        completion = completion_text(completion)
-    log(
-        {
-            "function": reward.name,
-            "row": row,
-            "completion": completion,
-            "error": describe_failure(exc, source_file(reward.fn), __file__),
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-            "action": on_error,
-        }
-    )
 
 
 def score_groups(
@@ -415,67 +391,3 @@ def score_groups(
 def optional_float(x: float) -> float | None:
     """A reward value for JSON: NaN (a None reward) becomes None."""
     return None if math.isnan(x) else float(x)
-
-
-def _row(i: int, completions: list, row_sources: list[str]) -> str:
-    text = completion_text(completions[i])
-    shown = text if len(text) <= 120 else text[:120] + "..."
-    return f"row {row_sources[i]} (completion {i}: {shown!r})"
-
-
-def _raised_error(reward: Reward, batch: _Batch, exc: BaseException, i: int | None) -> RewardError:
-    """The error for a function that raised on the batch and, alone, on row `i` (or none)."""
-    message = describe_failure(exc, source_file(reward.fn), __file__)
-    if i is not None:
-        return RewardError(
-            f"reward function {reward.name!r} raised on "
-            f"{_row(i, batch.completions, batch.row_sources)}: {message}. Fix the function, "
-            "return None for rows it cannot score, or set on_reward_error to zero or skip."
-        )
-    sources = batch.row_sources
-    return RewardError(
-        f"reward function {reward.name!r} raised on a batch of {len(sources)} completions "
-        f"(rows {', '.join(dict.fromkeys(sources))}) but on no single row: {message}."
-    )
-
-
-def _check_values(name: str, values: Any, completions: list, row_sources: list[str]) -> np.ndarray:
-    """Validate a function's return value; return float32 (N,) with NaN for None."""
-    n = len(completions)
-    if isinstance(values, np.ndarray):
-        values = values.tolist() if values.ndim == 1 else values
-    if not isinstance(values, (list, tuple)):
-        raise RewardError(
-            f"reward function {name!r} returned a {type(values).__name__}; it must return a list "
-            f"with one float (or None) per completion ({n} here)."
-        )
-    if len(values) != n:
-        raise RewardError(
-            f"reward function {name!r} returned {len(values)} values for {n} completions "
-            f"(rows {', '.join(dict.fromkeys(row_sources))}); expected {n}, one per completion."
-        )
-    out = np.full(n, np.nan, dtype=np.float32)
-    for i, value in enumerate(values):
-        if value is None:
-            continue
-        number = _float(value)
-        if number is None or not abs(number) <= _FLOAT32_MAX:
-            beyond = number is not None and math.isfinite(number)
-            raise RewardError(
-                f"reward function {name!r} returned {value!r} ({type(value).__name__}) for "
-                f"{_row(i, completions, row_sources)}; each value must be a finite number"
-                f"{' within float32 range (+-3.4e38)' if beyond else ''}, or None where the "
-                "reward does not apply."
-            )
-        out[i] = number
-    return out
-
-
-def _float(value: Any) -> float | None:
-    """The value as a float; None if it is not a real number or overflows a float."""
-    if not isinstance(value, _NUMBER):
-        return None
-    try:
-        return float(value)
-    except OverflowError:  # an int beyond 1e308
-        return None
