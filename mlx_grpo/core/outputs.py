@@ -101,10 +101,7 @@ def check_target(
     """
     target = Path(target).expanduser()
     check_protected(target, protected or {}, option)
-    blocker = next((p for p in [target, *target.parents] if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        where = "is a file" if blocker == target else f"cannot be created: {blocker} is a file"
-        raise ValueError(f"{option} {target} {where}, not a folder; choose another {option}.")
+    check_creatable(target, option, option)
     if not target.is_dir() or not entries(target):
         return target
     found = kind_of(target)
@@ -130,6 +127,19 @@ def check_target(
             f"new folder for {option}."
         )
     return target
+
+
+def check_creatable(target: Path, name: str, option: str) -> None:
+    """Refuse a folder that cannot be made or written to: a file in the way, or no permission."""
+    existing = next(p for p in [target, *target.parents] if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == target else f"cannot be created: {existing} is a file"
+        raise ValueError(f"{name} {target} {where}, not a folder. Choose another {option}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{name} {target} is not writable ({existing} does not allow writing for this "
+            f"user). Choose a folder you can write to with {option}, or fix its permissions."
+        )
 
 
 def own_folder(target: str | Path, kind: str, option: str = "--output-dir") -> Path:

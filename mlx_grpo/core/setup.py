@@ -10,7 +10,6 @@ forward is in trainer.py.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -268,18 +267,7 @@ def check_output(cfg: TrainConfig, resume: bool) -> Path:
     user's is deleted.
     """
     out = Path(cfg.output_dir).expanduser()
-    existing = next(p for p in [out, *out.parents] if p.exists())
-    if not existing.is_dir():
-        raise ValueError(
-            f"output directory {out} cannot be created: {existing} is a file, not a folder. "
-            "Choose another --output-dir."
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"output directory {out} is not writable ({existing} does not allow writing for "
-            "this user). Choose a folder you can write to with --output-dir, or fix its "
-            "permissions."
-        )
+    outputs.check_creatable(out, "output directory", "--output-dir")
     if resume:  # resume_settings found the run's config.yaml; resuming deletes nothing
         return out
     outputs.check_protected(
