@@ -1,12 +1,12 @@
-"""The GRPO-LoRA training loop: rollout -> rewards -> advantages -> updates -> metrics.
+"""The training loop: `train`, and `train_step`, one GRPO step in one screen.
 
-Each step takes B prompts, samples G completions of each in one batch,
-scores them with the reward functions, and turns the rewards into group
-advantages. pi_old log-probs are taken once after generation when more than
-one pass runs over the rollout (mu > 1); the reference log-probs come from
-the same model with the adapters switched off, and only when beta != 0.
-Each of the mu passes accumulates gradients over the micro-batches and
-makes one AdamW update. The math lives in objective.py; data-parallel runs
+Each step takes B prompts, samples G completions of each in one batch
+(rollout.py), scores them with the reward functions (step_rewards.py),
+turns the rewards into group advantages (objective.py) and updates the
+adapter (update.py): mu passes over the rollout, each accumulating the
+micro-batches' gradients into one AdamW step, with pi_old from the rollout
+and the reference log-probs (adapters off) only when beta != 0. Setting a
+run up and restoring a checkpoint is setup.py's work; data-parallel runs
 over several processes are described in distributed.py.
 """
 
@@ -23,9 +23,10 @@ import mlx.core as mx
 from mlx_grpo.core import checkpoint
 from mlx_grpo.core.adapters import Adapter
 from mlx_grpo.core.config import TrainConfig
+from mlx_grpo.core.data import PromptRow
 from mlx_grpo.core.distributed import PeerLost, connect
 from mlx_grpo.core.interrupts import Interrupted, finishing, stop_on_signals
-from mlx_grpo.core.objective import group_advantages
+from mlx_grpo.core.objective import Advantages, group_advantages
 from mlx_grpo.core.reporting import (
     PhaseTimer,
     Reporter,
@@ -34,12 +35,12 @@ from mlx_grpo.core.reporting import (
     reward_metrics,
     sample_records,
 )
-from mlx_grpo.core.rollout import Noise, rollout
+from mlx_grpo.core.rollout import Noise, RolloutBatch, rollout
 from mlx_grpo.core.runfolder import DiskFull
 from mlx_grpo.core.settings import resolve
 from mlx_grpo.core.setup import Run, resume_command, setup, snapshot, summary
-from mlx_grpo.core.step_rewards import logged_metrics, score_rollout, trainer_state
-from mlx_grpo.core.update import lr_at, micro_batches, optimise
+from mlx_grpo.core.step_rewards import StepRewards, logged_metrics, score_rollout, trainer_state
+from mlx_grpo.core.update import Update, lr_at, micro_batches, optimise
 
 
 @dataclass
@@ -232,18 +233,36 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     rows, mine = every_row[peers.part(len(every_row))], peers.part(len(every_row) * g)
     timer = PhaseTimer()
     with timer.phase("rollout"):
-        model.eval()
-        prompts = [r.prompt_ids for r in rows]
-        noise = Noise.fresh(mine.start, len(every_row) * g)
-        batch = rollout(model, prompts, g, cfg.sampling(), run.lm.eos_ids, run.lm.pad_id, noise)
+        batch = _rollout(run, rows, Noise.fresh(mine.start, len(every_row) * g))
     scored = score_rollout(run, step, rows, batch, state)
     adv = group_advantages(scored.per_func, scored.weights, g, cfg.scale_rewards)
     with timer.phase("reference"):
         micro = micro_batches(model, batch, mx.array(adv.advantages[mine]), cfg)
     with timer.phase("update"):
         update = optimise(model, run.optimizer, micro, cfg, lr_at(step, cfg), peers)
-    run.state.count_updates(update.applied)
+    return _record(run, step, every_row, scored, adv, update, timer)
 
+
+def _rollout(run: Run, rows: list[PromptRow], noise: Noise) -> RolloutBatch:
+    """G completions of each of this process's prompts, sampled as the settings say."""
+    run.lm.model.eval()
+    prompts = [r.prompt_ids for r in rows]
+    g, sampling = run.cfg.num_generations, run.cfg.sampling()
+    return rollout(run.lm.model, prompts, g, sampling, run.lm.eos_ids, run.lm.pad_id, noise)
+
+
+def _record(
+    run: Run,
+    step: int,
+    every_row: list[PromptRow],
+    scored: StepRewards,
+    adv: Advantages,
+    update: Update,
+    timer: PhaseTimer,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Move the run state past the step; its metrics, and its first group's completions."""
+    g = run.cfg.num_generations
+    run.state.count_updates(update.applied)
     completion_tokens = int(scored.lengths.sum())
     run.state.num_tokens += completion_tokens + g * sum(len(r.prompt_ids) for r in every_row)
     names = [r.name for r in run.rewards]
@@ -259,9 +278,9 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     metrics |= logged_metrics(run, scored.logged, metrics)
     run.state.step = step + 1
     run.state.history.append(clean_record(metrics))
-    first = slice(0, g)
+    first = slice(0, g)  # process 0's first prompt: the one that writes the logs
     samples = sample_records(
-        rows[0].prompt,
+        every_row[0].prompt,
         scored.texts[first],
         names,
         scored.per_func[first],
