@@ -343,9 +343,12 @@ def test_an_error_mid_run_saves_the_last_completed_step(settings, tmp_path):
 OLD_RUN = Path(__file__).parent / "data" / "run-0.1"
 
 
-def test_a_run_folder_written_by_mlx_grpo_0_1_resumes_as_if_never_stopped(tmp_path, monkeypatch):
-    # tests/data/run-0.1: two steps of the tiny model (seed 7), written by mlx-grpo 0.1 with the
-    # flat package layout (its reward spec names mlx_grpo.toy), relative paths for portability.
+def test_a_run_folder_written_by_mlx_grpo_0_1_resumes_as_if_never_stopped(
+    quick_settings, tmp_path, monkeypatch
+):
+    # tests/data/run-0.1: two steps of the tiny model (quick_settings, seed 7), written by
+    # mlx-grpo 0.1 with the flat package layout (its reward spec names mlx_grpo.toy), with
+    # relative paths so that it resumes anywhere.
     from mlx_grpo.tasks.toy import build_tiny_qwen3, write_toy_task
 
     monkeypatch.chdir(tmp_path)
@@ -354,22 +357,8 @@ def test_a_run_folder_written_by_mlx_grpo_0_1_resumes_as_if_never_stopped(tmp_pa
     shutil.copytree(OLD_RUN, "run")
     assert "mlx_grpo.toy:allowed_share" in Path("run/config.yaml").read_text()
     train(resume="run", max_steps=3, show_progress=False)
-    train(
-        model="model",
-        data="data.jsonl",
-        rewards=["mlx_grpo.tasks.toy:allowed_share"],
-        output_dir="fresh",
-        num_generations=4,
-        prompts_per_step=2,
-        max_completion_length=8,
-        lora_rank=4,
-        lora_alpha=8,
-        learning_rate=1e-2,
-        max_steps=3,
-        save_steps=0,
-        seed=7,
-        show_progress=False,
-    )
+    here = dict(model="model", data="data.jsonl", output_dir="fresh", seed=7, max_steps=3)
+    train(**{**quick_settings, **here}, show_progress=False)
     assert len(steady_metrics("run")) == 3
     assert steady_metrics("run")[:2] == steady_metrics(OLD_RUN)
     assert_same_run("fresh", "run")
