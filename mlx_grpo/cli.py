@@ -2,77 +2,81 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+import cloup
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
-from mlx_grpo.core.config import DEFAULTS, TrainConfig, field_type, setting
+from mlx_grpo.core.config import DEFAULTS, TOPICS, field_type, setting
+from mlx_grpo.core.settings import setting_value
 
 _METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT"}
 
 
-def _config_options(command: Callable) -> Callable:
-    """Add one option per TrainConfig field; flags default to None ("not given").
+def _field_option(name: str, *flags: str) -> Callable:
+    """The option of the setting `name`, as TrainConfig defines it: help, default, range.
 
-    Values reach TrainConfig as typed, so a bad one is refused there with the
-    rule and the flag's name, as a bad value in a YAML file is.
+    It defaults to None ("not given"): values reach TrainConfig, or
+    `setting_value` for eval and generate, as typed, so a bad one is refused
+    there with the rule and the flag's name, as a bad value in a YAML file is.
     """
-    for f in reversed(dataclasses.fields(TrainConfig)):
-        base, is_list, _ = field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} [default: {_show(default)}]"
-        if f.metadata.get("allowed") is not None and not is_list:
-            help_text += f" [{f.metadata['allowed']}]"
-        if base is bool:
-            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
-        elif is_list:
-            option = click.option(
-                flag,
-                f.name,
-                multiple=True,
-                default=None,
-                help=help_text + " Repeat the flag or separate with commas.",
-            )
-        else:
-            choices = f.metadata.get("choices")
-            metavar = "[" + "|".join(choices) + "]" if choices else _METAVARS[base]
-            option = click.option(flag, f.name, metavar=metavar, default=None, help=help_text)
-        command = option(command)
+    f = setting(name)
+    base, is_list, _ = field_type(f)
+    flag = "--" + name.replace("_", "-")
+    help_text = f"{f.metadata['help']} [default: {_show(getattr(DEFAULTS, name))}]"
+    if f.metadata.get("allowed") is not None and not is_list:
+        help_text += f" [{f.metadata['allowed']}]"
+    if base is bool:
+        return cloup.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    if is_list:
+        help_text += " Repeat the flag or separate with commas."
+        return cloup.option(flag, *flags, name, multiple=True, default=None, help=help_text)
+    choices = f.metadata.get("choices")
+    metavar = "[" + "|".join(choices) + "]" if choices else _METAVARS[base]
+    return cloup.option(flag, *flags, name, metavar=metavar, default=None, help=help_text)
+
+
+def _config_options(command: Callable) -> Callable:
+    """Every TrainConfig setting as an option, grouped by topic for --help."""
+    for topic, names in reversed(TOPICS.items()):
+        command = cloup.option_group(topic, *(_field_option(n) for n in names))(command)
     return command
 
 
-def _setting_option(name: str, *flags: str, **changes: Any) -> Callable:
-    """An option of eval or generate that means what the training setting `name` means: its
-    help, default and range come from TrainConfig (`changes` may give another default)."""
-    f = setting(name)
-    base, _, _ = field_type(f)
-    default = changes.get("default", getattr(DEFAULTS, name))
-    help_text = f"{f.metadata['help']} [default: {_show(default)}]"
-    if f.metadata.get("allowed") is not None:
-        help_text += f" [{f.metadata['allowed']}]"
-    flag = "--" + name.replace("_", "-")
-    if base is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", name, default=default, help=help_text)
-    return click.option(
-        *(flags or (flag,)),
-        name,
-        type=base,
-        metavar=_METAVARS[base],
-        default=default,
-        help=help_text,
-    )
+# The settings eval and generate share with train, read and checked as train reads them.
+_EVAL_SETTINGS = (
+    "rewards",
+    "reward_weights",
+    "prompt_column",
+    "system_prompt",
+    "enable_thinking",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_completion_length",
+)
+_GENERATE_SETTINGS = _EVAL_SETTINGS[3:]
+_ALIASES = {"max_completion_length": ("--max-tokens",)}  # mlx_lm.generate's name
+
+
+def _settings_given(options: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The settings among `options` that were given, typed and checked as train checks them."""
+    given = {}
+    for name in names:
+        value = options.pop(name)
+        if value is not None and value != ():
+            given[name] = setting_value(name, list(value) if isinstance(value, tuple) else value)
+    return given
 
 
 def _show(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(map(str, value)) or "none"
-    return "none" if value is None else str(value)
+    return "none" if value is None or value == "" else str(value)
 
 
 def _new_folder_option(what: str, earlier: str, extra: str = "") -> Callable:
@@ -129,22 +133,7 @@ def _one_paragraph(text: str) -> str:
     return " ".join(text.split())
 
 
-def _weight(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(
-            f"--reward-weights: {text!r} is not a number; give one number per reward function, "
-            "e.g. --reward-weights 1.0,0.5."
-        ) from None
-
-
-def _listed(values: tuple[str, ...]) -> list[str]:
-    """A repeatable option's values, each of which may be a comma list."""
-    return [part.strip() for v in values for part in v.split(",") if part.strip()]
-
-
-@click.group()
+@cloup.group()
 @click.version_option(mlx_grpo.__version__, prog_name="mlx-grpo")
 def main() -> None:
     """GRPO fine-tuning of language models through LoRA adapters on MLX."""
@@ -162,9 +151,17 @@ def main() -> None:
     type=click.Path(),
     help="Continue the run in this output directory from its newest checkpoint.",
 )
+@click.option(
+    "--quiet",
+    is_flag=True,
+    help="One plain line per --logging-steps steps instead of the progress bar (as when the "
+    "output is not a terminal).",
+)
 @debug_option
 @_config_options
-def train(config_file: str | None, resume: str | None, debug: bool, **flags: Any) -> None:
+def train(
+    config_file: str | None, resume: str | None, quiet: bool, debug: bool, **flags: Any
+) -> None:
     """Train a LoRA adapter with GRPO.
 
     Checkpoints go to OUTPUT_DIR/checkpoints every --save-steps steps, at the
@@ -190,7 +187,10 @@ def train(config_file: str | None, resume: str | None, debug: bool, **flags: Any
             _run(lambda: resume_settings(resume, config_file, given, given_as="flag"), debug)
     elif not (config_file and not Path(config_file).is_file()):
         _run(lambda: resolve(config_file, given_as="flag", **given), debug)
-    result = _run(lambda: run_training(config_file, resume=resume, **given), debug)
+    progress = "lines" if quiet else True
+    result = _run(
+        lambda: run_training(config_file, resume=resume, show_progress=progress, **given), debug
+    )
     if result.rank == 0:  # the other processes of a distributed run write nothing
         click.echo(f"adapter saved in {result.output_dir}")
 
@@ -225,32 +225,21 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
     help="Run or adapter folder (mlx-lm or PEFT); none = the base model.",
 )
 @click.option("--data", required=True, help="Held-out prompts (JSONL).")
-@click.option(
-    "--rewards",
-    required=True,
-    multiple=True,
-    help="Reward functions: builtin name, module:function or path/file.py:function. "
-    "Repeat the flag or separate with commas.",
+@cloup.option_group(
+    "Rewards and prompts, as in train",
+    *(_field_option(name) for name in _EVAL_SETTINGS[:5]),
 )
-@click.option(
-    "--reward-weights",
-    multiple=True,
-    help="One weight per reward function (default 1). Repeat the flag or separate with commas.",
+@cloup.option_group(
+    "Sampling, as in train but greedy by default",
+    click.option("--temperature", default=0.0, show_default=True, help="0 = greedy."),
+    *(_field_option(name, *_ALIASES.get(name, ())) for name in _EVAL_SETTINGS[5:]),
+    click.option(
+        "--samples",
+        default=1,
+        show_default=True,
+        help="Completions per prompt; more than 1 reports pass@k (needs --temperature).",
+    ),
 )
-@_setting_option("prompt_column")
-@_setting_option("system_prompt")
-@_setting_option("enable_thinking")
-@click.option(
-    "--samples",
-    default=1,
-    show_default=True,
-    help="Completions per prompt; more than 1 reports pass@k (needs --temperature).",
-)
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@_setting_option("top_p")
-@_setting_option("top_k")
-@_setting_option("min_p")
-@_setting_option("max_completion_length", "--max-tokens", "--max-completion-length", default=256)
 @click.option("--batch-size", default=32, show_default=True, help="Sequences decoded together.")
 @click.option(
     "--success-threshold",
@@ -266,35 +255,48 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
     type=click.Path(dir_okay=False),
     help="Write every completion with its rewards to this JSONL file.",
 )
+@click.option(
+    "--compare",
+    type=click.Path(exists=True, dir_okay=False),
+    help="An earlier evaluation's --output: print the change from it, per group and reward.",
+)
 @click.option("--seed", default=0, show_default=True)
 @debug_option
 def eval_cmd(
     model: str,
     adapter: str | None,
     data: str,
-    rewards: tuple[str, ...],
-    reward_weights: tuple[str, ...],
-    debug: bool,
     samples: int,
+    compare: str | None,
+    debug: bool,
     **options: Any,
 ) -> None:
     """Accuracy and mean reward of a model (and adapter) on a held-out set."""
-    from mlx_grpo.tools.evaluate import evaluate
+    from mlx_grpo.tools.evaluate import compare_with, evaluate
 
     def run() -> Any:
-        weights = [_weight(w) for w in _listed(reward_weights)] or None
-        return evaluate(
-            model,
-            data,
-            _listed(rewards),
-            adapter,
-            reward_weights=weights,
-            num_samples=samples,
-            **options,
-        )
+        given = _settings_given(options, _EVAL_SETTINGS)
+        rewards = given.pop("rewards", DEFAULTS.rewards)
+        return evaluate(model, data, rewards, adapter, num_samples=samples, **given, **options)
 
     result = _run(run, debug)
     click.echo(result.table())
+    if compare:
+        click.echo(_run(lambda: compare_with(result, compare), debug))
+
+
+@main.command("rewards")
+def rewards_cmd() -> None:
+    """List the built-in reward functions and the data columns each reads.
+
+    Your own functions: --rewards my_rewards.py:function or package.module:function,
+    written as for TRL (see the README's Rewards section).
+    """
+    from mlx_grpo.core.rewards import describe_builtins
+
+    for name, description, columns in describe_builtins():
+        reads = ", ".join(columns) if columns else "no column"
+        click.echo(f"{name}\n  {description}\n  reads: {reads}")
 
 
 @main.command("plot")
@@ -442,19 +444,21 @@ def fuse_cmd(model: str, adapter: str, output: str, dequantize: bool, debug: boo
     type=click.Path(exists=True, file_okay=False),
     help="Run or adapter folder (mlx-lm or PEFT); none = the base model.",
 )
-@_setting_option("max_completion_length", "--max-tokens", "--max-completion-length", default=256)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@_setting_option("top_p")
-@_setting_option("top_k")
-@_setting_option("min_p")
-@_setting_option("system_prompt")
-@_setting_option("enable_thinking")
+@cloup.option_group(
+    "Sampling and prompt, as in train",
+    *(_field_option(name, *_ALIASES.get(name, ())) for name in _GENERATE_SETTINGS),
+)
 @debug_option
 def generate_cmd(prompt: str, model: str, adapter: str | None, debug: bool, **options: Any) -> None:
     """Generate a reply to PROMPT with a model and, optionally, an adapter."""
     from mlx_grpo.tools.generate import generate
 
-    text = _run(lambda: generate(model, prompt, adapter, **options), debug)
+    def run() -> str:
+        given = _settings_given(options, _GENERATE_SETTINGS)
+        return generate(model, prompt, adapter, **given, **options)
+
+    text = _run(run, debug)
     click.echo(text)
 
 

@@ -4,5 +4,5 @@
 # `mlx-grpo quickstart` (e.g. --minutes 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup.sh plot
 exec .venv/bin/mlx-grpo quickstart "$@"

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up a virtual environment (.venv) with mlx-grpo and its test tools.
+# Set up a virtual environment with mlx-grpo and the extras named as arguments
+# (`./scripts/setup.sh plot` for the main job, `./scripts/setup.sh test` for the
+# tests). VENV chooses the environment's folder (default .venv).
 # On Linux it also installs OpenBLAS when it can: MLX's CPU backend is ~30x
 # faster with it (see mlx_grpo/core/backend.py).
 set -euo pipefail
@@ -17,7 +19,16 @@ if [ "$(uname -s)" = "Linux" ] && ! /sbin/ldconfig -p 2>/dev/null | grep -q "lib
     fi
 fi
 
+VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -e ".[test]"
+extras="$(IFS=,; echo "$*")"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# pip's notices go to a log, shown only when the install fails.
+log="$VENV/pip.log"
+echo "Installing mlx-grpo${extras:+[$extras]} into $VENV (a few minutes the first time)..."
+if ! { "$VENV/bin/python" -m pip install --upgrade pip \
+       && "$VENV/bin/python" -m pip install -e ".${extras:+[$extras]}"; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "error: installing mlx-grpo${extras:+[$extras]} into $VENV failed; the whole pip log is $log" >&2
+    exit 1
+fi

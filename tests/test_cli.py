@@ -5,7 +5,8 @@ import pytest
 import yaml
 from conftest import cli_flags, run_cli
 
-from mlx_grpo.core.config import TrainConfig
+from mlx_grpo.core.config import TOPICS, TrainConfig
+from mlx_grpo.core.rewards import BUILTIN_REWARDS, columns_read
 from mlx_grpo.core.settings import resolve
 
 
@@ -133,3 +134,31 @@ def test_example_configs_are_valid():
     assert examples
     for path in examples:
         assert resolve(path).model  # every key known, every value of the right type
+
+
+def test_every_setting_is_in_exactly_one_help_topic():
+    listed = [name for names in TOPICS.values() for name in names]
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def test_train_help_groups_the_settings_by_topic():
+    text = run_cli("train", "--help").output
+    headings = [line[:-1] for line in text.splitlines() if line.endswith(":") and line[0] != " "]
+    assert headings[: len(TOPICS)] == list(TOPICS)
+    for topic, names in TOPICS.items():
+        section = text.split(f"\n{topic}:\n")[1].split("\n\n")[0]
+        for name in names:
+            assert "--" + name.replace("_", "-") in section, (topic, name)
+
+
+def test_rewards_lists_every_builtin_with_the_columns_it_reads():
+    text = run_cli("rewards").output
+    entries = {block.split("\n")[0]: block for block in text.strip().split("\n") if block}
+    for name, fn in BUILTIN_REWARDS.items():
+        assert name in entries
+        block = text.split(f"{name}\n", 1)[1].split("\n", 2)
+        assert block[0].strip() == fn.__doc__.strip().splitlines()[0]
+        columns = columns_read(fn)
+        assert block[1].strip() == "reads: " + (", ".join(columns) or "no column")
+    assert columns_read(BUILTIN_REWARDS["exact_answer"]) == ["equation"]
+    assert columns_read(BUILTIN_REWARDS["think_format"]) == []

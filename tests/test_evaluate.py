@@ -3,11 +3,12 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import run_cli
 
 from mlx_grpo.cli import main
 from mlx_grpo.core.builtin_rewards import arithmetic, equation_format, exact_answer
 from mlx_grpo.tasks.arithmetic import make_split, write_split
-from mlx_grpo.tools.evaluate import evaluate, pass_at_k, summarize
+from mlx_grpo.tools.evaluate import EvalResult, compare_with, evaluate, pass_at_k, summarize
 from mlx_grpo.tools.generate import generate
 
 
@@ -178,3 +179,63 @@ def test_a_completion_no_reward_scored_has_no_reward_as_in_training(tiny_model_d
     assert rewards == [None, 2.0, None, 2.0]
     assert [r["correct"] for r in result.records] == [False, True, False, True]
     assert result.summary["all"]["mean_reward"] == 2.0  # not (0 + 2 + 0 + 2) / 4
+
+
+def test_compare_prints_the_change_from_an_earlier_evaluation_per_group_and_reward(tmp_path):
+    def record(source, kind, exact, right):
+        return {
+            "source": source,
+            "sample": 0,
+            "completion": "x",
+            "columns": {"kind": kind},
+            "correct": bool(exact),
+            "reward": float(exact),
+            "truncated": False,
+            "rewards": {"exact_answer": float(exact), "arithmetic": float(right)},
+        }
+
+    before = [record("a:1", "add1", 0, 1), record("a:2", "addsub2", 0, 0)]
+    after = [record("a:1", "add1", 1, 1), record("a:2", "addsub2", 0, 1)]
+    path = tmp_path / "before.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in before))
+    result = EvalResult(summarize(after, 1, "kind"), after, "kind", 1)
+    lines = compare_with(result, path).splitlines()
+    assert lines[0] == f"change from {path}"
+    changes = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in lines[1:]}
+    assert set(changes) == {"all", "add1", "addsub2"}
+    assert "accuracy 0 -> 0.5 (+0.5)" in changes["all"]
+    assert "accuracy 0 -> 1 (+1)" in changes["add1"]
+    assert "arithmetic 0 -> 1 (+1)" in changes["addsub2"]
+    assert "exact_answer 0 -> 0 (+0)" in changes["addsub2"]
+
+
+def test_compare_refuses_a_file_that_is_no_evaluation(tmp_path):
+    other = tmp_path / "notes.jsonl"
+    other.write_text('{"text": "hello"}\n')
+    result = EvalResult({"all": {"accuracy": 1.0}}, [])
+    with pytest.raises(ValueError, match="is not an evaluation's output"):
+        compare_with(result, other)
+
+
+def test_eval_shows_the_mean_of_a_single_reward_function_too():
+    records = [
+        {"source": "a:1", "columns": {}, "correct": True, "reward": 2.0, "truncated": False,
+         "rewards": {"double": 2.0}},
+        {"source": "a:2", "columns": {}, "correct": False, "reward": 0.0, "truncated": False,
+         "rewards": {"double": 0.0}},
+    ]  # fmt: skip
+    summary = summarize(records, 1, None)
+    assert summary["all"]["double"] == 1.0 and summary["all"]["mean_reward"] == 1.0
+
+
+def test_eval_compare_on_the_command_line(tiny_model_dir, tmp_path):
+    _, test = write_split(tmp_path / "task", 0, 4, seed=1)
+    common = ["eval", "--model", tiny_model_dir, "--data", test, "--rewards", "arithmetic"]
+    common += ["--max-tokens", "2", "--group-by", "kind"]
+    first = run_cli(*common, "-o", tmp_path / "before.jsonl")
+    assert first.exit_code == 0, first.output
+    second = run_cli(*common, "--compare", tmp_path / "before.jsonl")
+    assert second.exit_code == 0, second.output
+    assert f"change from {tmp_path / 'before.jsonl'}" in second.output
+    assert "accuracy" in second.output.split("change from")[1]
+    assert "(+0)" in second.output  # the same greedy model: nothing changed

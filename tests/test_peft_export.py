@@ -181,7 +181,11 @@ def test_a_wrong_export_is_caught(mistake, qwen3, tmp_path):
 
     ours = mlx_logits(model_dir, run)
     try:
-        theirs = peft_logits(model_dir, peft_dir)
+        if mistake == "no_prefix":  # PEFT finds none of its keys, says so and loads nothing
+            with pytest.warns(UserWarning, match="missing adapter keys"):
+                theirs = peft_logits(model_dir, peft_dir)
+        else:
+            theirs = peft_logits(model_dir, peft_dir)
     except RuntimeError:  # PEFT refuses mis-shaped factors outright
         return
     assert max_diff(ours, theirs) > 100 * TOLERANCE

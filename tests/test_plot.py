@@ -18,7 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def rising_run(steps: int = 30, kl: bool = True) -> list[dict]:
-    """Steps of a run whose reward climbs; a few values are null, as the reporter writes."""
+    """Steps of a run whose reward climbs and whose every metric changes (warmup, several
+    updates per rollout); a few values are null, as the reporter writes."""
     records = []
     for s in range(1, steps + 1):
         record = {
@@ -28,14 +29,15 @@ def rising_run(steps: int = 30, kl: bool = True) -> list[dict]:
             "rewards/correct/mean": 0.8 * s / steps,
             "rewards/format/mean": 0.2,
             "entropy": 2.0 - s / steps,
+            "frac_reward_zero_std": (s % 4) / 4,
             "completions/mean_length": 100.0 + s,
             "completions/clipped_ratio": 0.1,
             "clip_ratio/low_mean": 0.0,
-            "clip_ratio/high_mean": 0.01,
-            "clip_ratio/region_mean": 0.01,
-            "learning_rate": 1e-5,
-            "grad_norm": 0.5,
-            "loss": 0.01,
+            "clip_ratio/high_mean": 0.01 * (s % 3),
+            "clip_ratio/region_mean": 0.01 * (s % 3),
+            "learning_rate": 1e-5 * min(1.0, s / 5),
+            "grad_norm": 0.5 + 0.01 * s,
+            "loss": 0.01 * (-1) ** s,
         }
         if kl:
             record["kl"] = 0.001 * s
@@ -54,8 +56,49 @@ def write_run(run_dir, records) -> None:
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def flat_run(steps: int = 10) -> list[dict]:
+    """A beta = 0 run with one update per rollout and no schedule: no kl, clip ratios
+    all 0, a constant learning rate; reward, loss and grad norm change."""
+    return [
+        {
+            "step": s,
+            "reward": s / steps,
+            "clip_ratio/low_mean": 0.0,
+            "clip_ratio/high_mean": 0.0,
+            "clip_ratio/region_mean": 0.0,
+            "learning_rate": 1e-5,
+            "loss": 0.01 * s,
+            "grad_norm": 1.0 / s,
+        }
+        for s in range(1, steps + 1)
+    ]
+
+
+HELDOUT = {
+    "before": {"all": {"accuracy": 0.25, "prompts": 8}, "add1": {"accuracy": 0.5}},
+    "after": {"all": {"accuracy": 0.625, "prompts": 8}, "add1": {"accuracy": 1.0}},
+}
+
+ALL_PANELS = {
+    "reward",
+    "KL to reference policy",
+    "completion length",
+    "clipped surrogate: token share",
+    "entropy (nats / token)",
+    "groups with zero reward std (no signal)",
+    "learning rate",
+    "loss",
+    "grad norm (before clipping)",
+}
+
+
 def axes_by_title(fig) -> dict:
     return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+
+
+def figure_text(fig) -> str:
+    """Every line of text written on the figure itself (title, footnote)."""
+    return "\n".join(t.get_text() for t in fig.texts)
 
 
 def line(ax, label: str):
@@ -90,20 +133,22 @@ def test_plot_pixels_follow_the_data(tmp_path):
     assert not np.array_equal(first, second)
 
 
-def test_figure_has_a_panel_per_metric_group():
+def test_figure_has_a_panel_per_metric_group_when_every_metric_changes():
     fig = figure_for(rising_run(), "my-run")
 
-    titles = set(axes_by_title(fig))
-    assert {
-        "reward",
-        "KL to reference policy",
-        "completion length",
-        "clipped surrogate: token share",
-        "learning rate",
-        "loss",
-        "grad norm (before clipping)",
-    } <= titles
+    assert set(axes_by_title(fig)) == ALL_PANELS
     assert fig.get_suptitle() == "my-run"
+    assert figure_text(fig) == "my-run"  # nothing left out, so no footnote
+
+
+def test_panels_are_laid_out_two_to_a_row_under_the_full_width_reward():
+    axes = axes_by_title(figure_for(rising_run(), "run"))
+
+    reward = axes.pop("reward").get_subplotspec()
+    assert reward.colspan == range(0, 2) and reward.rowspan == range(0, 1)
+    spans = [ax.get_subplotspec() for ax in axes.values()]
+    assert all(len(spec.colspan) == 1 for spec in spans)
+    assert max(spec.rowspan.stop for spec in spans) == 1 + math.ceil(len(spans) / 2)
 
 
 def test_reward_panel_draws_raw_values_band_rolling_mean_and_each_reward_function():
@@ -141,22 +186,120 @@ def test_kl_panel_plots_kl_when_logged():
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [r["kl"] for r in records])
 
 
-def test_kl_panel_says_beta_zero_when_kl_is_absent():
-    ax = axes_by_title(figure_for(rising_run(kl=False), "run"))["KL to reference policy"]
+def test_absent_and_constant_metrics_get_no_panel_and_are_named_with_their_value():
+    fig = figure_for(flat_run(), "run")
 
-    assert ax.get_lines() == []
-    assert [t.get_text() for t in ax.texts] == ["beta = 0: no KL"]
+    assert set(axes_by_title(fig)) == {"reward", "loss", "grad norm (before clipping)"}
+    note = figure_text(fig)
+    assert "constant: clip ratios 0, learning_rate 1e-05" in note
+    assert "not logged: kl (beta = 0)" in note
 
 
-def test_panels_of_unlogged_or_all_null_metrics_say_so():
-    records = [{"step": s, "reward": 0.5, "grad_norm": None} for s in (1, 2, 3)]
+def test_a_varying_learning_rate_gets_its_panel():
+    records = flat_run()
+    for r in records:
+        r["learning_rate"] = 1e-5 * r["step"] / len(records)  # warmup
 
-    axes = axes_by_title(figure_for(records, "run"))
+    fig = figure_for(records, "run")
 
-    assert [t.get_text() for t in axes["grad norm (before clipping)"].texts] == [
-        "every value is null"
-    ]
-    assert [t.get_text() for t in axes["learning rate"].texts] == ["not in metrics.jsonl"]
+    ax = axes_by_title(fig)["learning rate"]
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [r["learning_rate"] for r in records])
+    assert "learning_rate" not in figure_text(fig)
+
+
+def test_values_equal_within_float_tolerance_count_as_constant():
+    records = flat_run()
+    for r in records:
+        r["learning_rate"] = 1e-5 * (1 + 1e-9 * r["step"])
+
+    fig = figure_for(records, "run")
+
+    assert "learning rate" not in axes_by_title(fig)
+    assert "learning_rate 1e-05" in figure_text(fig)
+
+
+def test_clip_ratios_of_different_constant_values_are_named_one_by_one():
+    records = flat_run()
+    for r in records:
+        r["clip_ratio/high_mean"] = r["clip_ratio/region_mean"] = 0.02
+
+    note = figure_text(figure_for(records, "run"))
+
+    assert "clip_ratio/low_mean 0, clip_ratio/high_mean 0.02, clip_ratio/region_mean 0.02" in note
+
+
+def test_unlogged_or_all_null_metrics_get_no_panel_and_are_named():
+    records = [{"step": s, "reward": s / 3, "grad_norm": None} for s in (1, 2, 3)]
+
+    fig = figure_for(records, "run")
+
+    assert set(axes_by_title(fig)) == {"reward"}
+    note = figure_text(fig)
+    assert "all null: grad_norm" in note
+    assert "not logged: kl (beta = 0), completions, clip ratios, entropy" in note
+
+
+def test_every_axes_has_a_label_on_each_visible_axis():
+    fig = figure_for(rising_run(), "run", heldout=HELDOUT)
+
+    assert len(fig.axes) == len(ALL_PANELS) + 2  # + held-out, + the clipped ratio's twin
+    for ax in fig.axes:
+        assert ax.get_ylabel(), ax.get_title()
+        if ax.xaxis.get_visible():  # a twin's x axis is its host's, drawn once
+            assert ax.get_xlabel(), ax.get_title()
+    step_panels = [ax for ax in fig.axes if ax.get_title() in ALL_PANELS]
+    assert {ax.get_xlabel() for ax in step_panels} == {"step"}
+    assert axes_by_title(fig)["reward"].get_ylabel() == "reward"
+    assert axes_by_title(fig)["completion length"].get_ylabel() == "tokens"
+
+
+def test_heldout_adds_a_panel_of_before_and_after_bars_labelled_in_percent():
+    fig = figure_for(rising_run(), "run", heldout=HELDOUT)
+
+    ax = axes_by_title(fig)["held-out accuracy"]
+    heights = [bar.get_height() for bar in ax.patches]
+    assert heights == [0.25, 0.5, 0.625, 1.0]  # before: all, add1; then after: all, add1
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["all", "add1"]
+    assert [t.get_text() for t in ax.texts] == ["25.0%", "50.0%", "62.5%", "100.0%"]
+    assert "held-out accuracy" not in axes_by_title(figure_for(rising_run(), "run"))
+
+
+def test_plot_run_draws_heldout_accuracy(tmp_path, monkeypatch):
+    write_run(tmp_path, rising_run(steps=3))
+    seen = []
+    real = plot.figure_for
+
+    def spy(records, title, heldout=None):
+        seen.append(heldout)
+        return real(records, title, heldout=heldout)
+
+    monkeypatch.setattr(plot, "figure_for", spy)
+
+    out = plot_run(tmp_path, heldout=HELDOUT)
+
+    assert seen == [HELDOUT]
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    ("heldout", "message"),
+    [
+        ({"before": HELDOUT["before"]}, 'needs "before" and "after"'),
+        ([HELDOUT["before"], HELDOUT["after"]], 'needs "before" and "after"'),
+        ({"before": {}, "after": HELDOUT["after"]}, r'heldout\["before"\] should map group'),
+        (
+            {"before": HELDOUT["before"], "after": {"all": {"prompts": 8}}},
+            r'heldout\["after"\]\["all"\] has no "accuracy" number',
+        ),
+        (
+            {"before": {"all": {"accuracy": "25%"}}, "after": HELDOUT["after"]},
+            r'heldout\["before"\]\["all"\] has no "accuracy" number',
+        ),
+    ],
+)
+def test_malformed_heldout_is_refused(heldout, message):
+    with pytest.raises(ValueError, match=message):
+        figure_for(rising_run(steps=3), "run", heldout=heldout)
 
 
 def test_single_step_run_with_null_and_nan_values_plots(tmp_path):
@@ -170,10 +313,13 @@ def test_single_step_run_with_null_and_nan_values_plots(tmp_path):
     out = plot_run(run)
 
     assert out.read_bytes()[:8] == PNG_MAGIC
-    ax = axes_by_title(figure_for(load_metrics(run), "run"))["reward"]
+    fig = figure_for(load_metrics(run), "run")
+    ax = axes_by_title(fig)["reward"]
     reward = line(ax, "reward")
     assert reward.get_marker() == "o"  # a lone point gets a dot, or it would be invisible
     assert ax.get_xlim() == (0.0, 2.0)
+    assert "constant: kl 0" in figure_text(fig)  # one value is constant over the run
+    assert "all null: loss" in figure_text(fig)
 
 
 def test_a_relogged_step_keeps_the_later_record():
@@ -190,7 +336,7 @@ def test_title_names_the_run_dir_and_the_model(tmp_path, monkeypatch):
     (run / "config.yaml").write_text("model: Qwen/Qwen3-0.6B\nbeta: 0.0\n")
     titles = []
 
-    def spy(records, title):  # skip the drawing: only the title matters here
+    def spy(records, title, heldout=None):  # skip the drawing: only the title matters here
         titles.append(title)
         return Figure(figsize=(1, 1))
 

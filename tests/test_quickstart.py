@@ -1,11 +1,14 @@
 """The main job end to end on the real SmolLM2-135M-Instruct, for a few steps."""
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from mlx_grpo.core.outputs import kind_of
-from mlx_grpo.tasks.quickstart import report, run_quickstart
+from mlx_grpo.tasks.quickstart import next_steps, report, run_quickstart
 
 
 def test_main_job_refuses_a_folder_it_did_not_make(tmp_path):
@@ -47,6 +50,17 @@ def test_main_job_evaluates_trains_exports_and_plots(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
     assert "add1" in report(summary)
     assert kind_of(tmp_path) == "quickstart" and kind_of(tmp_path / "peft") == "peft"
+
+    # The closing summary: every output it names exists, and its eval command runs as printed.
+    text = next_steps(summary)
+    listed = text.split("Next:")[0].splitlines()[1:]
+    assert len(listed) == len(summary["outputs"])
+    for line in listed:
+        assert Path(line.split()[-1]).exists(), line
+    command = next(line for line in text.splitlines() if line.strip().startswith("mlx-grpo eval"))
+    result = run_cli(*shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    assert f"change from {tmp_path / 'eval_before.jsonl'}" in result.output
 
     again = run_quickstart(  # a rerun replaces the run and the export in its own folder
         tmp_path, minutes=5, n_train=32, n_test=10, max_steps=1, show_progress=False

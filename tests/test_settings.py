@@ -213,14 +213,19 @@ def eval_args(tiny_model_dir, toy_data):
         (["--batch-size", "0"], ["--batch-size must be >= 1, got 0"]),
         (["--limit", "-1"], ["--limit must be >= 1, got -1"]),
         (["--temperature", "-1"], ["--temperature must be >= 0, got -1.0"]),
-        (["--top-p", "0"], ["--top-p must be in (0, 1], got 0.0"]),
-        (["--max-tokens", "0"], ["--max-tokens must be >= 1, got 0"]),
-        (["--max-tokens", "100000000"], ["--max-tokens 100000000 does not fit", "4096"]),
+        (["--top-p", "0"], ["top_p must be in (0, 1], got 0.0 (from the flag --top-p)"]),
+        (["--top-k", "-1"], ["top_k must be >= 0, got -1 (from the flag --top-k)"]),
+        (["--min-p", "1"], ["min_p must be in [0, 1), got 1.0 (from the flag --min-p)"]),
+        (["--max-tokens", "0"], ["max_completion_length must be >= 1, got 0"]),
+        (
+            ["--max-completion-length", "100000000"],
+            ["--max-completion-length 100000000 does not fit", "4096"],
+        ),
         (["--seed", "-3"], ["--seed must be in [0, "]),
         (["--success-threshold", "nan"], ["--success-threshold must be a finite number"]),
         (["--group-by", "kind"], ["--group-by 'kind'", "has that column", "allowed"]),
         (["--reward-weights", "1,2"], ["got 1 reward functions", "but 2 weights"]),
-        (["--reward-weights", "x"], ["--reward-weights: 'x' is not a number"]),
+        (["--reward-weights", "x"], ["reward_weights must be a number, got 'x'"]),
         (["--samples", "2"], ["--samples > 1 needs sampling"]),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) and v[0].startswith("--") else "",
@@ -256,13 +261,25 @@ def test_eval_rewards_repeated_or_comma_separated_score_alike(eval_args, tmp_pat
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
 
+@pytest.mark.parametrize(
+    "flag, value", [("--top-p", "0"), ("--reward-weights", "x"), ("--max-completion-length", "0")]
+)
+def test_eval_reads_a_shared_setting_as_train_does(eval_args, quick_settings, flag, value):
+    trained = run_cli("train", *cli_flags(quick_settings), flag, value)
+    evaluated = run_cli("eval", *eval_args, flag, value)
+    assert_refused(trained, flag)
+    assert_refused(evaluated, flag)
+    assert evaluated.output == trained.output
+
+
 # --------------------------------------------------------------------------- other commands
 
 
 @pytest.mark.parametrize(
     "extra, phrase",
     [
-        (["--max-tokens", "-5"], "--max-tokens must be >= 1, got -5"),
+        (["--max-tokens", "-5"], "max_completion_length must be >= 1, got -5"),
+        (["--top-k", "x"], "top_k must be a whole number, got 'x' (from the flag --top-k)"),
         (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
     ],
 )
@@ -292,7 +309,9 @@ def test_quickstart_and_demo_refuse_zero_or_negative_time_and_sizes(
 
 def test_generate_refuses_more_tokens_than_the_models_context(tiny_model_dir):
     result = run_cli("generate", "--model", tiny_model_dir, "--max-tokens", "100000000", "Hi")
-    assert_refused(result, "--max-tokens 100000000 does not fit", "context of 4096 tokens")
+    assert_refused(
+        result, "--max-completion-length 100000000 does not fit", "context of 4096 tokens"
+    )
 
 
 def test_plot_never_writes_over_a_file_that_is_not_a_png(quick_settings, toy_data, tmp_path):

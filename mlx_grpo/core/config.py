@@ -95,7 +95,8 @@ class TrainConfig:
     )
     rewards: list[str] = _opt(
         ["math_answer"],
-        "Reward functions: builtin name, module:function or path/file.py:function.",
+        "Reward functions: a built-in name (`mlx-grpo rewards` lists them), "
+        "module:function or path/file.py:function.",
     )
     reward_weights: list[float] | None = _opt(
         None,
@@ -268,17 +269,7 @@ class TrainConfig:
         Raises SettingError naming the settings; `resolve` adds where each came from.
         """
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            choices, allowed = f.metadata.get("choices"), f.metadata.get("allowed")
-            if choices and value not in choices:
-                raise SettingError((f.name,), f"must be one of {', '.join(choices)}", value)
-            values = value if isinstance(value, list) else [value]
-            big = f.name != "seed" and any(isinstance(v, int) and v > INT32_MAX for v in values)
-            if big:  # arrays and loop counts are 32-bit in MLX
-                raise SettingError((f.name,), f"must be at most {INT32_MAX}", value)
-            if allowed is not None and any(v is not None and v not in allowed for v in values):
-                rule = f"must {'each ' if isinstance(value, list) else ''}be {allowed}"
-                raise SettingError((f.name,), rule, value)
+            check_field(f, getattr(self, f.name))
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise SettingError(
                 ("epsilon_high", "epsilon"),
@@ -339,7 +330,72 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-DEFAULTS = TrainConfig()  # the trainer's defaults, for the tools that share its options
+# How `mlx-grpo train --help` groups the settings; every field is in exactly one topic.
+TOPICS: dict[str, tuple[str, ...]] = {
+    "Model": ("model", "dtype", "adapter"),
+    "Data": ("data", "prompt_column", "system_prompt", "enable_thinking", "max_prompt_length"),
+    "Rewards": ("rewards", "reward_weights", "on_reward_error"),
+    "GRPO": (
+        "num_generations",
+        "prompts_per_step",
+        "loss_type",
+        "beta",
+        "kl_estimator",
+        "use_bias_correction_kl",
+        "epsilon",
+        "epsilon_high",
+        "num_iterations",
+        "importance_sampling_level",
+        "scale_rewards",
+    ),
+    "Sampling": ("max_completion_length", "temperature", "top_p", "top_k", "min_p"),
+    "LoRA": (
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_targets",
+        "lora_layers",
+        "use_rslora",
+    ),
+    "Optimisation": (
+        "learning_rate",
+        "lr_scheduler",
+        "warmup_steps",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "gradient_accumulation_steps",
+        "max_nonfinite_updates",
+    ),
+    "Run and checkpoints": (
+        "output_dir",
+        "overwrite",
+        "seed",
+        "max_steps",
+        "max_minutes",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "distributed_timeout",
+    ),
+    "Memory": ("grad_checkpoint", "logits_chunk_size"),
+}
+
+
+def check_field(f: dataclasses.Field, value: Any) -> None:
+    """Refuse a value outside the field's choices or range (SettingError names the field)."""
+    choices, allowed = f.metadata.get("choices"), f.metadata.get("allowed")
+    if choices and value not in choices:
+        raise SettingError((f.name,), f"must be one of {', '.join(choices)}", value)
+    values = value if isinstance(value, list) else [value]
+    big = f.name != "seed" and any(isinstance(v, int) and v > INT32_MAX for v in values)
+    if big:  # arrays and loop counts are 32-bit in MLX
+        raise SettingError((f.name,), f"must be at most {INT32_MAX}", value)
+    if allowed is not None and any(v is not None and v not in allowed for v in values):
+        rule = f"must {'each ' if isinstance(value, list) else ''}be {allowed}"
+        raise SettingError((f.name,), rule, value)
 
 
 def setting(name: str) -> dataclasses.Field:
@@ -352,6 +408,9 @@ def check_setting(name: str, value: Any, flag: str) -> None:
     allowed = setting(name).metadata.get("allowed")
     if allowed is not None:
         check_option(flag, value, allowed)
+
+
+DEFAULTS = TrainConfig()  # the trainer's defaults, for the tools that share its options
 
 
 def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:

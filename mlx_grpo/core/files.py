@@ -58,3 +58,8 @@ def cache_dir() -> Path:
     """Where downloads and converted models are kept (MLX_GRPO_CACHE overrides)."""
     default = Path.home() / ".cache" / "mlx-grpo"
     return Path(os.environ.get("MLX_GRPO_CACHE", default)).expanduser()
+
+
+def models_dir() -> Path:
+    """Where models kept under a name live: `--model NAME` finds `models_dir() / NAME`."""
+    return cache_dir() / "models"

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
 from mlx_grpo.core.backend import cpu_only
-from mlx_grpo.core.files import cache_dir, read_json_object, sha256
+from mlx_grpo.core.files import cache_dir, models_dir, read_json_object, sha256
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -65,6 +65,7 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
 
     if not path_or_id:
         raise ValueError("no model given: pass --model with a Hub id or a local directory")
+    path_or_id = named_model(path_or_id)
     if path_or_id.lower().endswith(".gguf"):
         path_or_id = str(converted_gguf(Path(path_or_id)))
     local = Path(path_or_id).expanduser()
@@ -84,6 +85,9 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
         )
     except Exception as e:  # mlx-lm raises many kinds; wrap them with context
         where = "the directory" if local.exists() else "the Hugging Face Hub (network and id)"
+        kept = sorted(p.parent.name for p in models_dir().glob("*/config.json"))
+        if kept and not local.exists():
+            where += f", or use a model kept by name: {', '.join(kept)}"
         raise ValueError(
             f"could not load model '{path_or_id}': {type(e).__name__}: {e}. Check {where}."
         ) from e
@@ -98,13 +102,23 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
     return LoadedModel(model, tokenizer, config, path_or_id, sorted(eos), int(pad))
 
 
+def named_model(path_or_id: str) -> str:
+    """`path_or_id`, or the folder of the model kept under that name in `models_dir()`
+    (a local path of the same name wins)."""
+    bare = path_or_id and "/" not in path_or_id and not path_or_id.startswith(("~", "."))
+    if not bare or Path(path_or_id).exists():
+        return path_or_id
+    folder = models_dir() / path_or_id
+    return str(folder) if (folder / "config.json").is_file() else path_or_id
+
+
 def fingerprint(model: str) -> str | None:
     """SHA-256 of a local model folder's config, weights and tokenizer files (None for Hub ids).
 
     The bytes are hashed, so a changed weight of the same size counts; read
     once per setup, in chunks.
     """
-    folder = Path(model).expanduser()
+    folder = Path(named_model(model)).expanduser()
     if not folder.is_dir():
         return None
     files = sorted({f for pattern in _MODEL_FILES for f in folder.glob(pattern) if f.is_file()})

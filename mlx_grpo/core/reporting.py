@@ -1,4 +1,4 @@
-"""One metrics path: each step's dict goes to metrics.jsonl, the progress bar and stdout."""
+"""One metrics path: each step's dict goes to metrics.jsonl and the progress display."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from tqdm import tqdm
 
 from mlx_grpo.core.files import read_text
 from mlx_grpo.core.objective import Advantages, nanstd
+from mlx_grpo.core.progress import Progress
 from mlx_grpo.core.runfolder import disk_full, is_disk_full, open_append, open_new, refuse_symlinks
 
 METRICS_FILE = "metrics.jsonl"
@@ -117,31 +117,31 @@ def _replace(path: Path, lines: list[str]) -> None:
 
 
 class Reporter:
-    """Writes step metrics and completion samples; shows a progress bar.
+    """Writes step metrics and completion samples; shows the run's progress.
 
     A reporter that is not `enabled` (the other processes of a distributed
-    run) writes and shows nothing.
+    run) writes and shows nothing. `mode` and `every` choose the display; see `Progress`.
     """
 
     def __init__(
         self,
         output_dir: Path,
-        total_steps: int | None,
-        show_progress: bool = True,
-        initial: int = 0,
+        *,
+        max_steps: int,
+        max_minutes: float | None = None,
+        start_step: int = 0,
+        mode: str = "auto",
+        every: int = 1,
         enabled: bool = True,
     ):
+        # First, so a bad mode is refused before any file is opened.
+        self.progress = Progress(
+            mode if enabled else "off", max_steps, max_minutes, start_step, every
+        )
         self.output_dir = output_dir
         self.enabled = enabled
         self.metrics_file = open_append(output_dir / METRICS_FILE) if enabled else None
         self.samples_file = open_append(output_dir / COMPLETIONS_FILE) if enabled else None
-        self.bar = tqdm(
-            total=total_steps,
-            initial=initial,
-            disable=not (show_progress and enabled),
-            unit="step",
-            dynamic_ncols=True,
-        )
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -150,11 +150,7 @@ class Reporter:
         with self._writing(f"the metrics of step {metrics.get('step')}", METRICS_FILE):
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
-        shown = {"reward": "reward", "loss": "loss", "kl": "kl", "completions/mean_length": "len"}
-        self.bar.set_postfix(
-            {short: f"{metrics[k]:.4g}" for k, short in shown.items() if metrics.get(k) is not None}
-        )
-        self.bar.update(1)
+        self.progress.update(metrics.get("step"), metrics.get("time/step"), metrics.get("reward"))
 
     def samples(self, step: int, rows: list[dict[str, Any]], show: int = 1) -> None:
         """Record completions of this step; print the first `show` of them."""
@@ -187,10 +183,10 @@ class Reporter:
 
     def write(self, text: str) -> None:
         if self.enabled:
-            self.bar.write(text)
+            self.progress.above(text)
 
     def close(self) -> None:
-        self.bar.close()
+        self.progress.close()
         if self.enabled:
             for f in (self.metrics_file, self.samples_file):
                 try:

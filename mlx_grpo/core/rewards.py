@@ -287,6 +287,21 @@ def clash(column: str, where: str) -> str:
     )
 
 
+def columns_read(fn: RewardFn) -> list[str]:
+    """The dataset columns a reward function names (beyond the standard arguments)."""
+    named = parameters(fn) or []
+    kinds = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    return [p.name for p in named if p.kind not in kinds and p.name not in STANDARD_ARGUMENTS]
+
+
+def describe_builtins() -> list[tuple[str, str, list[str]]]:
+    """(name, one-line description, columns read) of every built-in reward."""
+    return [
+        (name, (fn.__doc__ or "").strip().splitlines()[0], columns_read(fn))
+        for name, fn in BUILTIN_REWARDS.items()
+    ]
+
+
 def parameters(fn: RewardFn) -> list[inspect.Parameter] | None:
     try:
         return list(inspect.signature(fn).parameters.values())

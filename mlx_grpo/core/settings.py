@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mlx_grpo.core.config import TrainConfig, field_type
+from mlx_grpo.core.config import TrainConfig, check_field, field_type, setting
 from mlx_grpo.core.files import read_text
 from mlx_grpo.core.values import SettingError, shown
 
@@ -148,6 +148,17 @@ def resolve(
         return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     except SettingError as e:
         raise ValueError(_explain(e, origins, config_file)) from None
+
+
+def setting_value(name: str, value: Any, given_as: str = "flag") -> Any:
+    """One setting's value, typed and checked as `resolve` checks a whole config (lists also
+    from repeated flags and comma lists); a refusal reads the same."""
+    try:
+        typed = _coerce(name, value)
+        check_field(setting(name), typed)
+    except SettingError as e:
+        raise ValueError(_explain(e, {name: given_as}, None)) from None
+    return typed
 
 
 def _explain(e: SettingError, origins: dict[str, str], config_file: str | Path | None) -> str:

@@ -66,7 +66,7 @@ def train(
     config: TrainConfig | str | Path | None = None,
     *,
     reward_funcs: list[Callable] | None = None,
-    show_progress: bool = True,
+    show_progress: bool | str = True,
     resume: str | Path | None = None,
     **overrides: Any,
 ) -> TrainResult:
@@ -76,6 +76,10 @@ def train(
     `reward_funcs` adds Python callables (TRL signature) after the named
     rewards; `reward_weights` then covers both, in that order. Given alone
     (no `rewards`, no config), the callables are the only rewards.
+
+    `show_progress`: True shows a progress bar on a terminal and one plain
+    line per `logging_steps` steps elsewhere, "lines" always the lines, False
+    nothing (the files are written all the same).
 
     `resume` continues the run in that output directory from its newest
     checkpoint, with the settings it started with (`overrides` may change
@@ -101,11 +105,7 @@ def train(
     peers.timeout = cfg.distributed_timeout
     run = setup(cfg, reward_funcs or [], resume=resume is not None, peers=peers)
     try:  # the run folder stays locked until here
-        # A time limit makes the step count unknown: show elapsed time and rate instead.
-        total = None if cfg.max_minutes else cfg.max_steps
-        reporter = Reporter(
-            run.output_dir, total, show_progress, run.state.step, enabled=peers.main
-        )
+        reporter = _reporter(run, show_progress)
         reporter.write(summary(run))
         if resume is not None:
             reporter.write(_resumed(run))
@@ -118,6 +118,20 @@ def train(
     finally:
         run.release()
     return TrainResult(run.output_dir, run.state.history, peers.rank)
+
+
+def _reporter(run: Run, show_progress: bool | str) -> Reporter:
+    """The run's metrics files and progress display (process 0's: the others show nothing)."""
+    cfg = run.cfg
+    return Reporter(
+        run.output_dir,
+        max_steps=cfg.max_steps,
+        max_minutes=cfg.max_minutes,
+        start_step=run.state.step,
+        mode={True: "auto", False: "off"}.get(show_progress, show_progress),
+        every=cfg.logging_steps,
+        enabled=run.peers.main,
+    )
 
 
 def _settings(

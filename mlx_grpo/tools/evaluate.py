@@ -35,6 +35,8 @@ from mlx_grpo.core.values import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_
 class EvalResult:
     summary: dict[str, dict[str, float]]  # group ("all", or a value of group_by) -> figures
     records: list[dict[str, Any]] = field(default_factory=list)  # one per completion
+    group_by: str | None = None
+    num_samples: int = 1
 
     def table(self) -> str:
         """The summary as a fixed-width text table."""
@@ -75,7 +77,7 @@ def evaluate(
     top_p: float = DEFAULTS.top_p,
     top_k: int = DEFAULTS.top_k,
     min_p: float = DEFAULTS.min_p,
-    max_completion_length: int = 256,
+    max_completion_length: int = DEFAULTS.max_completion_length,
     batch_size: int = 32,
     success_threshold: float = 1.0,
     group_by: str | None = None,
@@ -97,7 +99,7 @@ def evaluate(
     check_setting("top_p", top_p, "--top-p")
     check_setting("top_k", top_k, "--top-k")
     check_setting("min_p", min_p, "--min-p")
-    check_setting("max_completion_length", max_completion_length, "--max-tokens")
+    check_setting("max_completion_length", max_completion_length, "--max-completion-length")
     for flag, value, allowed in (
         ("--samples", num_samples, AT_LEAST_1),
         ("--temperature", temperature, AT_LEAST_0),
@@ -120,7 +122,7 @@ def evaluate(
     ]
     rewards_mod.check_arguments(funcs, (k for r in rows for k in r.columns), data)
     _check_group_by(group_by, rows, data)
-    check_completion_length(lm, max_completion_length, "--max-tokens")
+    check_completion_length(lm, max_completion_length, "--max-completion-length")
     sampling = SamplingSettings(temperature, top_p, top_k, min_p, max_completion_length)
     per_batch = max(1, batch_size // num_samples)
     records = []
@@ -133,7 +135,7 @@ def evaluate(
         partial = Path(output).with_name(f".{Path(output).name}.partial")
         partial.write_text("".join(json.dumps(r) + "\n" for r in records))
         partial.replace(output)  # a crash never leaves half a file where a good one was
-    return EvalResult(summarize(records, num_samples, group_by), records)
+    return EvalResult(summarize(records, num_samples, group_by), records, group_by, num_samples)
 
 
 def _check_output(output: Path, data: str) -> None:
@@ -229,10 +231,9 @@ def summarize(records: list[dict], n: int, group_by: str | None) -> dict[str, di
         figures["accuracy"] = float(np.mean([r["correct"] for r in items]))
         scored = [r["reward"] for r in items if r["reward"] is not None]
         figures["mean_reward"] = float(np.mean(scored)) if scored else float("nan")
-        if len(items[0]["rewards"]) > 1:
-            for func in items[0]["rewards"]:
-                values = [r["rewards"][func] for r in items if r["rewards"][func] is not None]
-                figures[func] = float(np.mean(values)) if values else float("nan")
+        for func in items[0]["rewards"]:  # each function's own mean beside the weighted one
+            values = [r["rewards"][func] for r in items if r["rewards"][func] is not None]
+            figures[func] = float(np.mean(values)) if values else float("nan")
         if n > 1:
             for k in sorted({1, n}):
                 figures[f"pass@{k}"] = float(
@@ -241,3 +242,30 @@ def summarize(records: list[dict], n: int, group_by: str | None) -> dict[str, di
         figures["truncated"] = float(np.mean([r["truncated"] for r in items]))
         summary[name] = figures
     return summary
+
+
+def compare_with(result: EvalResult, before: str | Path) -> str:
+    """The change from an earlier evaluation (its --output file): before -> after, per group
+    and per figure the two share."""
+    path = Path(before)
+    if not _written_by_eval(path):
+        raise ValueError(
+            f"--compare {path} is not an evaluation's output; give the JSONL file an earlier "
+            "`mlx-grpo eval ... -o FILE` wrote."
+        )
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"--compare {path} holds no completions; evaluate into it again.")
+    samples = max(r.get("sample", 0) for r in records) + 1
+    old = summarize(records, samples, result.group_by)
+    rows = [f"change from {path}"]
+    for group, after in result.summary.items():
+        if group not in old:
+            continue
+        changes = [
+            f"{key} {_cell(old[group][key])} -> {_cell(value)} ({value - old[group][key]:+.4g})"
+            for key, value in after.items()
+            if key != "prompts" and isinstance(old[group].get(key), float)
+        ]
+        rows.append(f"{group}: " + "; ".join(changes))
+    return "\n".join(rows)

@@ -24,6 +24,7 @@ import yaml
 
 from mlx_grpo.core.adapters import PEFT_CONFIG, Adapter, load_adapted
 from mlx_grpo.core.files import read_json_object
+from mlx_grpo.core.models import named_model
 from mlx_grpo.core.outputs import build, check_target
 from mlx_grpo.core.reporting import CONFIG_FILE, METRICS_FILE
 from mlx_grpo.core.values import is_hub_id
@@ -54,7 +55,7 @@ def hub_id(model: str | None) -> str | None:
     """
     if not model:
         return None
-    path = Path(model).expanduser()
+    path = Path(named_model(model)).expanduser()
     if not path.exists():
         return model if is_hub_id(model) else None
     try:
@@ -157,7 +158,7 @@ def _run_summary(source: Path) -> dict[str, Any]:
 
 
 def _num_layers(base_model: str | None) -> int | None:
-    folder = Path(base_model).expanduser() if base_model else None
+    folder = Path(named_model(base_model)).expanduser() if base_model else None
     if folder is None or not (folder / "config.json").is_file():
         return None
     fix = "restore the base model's config.json, or pass another --base-model"

@@ -15,7 +15,7 @@ def generate(
     model: str,
     prompt: str,
     adapter: str | Path | None = None,
-    max_completion_length: int = 256,
+    max_completion_length: int = DEFAULTS.max_completion_length,
     temperature: float = 0.0,
     system_prompt: str | None = DEFAULTS.system_prompt,
     enable_thinking: bool | None = DEFAULTS.enable_thinking,
@@ -34,7 +34,7 @@ def generate(
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
-    check_setting("max_completion_length", max_completion_length, "--max-tokens")
+    check_setting("max_completion_length", max_completion_length, "--max-completion-length")
     check_option("--temperature", temperature, AT_LEAST_0)
     check_setting("top_p", top_p, "--top-p")
     check_setting("top_k", top_k, "--top-k")
@@ -42,7 +42,7 @@ def generate(
     if not prompt.strip():
         raise ValueError("the prompt is empty; give the text to reply to, e.g. 'What is 17 * 3?'")
     lm, _ = load_adapted(model, adapter)
-    check_completion_length(lm, max_completion_length, "--max-tokens")
+    check_completion_length(lm, max_completion_length, "--max-completion-length")
     lm.model.eval()
     ids = encode_prompt(prompt, lm.tokenizer, system_prompt, enable_thinking)
     sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)

@@ -1,11 +1,17 @@
 """Training curves of a run: `metrics.jsonl` -> one PNG of panels over steps.
 
 Panels: reward across the top (raw, a +-reward_std band, a trailing rolling mean
-and each reward function's mean unless it is the reward itself), then KL to the
-reference, completion length with the clipped share, the surrogate's clip ratios,
-entropy, the share of groups with zero reward spread (no learning signal), learning
-rate, loss and grad norm. A metric a run never logged gets a note in its panel
-instead of an empty plot.
+and each reward function's mean unless it is the reward itself), then, two to a
+row, held-out accuracy before -> after training when given, KL to the reference,
+completion length with the clipped share, the surrogate's clip ratios, entropy,
+the share of groups with zero reward spread (no learning signal), learning rate,
+loss and grad norm.
+
+Only metrics that change get a panel. One that is constant over the run (clip
+ratios all 0 with one update per rollout, a learning rate without a schedule),
+all null, or never logged (no KL when beta = 0) is named, with its value, in a
+line at the foot of the figure instead, so nothing is hidden silently. The reward
+panel is always drawn.
 
 Null values (what the reporter writes for NaN or unscorable steps) become gaps in
 the lines; a point with gaps on both sides is drawn as a dot so it stays visible.
@@ -18,6 +24,7 @@ only here, and drawn through the Agg canvas: no display and no pyplot state.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,41 +40,76 @@ if TYPE_CHECKING:
 PLOT_FILE = "training.png"
 INSTALL_HINT = 'plotting needs matplotlib: pip install "mlx-grpo[plot]"'
 
-# (metric key, legend label) of the simple panels, drawn in this order after the
-# reward, KL and length panels.
-_CLIP_RATIOS = [
-    ("clip_ratio/low_mean", "low: r < 1-eps, A < 0"),
-    ("clip_ratio/high_mean", "high: r > 1+eps, A > 0"),
-    ("clip_ratio/region_mean", "region: either"),
-]
-_SINGLE = [
-    ("entropy", "entropy (nats / token)"),
-    ("frac_reward_zero_std", "groups with zero reward std (no signal)"),
-    ("learning_rate", "learning rate"),
-    ("loss", "loss"),
-    ("grad_norm", "grad norm (before clipping)"),
-]
-_LAYOUT = [
-    ["reward", "reward"],
-    ["kl", "completions"],
-    ["clip_ratio", "entropy"],
-    ["frac_reward_zero_std", "learning_rate"],
-    ["loss", "grad_norm"],
-]
+
+@dataclass(frozen=True)
+class _Panel:
+    """One panel over steps: the metrics it draws and how its axes are labelled."""
+
+    name: str  # mosaic key, and its name in the note of what was left out
+    title: str
+    ylabel: str
+    keys: list[tuple[str, str]]  # (metric key, legend label)
+    why_absent: str = ""  # said in the note when none of `keys` was logged
 
 
-def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
+_CLIPPED = "completions/clipped_ratio"
+_LENGTHS = [
+    ("completions/mean_length", "mean length"),
+    ("completions/mean_terminated_length", "mean length, terminated"),
+]
+# Drawn in this order after the reward (and held-out) panels, two to a row.
+_PANELS = [
+    _Panel("kl", "KL to reference policy", "nats / token", [("kl", "kl")], "beta = 0"),
+    _Panel(
+        "completions",
+        "completion length",
+        "tokens",
+        [*_LENGTHS, (_CLIPPED, "clipped ratio (right)")],
+    ),
+    _Panel(
+        "clip ratios",
+        "clipped surrogate: token share",
+        "share of tokens",
+        [
+            ("clip_ratio/low_mean", "low: r < 1-eps, A < 0"),
+            ("clip_ratio/high_mean", "high: r > 1+eps, A > 0"),
+            ("clip_ratio/region_mean", "region: either"),
+        ],
+    ),
+    _Panel("entropy", "entropy (nats / token)", "nats / token", [("entropy", "entropy")]),
+    _Panel(
+        "frac_reward_zero_std",
+        "groups with zero reward std (no signal)",
+        "share of groups",
+        [("frac_reward_zero_std", "groups with zero reward std")],
+    ),
+    _Panel("learning_rate", "learning rate", "learning rate", [("learning_rate", "lr")]),
+    _Panel("loss", "loss", "loss", [("loss", "loss")]),
+    _Panel("grad_norm", "grad norm (before clipping)", "L2 norm", [("grad_norm", "grad norm")]),
+]
+# Values this close count as one: a float that only round-trips through JSON is constant.
+_RTOL, _ATOL = 1e-6, 1e-12
+
+
+def plot_run(
+    run_dir: str | Path, output: str | Path | None = None, *, heldout: dict | None = None
+) -> Path:
     """Draw the training curves of the run in `run_dir` to a PNG; return its path.
+
+    `heldout`, if given, adds a panel of held-out accuracy before -> after training:
+    `{"before": summary, "after": summary}`, each the `summary` of an `evaluate(...)`
+    result (group -> figures, with "accuracy" in each group).
 
     Example:
         >>> plot_run("runs/grpo")  # writes runs/grpo/training.png
+        >>> plot_run("runs/grpo", heldout={"before": before.summary, "after": after.summary})
     """
     run_dir = Path(run_dir)
     out = Path(output) if output is not None else run_dir / PLOT_FILE
     _check_output(out)
     records = load_metrics(run_dir)
     _, FigureCanvasAgg = _matplotlib()
-    fig = figure_for(records, _title(run_dir))
+    fig = figure_for(records, _title(run_dir), heldout=heldout)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
     FigureCanvasAgg(fig).print_png(str(partial))
@@ -108,38 +150,103 @@ def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def figure_for(records: list[dict[str, Any]], title: str) -> Figure:
+def figure_for(records: list[dict[str, Any]], title: str, *, heldout: dict | None = None) -> Figure:
     """The figure of all panels for these step records (the test seam of `plot_run`)."""
+    if heldout is not None:
+        _check_heldout(heldout)
     figure_cls, _ = _matplotlib()
     from matplotlib.ticker import MaxNLocator
 
     steps, series = _series(records)
-    fig = figure_cls(figsize=(13, 15), dpi=100, layout="constrained")
+    panels, left_out = _panels_with_data(series)
+    names = (["heldout"] if heldout is not None else []) + [p.name for p in panels]
+    layout = [["reward", "reward"]]
+    for i in range(0, len(names), 2):
+        pair = names[i : i + 2]
+        layout.append(pair + ["."] * (2 - len(pair)))  # "." leaves the slot empty
+    height_ratios = [1.3] + [1] * (len(layout) - 1)
+    fig = figure_cls(figsize=(13, 0.8 + 2.6 * sum(height_ratios)), dpi=100, layout="constrained")
     fig.get_layout_engine().set(hspace=0.05)  # room between a panel's ticks and the next title
     fig.suptitle(title, fontsize=13)
-    axes = fig.subplot_mosaic(_LAYOUT, sharex=True, height_ratios=[1.3, 1, 1, 1, 1])
+    if left_out:
+        # A figure-wide x label is a footnote that constrained layout makes room for.
+        fig.supxlabel(left_out, fontsize=9, color="0.35")
+    axes = fig.subplot_mosaic(layout, height_ratios=height_ratios)
 
-    _reward_panel(axes["reward"], steps, series)
-    if "kl" in series:
-        _lines_panel(axes["kl"], steps, series, [("kl", "kl")], "KL to reference policy")
-    else:
-        axes["kl"].set_title("KL to reference policy")
-        _note(axes["kl"], "beta = 0: no KL")
-    _length_panel(axes["completions"], steps, series)
-    _lines_panel(axes["clip_ratio"], steps, series, _CLIP_RATIOS, "clipped surrogate: token share")
-    for key, label in _SINGLE:
-        _lines_panel(axes[key], steps, series, [(key, label)], label)
-    axes["learning_rate"].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    reward = axes["reward"]
+    _reward_panel(reward, steps, series)
+    reward.set_ylabel("reward")
+    for panel in panels:
+        ax = axes[panel.name]
+        ax.sharex(reward)  # not the held-out panel: its x axis is the groups
+        ax.set_title(panel.title)
+        ax.set_ylabel(panel.ylabel)
+        draw = _length_panel if panel.name == "completions" else _lines_panel
+        draw(ax, steps, series, panel)
+    if "learning_rate" in axes:
+        axes["learning_rate"].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if heldout is not None:
+        _heldout_panel(axes["heldout"], heldout)
 
-    axes["reward"].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by all panels
+    reward.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by all step panels
     if steps[-1] - steps[0] < 2:  # one or two steps: widen, or the ticks are fractions
-        axes["reward"].set_xlim(steps[0] - 1, steps[-1] + 1)
-    for ax in axes.values():
+        reward.set_xlim(steps[0] - 1, steps[-1] + 1)
+    for name, ax in axes.items():
         ax.grid(alpha=0.3)
-        ax.tick_params(labelbottom=True)  # sharex hides them; keep step numbers on every panel
-    for key in _LAYOUT[-1]:
-        axes[key].set_xlabel("step")
+        if name != "heldout":
+            ax.set_xlabel("step")
     return fig
+
+
+def _panels_with_data(series: dict[str, np.ndarray]) -> tuple[list[_Panel], str]:
+    """The panels with a metric that changes over the run, and a line naming the rest."""
+    drawn, constant, null, absent = [], [], [], []
+    for panel in _PANELS:
+        logged = [k for k, _ in panel.keys if k in series]
+        values = {k: series[k][np.isfinite(series[k])] for k in logged}
+        values = {k: v for k, v in values.items() if v.size}
+        if any(not np.allclose(v, v[0], rtol=_RTOL, atol=_ATOL) for v in values.values()):
+            drawn.append(panel)
+            continue
+        if values:
+            constant.append(_constant_text(panel.name, {k: v[0] for k, v in values.items()}))
+        null += [k for k in logged if k not in values]
+        if not logged:
+            absent.append(f"{panel.name} ({panel.why_absent})" if panel.why_absent else panel.name)
+    parts = [("constant", constant), ("all null", null), ("not logged", absent)]
+    return drawn, "  |  ".join(f"{what}: {', '.join(names)}" for what, names in parts if names)
+
+
+def _constant_text(name: str, values: dict[str, float]) -> str:
+    """'learning_rate 1e-05'; a group of metrics sharing one value goes by the panel's name."""
+    first = next(iter(values.values()))
+    if len(values) > 1 and all(
+        math.isclose(v, first, rel_tol=_RTOL, abs_tol=_ATOL) for v in values.values()
+    ):
+        return f"{name} {first:.3g}"
+    return ", ".join(f"{k} {v:.3g}" for k, v in values.items())
+
+
+def _check_heldout(heldout: Any) -> None:
+    """Refuse a `heldout` that is not {"before": summary, "after": summary} with accuracies."""
+    hint = 'give {"before": evaluate(...).summary, "after": evaluate(...).summary}'
+    if not isinstance(heldout, dict) or not {"before", "after"} <= heldout.keys():
+        got = sorted(heldout) if isinstance(heldout, dict) else type(heldout).__name__
+        raise ValueError(f'heldout needs "before" and "after" summaries ({hint}); got {got}')
+    for side in ("before", "after"):
+        summary = heldout[side]
+        if not isinstance(summary, dict) or not summary:
+            raise ValueError(
+                f'heldout["{side}"] should map group -> figures, e.g. '
+                f'{{"all": {{"accuracy": 0.4}}}}; got {summary!r:.80}'
+            )
+        for group, figures in summary.items():
+            accuracy = figures.get("accuracy") if isinstance(figures, dict) else None
+            if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool):
+                what = sorted(figures) if isinstance(figures, dict) else repr(figures)
+                raise ValueError(
+                    f'heldout["{side}"]["{group}"] has no "accuracy" number; got {what}'
+                )
 
 
 def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
@@ -249,60 +356,58 @@ def _reward_panel(ax: Axes, steps: np.ndarray, series: dict[str, np.ndarray]) ->
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
 
 
-def _length_panel(ax: Axes, steps: np.ndarray, series: dict[str, np.ndarray]) -> None:
-    ax.set_title("completion length")
-    clipped = series.get("completions/clipped_ratio")
-    drawn = False
-    for key, label, color in [
-        ("completions/mean_length", "mean length", "C0"),
-        ("completions/mean_terminated_length", "mean length, terminated", "C1"),
-    ]:
+def _length_panel(
+    ax: Axes, steps: np.ndarray, series: dict[str, np.ndarray], panel: _Panel
+) -> None:
+    clipped = series.get(_CLIPPED)
+    for i, (key, label) in enumerate(_LENGTHS):
         if key in series:
             y = series[key]
             if key.endswith("terminated_length") and clipped is not None:
                 # The reporter logs 0 when every completion was clipped: no such length.
                 y = np.where(clipped >= 1.0, np.nan, y)
-            _line(ax, steps, y, color=color, label=label)
-            drawn = True
-    if drawn:
-        ax.set_ylabel("tokens")
-    if clipped is not None:
-        twin = ax.twinx()
-        _line(
-            twin,
-            steps,
-            clipped,
-            color="C3",
-            linestyle=":",
-            label="clipped ratio (right)",
-        )
-        twin.set_ylim(-0.03, 1.03)
-        twin.set_ylabel("share hitting max length")
-        handles, labels = ax.get_legend_handles_labels()
-        twin_handles, twin_labels = twin.get_legend_handles_labels()
-        ax.legend(handles + twin_handles, labels + twin_labels, fontsize=8, loc="best")
-    elif drawn:
+            _line(ax, steps, y, color=f"C{i}", label=label)
+    if clipped is None:
         ax.legend(fontsize=8, loc="best")
-    else:
-        _note(ax, "not in metrics.jsonl")
+        return
+    twin = ax.twinx()
+    _line(twin, steps, clipped, color="C3", linestyle=":", label=dict(panel.keys)[_CLIPPED])
+    twin.set_ylim(-0.03, 1.03)
+    twin.set_ylabel("share hitting max length")
+    handles, labels = ax.get_legend_handles_labels()
+    twin_handles, twin_labels = twin.get_legend_handles_labels()
+    ax.legend(handles + twin_handles, labels + twin_labels, fontsize=8, loc="best")
 
 
-def _lines_panel(
-    ax: Axes,
-    steps: np.ndarray,
-    series: dict[str, np.ndarray],
-    keys: list[tuple[str, str]],
-    title: str,
-) -> None:
-    ax.set_title(title)
-    present = [(k, label) for k, label in keys if k in series]
-    if not present:
-        _note(ax, "not in metrics.jsonl")
-        return
-    if not any(np.isfinite(series[k]).any() for k, _ in present):
-        _note(ax, "every value is null")
-        return
-    for key, label in present:
+def _lines_panel(ax: Axes, steps: np.ndarray, series: dict[str, np.ndarray], panel: _Panel) -> None:
+    # An all-null metric would only add an empty legend entry.
+    drawn = [(k, label) for k, label in panel.keys if k in series and np.isfinite(series[k]).any()]
+    for key, label in drawn:
         _line(ax, steps, series[key], label=label)
-    if len(keys) > 1:
+    if len(panel.keys) > 1:
         ax.legend(fontsize=8, loc="best")
+
+
+def _heldout_panel(ax: Axes, heldout: dict) -> None:
+    """Accuracy per group, before and after training side by side, each bar labelled."""
+    from matplotlib.ticker import PercentFormatter
+
+    before, after = heldout["before"], heldout["after"]
+    groups = list(dict.fromkeys([*before, *after]))  # a group only one side has gets one bar
+    width = 0.38
+    for offset, side, label, color in [
+        (-width / 2, before, "before training", "0.65"),
+        (width / 2, after, "after training", "C0"),
+    ]:
+        xs = [i + offset for i, g in enumerate(groups) if g in side]
+        accuracies = [float(side[g]["accuracy"]) for g in groups if g in side]
+        bars = ax.bar(xs, accuracies, width, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{a:.1%}" for a in accuracies], fontsize=7, padding=1)
+    ax.set_title("held-out accuracy")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_xlabel("group")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.25)  # room above a 100% bar for its label and the legend
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
