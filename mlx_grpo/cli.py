@@ -14,6 +14,7 @@ import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
 from mlx_grpo.core.config import DEFAULTS, TOPICS, field_type, setting
 from mlx_grpo.core.settings import setting_value
 
+_MODEL_HELP = "Model: Hub id, local directory, .gguf file, or a model kept by name."
 _METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT"}
 
 
@@ -218,7 +219,7 @@ def demo(output_dir: str, max_steps: int, debug: bool) -> None:
 
 
 @main.command("eval")
-@click.option("--model", required=True, help="Model: Hub id, local directory or .gguf file.")
+@click.option("--model", required=True, help=_MODEL_HELP)
 @click.option(
     "--adapter",
     type=click.Path(exists=True, file_okay=False),
@@ -418,7 +419,7 @@ def import_cmd(peft_dir: str, output: str, debug: bool) -> None:
 
 
 @main.command("fuse")
-@click.option("--model", required=True, help="Base model: Hub id or local directory.")
+@click.option("--model", required=True, help="Base " + _MODEL_HELP[0].lower() + _MODEL_HELP[1:])
 @click.option(
     "--adapter",
     required=True,
@@ -438,7 +439,7 @@ def fuse_cmd(model: str, adapter: str, output: str, dequantize: bool, debug: boo
 
 @main.command("generate")
 @click.argument("prompt")
-@click.option("--model", required=True, help="Base model: Hub id or local directory.")
+@click.option("--model", required=True, help="Base " + _MODEL_HELP[0].lower() + _MODEL_HELP[1:])
 @click.option(
     "--adapter",
     type=click.Path(exists=True, file_okay=False),

@@ -162,3 +162,20 @@ def test_rewards_lists_every_builtin_with_the_columns_it_reads():
         assert block[1].strip() == "reads: " + (", ".join(columns) or "no column")
     assert columns_read(BUILTIN_REWARDS["exact_answer"]) == ["equation"]
     assert columns_read(BUILTIN_REWARDS["think_format"]) == []
+
+
+def test_a_model_kept_by_name_loads_by_that_name(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from mlx_grpo.core.models import fingerprint, named_model
+
+    monkeypatch.setenv("MLX_GRPO_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_model_dir, tmp_path / "cache" / "models" / "tiny-named")
+    monkeypatch.chdir(tmp_path)
+    assert named_model("tiny-named") == str(tmp_path / "cache" / "models" / "tiny-named")
+    assert fingerprint("tiny-named") == fingerprint(str(tiny_model_dir))
+    result = run_cli("generate", "--model", "tiny-named", "--max-tokens", "2", "Hello")
+    assert result.exit_code == 0, result.output
+    (tmp_path / "tiny-named").mkdir()  # a local folder of the same name wins
+    assert named_model("tiny-named") == "tiny-named"
+    assert named_model("org/tiny-named") == "org/tiny-named"  # Hub ids are left alone

@@ -3,7 +3,8 @@
 The shell blocks of README.md (and of any docs/*.md page) are run one command
 at a time in an empty folder, in the order they are written, so later commands
 find what earlier ones made (`train` writes the run that `--resume`, `eval`,
-`export` and `fuse` read). Its Python blocks that use only mlx_grpo run too.
+`export` and `fuse` read). Its Python blocks run too (PEFT and transformers offline,
+from the same local stand-ins).
 A command fails the test when it exits non-zero or prints a traceback.
 
 What a user has and this machine does not is replaced through MAPPING, the one
@@ -196,7 +197,7 @@ def test_every_readme_command_runs(workdir, hub_calls):
     assert "adapter_model.safetensors" in uploads[0]["files"]
 
 
-def test_every_readme_python_example_that_uses_only_mlx_grpo_runs(workdir):
+def test_every_readme_python_example_runs(workdir, monkeypatch):
     values = stand_ins(workdir)
     # The adapter examples load a run and a PEFT export: make both first.
     settings = ["--model", values["model"], "--data", "gsm8k_train.jsonl"]
@@ -207,13 +208,23 @@ def test_every_readme_python_example_that_uses_only_mlx_grpo_runs(workdir):
     ran = 0
     for page in PAGES:
         for language, block, line in fenced_blocks(page):
-            uses_hub = re.search(r"^\s*(from|import) (peft|transformers)", block, re.M)
-            if language != "python" or uses_hub:
-                continue  # PEFT + transformers from the Hub: tests/test_peft_export.py, offline
+            if language != "python":
+                continue
             text = substitute(block, values)
             if "max_completion_length" not in text:
                 text = re.sub(r"max_steps=\d+", r"\g<0>, max_completion_length=8", text)
             code = compile(text, f"{page.name}:{line}", "exec")
             exec(code, {"__name__": f"readme_{line}"})
             ran += 1
-    assert ran >= 3
+    assert ran >= 4
+
+
+def test_the_main_job_figures_are_the_recorded_runs():
+    from mlx_grpo.tasks.quickstart import readme_section
+
+    record = ROOT / "docs" / "main-job"
+    summary = json.loads((record / "summary.json").read_text())
+    image = "docs/main-job/training.png"
+    assert readme_section(summary, image) in (ROOT / "README.md").read_text()
+    assert (ROOT / image).read_bytes().startswith(b"\x89PNG")
+    assert summary["after"]["all"]["accuracy"] > summary["before"]["all"]["accuracy"]

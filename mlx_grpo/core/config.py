@@ -81,7 +81,11 @@ class TrainConfig:
     """Settings of one GRPO-LoRA run. See `mlx-grpo train --help` for each."""
 
     # Model and data
-    model: str = _opt("", "Model: Hugging Face id or local mlx-lm/transformers directory.")
+    model: str = _opt(
+        "",
+        "Model: Hugging Face id, local mlx-lm/transformers directory, .gguf file, or a model "
+        "kept by name (the main job keeps smollm2-135m-instruct).",
+    )
     data: str = _opt("", "Prompt dataset: a JSONL file, or a Hugging Face dataset id (online).")
     prompt_column: str = _opt("prompt", "Column holding the prompt (text or chat messages).")
     system_prompt: str | None = _opt(None, "System prompt added to chat prompts.")

@@ -348,6 +348,12 @@ def _adopt_adapter_shape(cfg: TrainConfig, adapter: Adapter) -> None:
     cfg.lora_layers = ",".join(map(str, indices))
 
 
+def _limit(cfg: TrainConfig) -> str:
+    if cfg.max_minutes:
+        return f"{cfg.max_minutes:g} minutes (at most {cfg.max_steps} steps)"
+    return f"{cfg.max_steps} steps"
+
+
 def summary(run: Run) -> str:
     n_train, n_total = trainable_count(run.lm.model), total_count(run.lm.model)
     cfg, peers = run.cfg, run.peers
@@ -360,7 +366,7 @@ def summary(run: Run) -> str:
         f"model {cfg.model} | LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on "
         f"{len(run.lora_paths)} modules\n"
         f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)\n"
-        f"{len(run.rows)} prompts | {per_step} | {cfg.max_steps} steps | output {run.output_dir}"
+        f"{len(run.rows)} prompts | {per_step} | {_limit(cfg)} | output {run.output_dir}"
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,15 @@ TRAINING = TrainConfig(
     max_steps=10_000,  # the time limit ends the run
     logging_steps=10,
     save_steps=20,
+)
+_RECIPE = (
+    "prompts_per_step",
+    "num_generations",
+    "max_completion_length",
+    "learning_rate",
+    "temperature",
+    "top_p",
+    "top_k",
 )
 # Accuracy counts exact answers; the other two show correctness and format apart.
 EVAL: dict[str, Any] = dict(
@@ -118,6 +128,8 @@ def run_quickstart(
         "steps": len(run.metrics),
         "train_minutes": minutes,
         "wall_minutes": (time.perf_counter() - started) / 60,
+        "machine": machine(),
+        "recipe": {k: getattr(settings, k) for k in _RECIPE},
         "outputs": {
             "held-out problems": str(test_file),
             "evaluation before": str(out / "eval_before.jsonl"),
@@ -186,5 +198,66 @@ def next_steps(summary: dict[str, Any]) -> str:
         f"  mlx-grpo train --resume {run} --max-minutes 20",
         "  # share the adapter: the PEFT folder is ready; upload it (needs `hf auth login`)",
         f"  mlx-grpo export {run} -o {peft} --push-to-hub YOUR-NAME/smollm2-135m-arithmetic-grpo",
+    ]
+    return "\n".join(lines)
+
+
+# The README's main-job results are rendered from a recorded summary.json (docs/main-job/).
+README_START = "<!-- main-job results: rendered by scripts/main_job_readme.py -->"
+README_END = "<!-- end of main-job results -->"
+_GROUPS = {"all": "all", "add1": "one-digit sums (`add1`)", "addsub2": "two-digit +/- (`addsub2`)"}
+
+
+def recipe_length(summary: dict[str, Any]) -> int:
+    return summary["recipe"].get("max_completion_length", EVAL["max_completion_length"])
+
+
+def machine() -> dict[str, Any]:
+    """What the run ran on, for the README's figures."""
+    import platform
+
+    import mlx.core as mx
+
+    return {
+        "system": f"{platform.system()} {platform.machine()}",
+        "cores": os.cpu_count(),
+        "device": "gpu" if mx.default_device() == mx.gpu else "cpu",
+        "mlx": mx.__version__,
+    }
+
+
+def readme_section(summary: dict[str, Any], image: str) -> str:
+    """The README's main-job results: the run's figures, its held-out table and its plot."""
+    box, recipe = summary["machine"], summary["recipe"]
+    n = summary["before"]["all"]["prompts"]
+    device = "GPU" if "gpu" in box["device"] else "CPU"
+    lr = f"{recipe['learning_rate']:.0e}".replace("e-0", "e-")
+    lines = [
+        README_START,
+        "",
+        f"Measured with `./scripts/main.sh` on a {box['cores']}-core {box['system']} box "
+        f"(MLX {box['mlx']} on the {device}): {summary['steps']} GRPO steps of "
+        f"{recipe['prompts_per_step']} prompts x {recipe['num_generations']} completions in "
+        f"{summary['train_minutes']:g} minutes (learning rate {lr}); the job took "
+        f"{summary['wall_minutes']:.1f} minutes in all. Held-out problems, greedy:",
+        "",
+        f"| held-out ({n} problems) | exact answer, before | exact answer, after "
+        "| right number, before | right number, after |",
+        "|---|---|---|---|---|",
+    ]
+    for group, label in _GROUPS.items():
+        before, after = summary["before"][group], summary["after"][group]
+        cells = [before["accuracy"], after["accuracy"], before["arithmetic"], after["arithmetic"]]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.0%}" for v in cells) + " |")
+    before, after = summary["before"]["all"], summary["after"]["all"]
+    lines += [
+        "",
+        f"Replies in the one-equation format: {before['equation_format']:.0%} -> "
+        f"{after['equation_format']:.0%}; cut off at {recipe_length(summary)} tokens: "
+        f"{before['truncated']:.0%} -> {after['truncated']:.0%}.",
+        "",
+        f"![Training curves and held-out accuracy of this run]({image})",
+        "",
+        README_END,
     ]
     return "\n".join(lines)

@@ -127,7 +127,10 @@ def evaluate(
     per_batch = max(1, batch_size // num_samples)
     records = []
     for start in tqdm(
-        range(0, len(rows), per_batch), disable=not show_progress, unit="batch", desc="eval"
+        range(0, len(rows), per_batch),
+        disable=None if show_progress else True,  # None: off when not a terminal
+        unit="batch",
+        desc="eval",
     ):
         chunk = rows[start : start + per_batch]
         records += _score_chunk(lm, chunk, funcs, num_samples, sampling, success_threshold)
