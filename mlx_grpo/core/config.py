@@ -41,7 +41,6 @@ from mlx_grpo.core.values import (
     SHARE,
     Range,
     SettingError,
-    check_option,
 )
 
 _LAYERS_RE = re.compile(r"all|last:[1-9]\d*|\d+(,\d+)*,?")
@@ -405,13 +404,6 @@ def check_field(f: dataclasses.Field, value: Any) -> None:
 def setting(name: str) -> dataclasses.Field:
     """TrainConfig's field `name`: its default, help text (`metadata["help"]`) and range."""
     return next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-
-
-def check_setting(name: str, value: Any, flag: str) -> None:
-    """Refuse `value` for the setting `name` outside the range TrainConfig allows for it."""
-    allowed = setting(name).metadata.get("allowed")
-    if allowed is not None:
-        check_option(flag, value, allowed)
 
 
 DEFAULTS = TrainConfig()  # the trainer's defaults, for the tools that share its options

@@ -161,6 +161,12 @@ def setting_value(name: str, value: Any, given_as: str = "flag") -> Any:
     return typed
 
 
+def check_settings(given_as: str = "argument", **values: Any) -> None:
+    """Refuse any of `values` that `setting_value` refuses (a tool's own arguments)."""
+    for name, value in values.items():
+        setting_value(name, value, given_as)
+
+
 def _explain(e: SettingError, origins: dict[str, str], config_file: str | Path | None) -> str:
     """A SettingError as one paragraph: which setting, its value, the rule, where it came from."""
 

@@ -24,10 +24,11 @@ from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import reward_calls
 from mlx_grpo.core import rewards as rewards_mod
 from mlx_grpo.core.adapters import load_adapted
-from mlx_grpo.core.config import DEFAULTS, SamplingSettings, check_setting
+from mlx_grpo.core.config import DEFAULTS, SamplingSettings
 from mlx_grpo.core.models import check_completion_length
 from mlx_grpo.core.objective import weighted_rewards
 from mlx_grpo.core.rollout import rollout
+from mlx_grpo.core.settings import check_settings
 from mlx_grpo.core.values import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
 
 
@@ -96,10 +97,9 @@ def evaluate(
         ...                   group_by="kind")
         >>> print(result.table())
     """
-    check_setting("top_p", top_p, "--top-p")
-    check_setting("top_k", top_k, "--top-k")
-    check_setting("min_p", min_p, "--min-p")
-    check_setting("max_completion_length", max_completion_length, "--max-completion-length")
+    check_settings(
+        top_p=top_p, top_k=top_k, min_p=min_p, max_completion_length=max_completion_length
+    )
     for flag, value, allowed in (
         ("--samples", num_samples, AT_LEAST_1),
         ("--temperature", temperature, AT_LEAST_0),

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlx_grpo.core.adapters import load_adapted
-from mlx_grpo.core.config import DEFAULTS, check_setting
+from mlx_grpo.core.config import DEFAULTS
 from mlx_grpo.core.data import encode_prompt
 from mlx_grpo.core.models import check_completion_length
+from mlx_grpo.core.settings import check_settings
 from mlx_grpo.core.values import AT_LEAST_0, check_option
 
 
@@ -34,11 +35,10 @@ def generate(
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
-    check_setting("max_completion_length", max_completion_length, "--max-completion-length")
+    check_settings(
+        top_p=top_p, top_k=top_k, min_p=min_p, max_completion_length=max_completion_length
+    )
     check_option("--temperature", temperature, AT_LEAST_0)
-    check_setting("top_p", top_p, "--top-p")
-    check_setting("top_k", top_k, "--top-k")
-    check_setting("min_p", min_p, "--min-p")
     if not prompt.strip():
         raise ValueError("the prompt is empty; give the text to reply to, e.g. 'What is 17 * 3?'")
     lm, _ = load_adapted(model, adapter)
