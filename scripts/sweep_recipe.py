@@ -23,83 +23,113 @@ from typing import Any
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
 from mlx_grpo.core.checkpoint import CHECKPOINTS
+from mlx_grpo.core.reporting import read_log
 from mlx_grpo.core.trainer import train
 from mlx_grpo.tasks.arithmetic import make_split
 from mlx_grpo.tasks.quickstart import EVAL, TRAINING
 from mlx_grpo.tasks.smollm2 import MODEL_NAME, smollm2_model
 from mlx_grpo.tools.evaluate import evaluate
 
+# "mix" is the kinds' shares of the training rows (tasks/arithmetic.py: make_split);
+# everything else is a TrainConfig field.
 RECIPES: dict[str, dict[str, Any]] = {
-    "base": {},
+    "base": {},  # the quickstart's recipe as it is now
+    "lr1e-4": {"learning_rate": 1e-4},
     "lr2e-4": {"learning_rate": 2e-4},
     "lr5e-4": {"learning_rate": 5e-4},
     "G8": {"num_generations": 8},
     "B4": {"prompts_per_step": 4},
     "topk20-topp0.95": {"top_k": 20, "top_p": 0.95},
+    "mix1:3": {"mix": (1, 3)},
+    "lr2e-4-mix1:3": {"learning_rate": 2e-4, "mix": (1, 3)},
 }
 
 
-def split(folder: Path, n_val: int, seed: int = 0) -> tuple[Path, Path]:
-    """train.jsonl without the validation problems, and val.jsonl: both from the training side
-    of the main job's split (its held-out set is never used here)."""
-    train_rows, _ = make_split(2000, 100, seed)
-    unique = list({r["prompt"]: r for r in train_rows}.values())
+def split(
+    folder: Path, n_val: int, mix: tuple[int, ...] | None, seed: int = 0
+) -> tuple[Path, Path]:
+    """A training file without the validation problems, and val.jsonl: both from the training
+    side of the main job's split (its held-out set is never used here).
+
+    Validation takes n_val / 2 problems of each kind but never more than a fifth of the
+    kind's training-side problems (one-digit sums have 50 there), so training keeps most of
+    every kind; the same problems whatever the mix.
+    """
+    unique = list({r["prompt"]: r for r in make_split(2000, 100, seed)[0]}.values())
     random.Random(seed + 1).shuffle(unique)
-    kinds = sorted({r["kind"] for r in unique})
-    val = [r for k in kinds for r in [u for u in unique if u["kind"] == k][: n_val // len(kinds)]]
+    val = []
+    for kind in sorted({r["kind"] for r in unique}):
+        pool = [u for u in unique if u["kind"] == kind]
+        val += pool[: min(n_val // 2, len(pool) // 5)]
     held = {r["prompt"] for r in val}
-    rows = [r for r in train_rows if r["prompt"] not in held]
+    rows = [r for r in make_split(2000, 100, seed, mix=mix)[0] if r["prompt"] not in held]
     folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "train.jsonl", folder / "val.jsonl"
+    name = "train.jsonl" if mix is None else f"train-mix{'-'.join(map(str, mix))}.jsonl"
+    paths = folder / name, folder / "val.jsonl"
     for path, part in zip(paths, (rows, val)):
         path.write_text("".join(json.dumps(r) + "\n" for r in part))
     return paths
 
 
 def accuracy(adapter: Path | None, val: Path) -> dict[str, float]:
+    """Exact-answer accuracy per kind, and "all" as the kinds' mean (as the held-out set weighs)."""
     result = evaluate(MODEL_NAME, str(val), adapter=adapter, show_progress=False, **EVAL)
-    return {group: figures["accuracy"] for group, figures in result.summary.items()}
+    kinds = {group: f["accuracy"] for group, f in result.summary.items() if group != "all"}
+    return {"all": sum(kinds.values()) / len(kinds), **kinds}
 
 
-def sweep(out: Path, minutes: float, every: int, names: list[str], n_val: int) -> dict:
+def sweep(
+    out: Path, minutes: float, every: int, names: list[str], n_val: int, seed: int, reuse: bool
+) -> dict:
     smollm2_model()
-    train_file, val = split(out / "data", n_val)
-    results: dict[str, Any] = {"base model": accuracy(None, val), "recipes": {}}
+    val = split(out / "data", n_val, None)[1]
+    path = out / "results.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"recipes": {}}
+    if results.get("validation") != val.read_text():  # another split: start again
+        results = {"validation": val.read_text(), "base model": accuracy(None, val), "recipes": {}}
     for name in names:
+        changes = dict(RECIPES[name])
+        train_file = split(out / "data", n_val, changes.pop("mix", None))[0]
+        key = f"{name} seed {seed}"
         settings = dataclasses.replace(
             TRAINING,
             model=MODEL_NAME,
             data=str(train_file),
-            output_dir=str(out / name),
+            output_dir=str(out / key.replace(" ", "-")),
             overwrite=True,
             max_minutes=minutes,
+            seed=seed,
             save_steps=every,
             save_total_limit=0,
             logging_steps=1000,
-            **RECIPES[name],
+            **changes,
         )
-        run = train(settings, show_progress="lines")
+        run_dir = Path(settings.output_dir)
+        if reuse and (run_dir / "metrics.jsonl").exists():
+            metrics = read_log(run_dir / "metrics.jsonl")[0]
+        else:
+            metrics = train(settings, show_progress="lines").metrics
         seconds = 0.0
         elapsed = {}
-        for m in run.metrics:
+        for m in metrics:
             seconds += m["time/step"]
             elapsed[m["step"]] = seconds / 60
         points = []
-        for checkpoint in sorted((out / name / CHECKPOINTS).iterdir()):
+        for checkpoint in sorted((run_dir / CHECKPOINTS).iterdir()):
             step = int(checkpoint.name.split("-")[-1])
             points.append({"step": step, "minutes": elapsed[step], **accuracy(checkpoint, val)})
-            print(name, points[-1], flush=True)
-        results["recipes"][name] = {"changes": RECIPES[name], "points": points}
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+            print(key, points[-1], flush=True)
+        results["recipes"][key] = {"changes": RECIPES[name], "minutes": minutes, "points": points}
+        path.write_text(json.dumps(results, indent=2))
     return results
 
 
 def table(results: dict) -> str:
-    """Per recipe: steps, best validation accuracy and when it was last improved, final."""
+    """Per recipe: what it changes, its steps, its validation curve and when it last gained."""
     base = results["base model"]["all"]
     lines = [
-        f"validation (exact answers), base model {base:.0%}",
-        "| recipe | steps | best (all) | last new best at | final: all / add1 / addsub2 |",
+        "| recipe | steps | validation exact answers, base model then every checkpoint "
+        "| two-digit at the end | last gain |",
         "|---|---|---|---|---|",
     ]
     for name, recipe in results["recipes"].items():
@@ -108,10 +138,10 @@ def table(results: dict) -> str:
         for p in points:
             if p["all"] > best:
                 best, at = p["all"], p
-        last = points[-1]
+        curve = " ".join(f"{round(100 * v)}" for v in [base] + [p["all"] for p in points])
         when = f"step {at['step']} ({at['minutes']:.1f} min)" if at else "never"
-        final = f"{last['all']:.0%} / {last['add1']:.0%} / {last['addsub2']:.0%}"
-        lines.append(f"| {name} | {last['step']} | {best:.0%} | {when} | {final} |")
+        last = points[-1]
+        lines.append(f"| {name} | {last['step']} | {curve} | {last['addsub2']:.0%} | {when} |")
     return "\n".join(lines)
 
 
@@ -119,11 +149,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="training time per recipe")
     parser.add_argument("--every", type=int, default=5, help="steps between checkpoints")
-    parser.add_argument("--val", type=int, default=100, help="validation problems")
+    parser.add_argument("--val", type=int, default=200, help="validation problems")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (the split stays)")
+    parser.add_argument("--reuse", action="store_true", help="score runs already in --out")
     parser.add_argument("--only", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     args = parser.parse_args()
-    results = sweep(args.out, args.minutes, args.every, args.only, args.val)
+    results = sweep(args.out, args.minutes, args.every, args.only, args.val, args.seed, args.reuse)
     print(table(results))
 
 

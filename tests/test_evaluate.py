@@ -131,6 +131,17 @@ def test_eval_command_prints_the_table(tiny_model_dir, tmp_path):
     assert any(line.startswith("add1") for line in lines)
 
 
+def test_a_training_mix_changes_the_kinds_shares_and_not_the_held_out_set():
+    train, test = make_split(400, 100, seed=3, mix=(1, 3))
+    assert test == make_split(400, 100, seed=3)[1]
+    assert sum(r["kind"] == "add1" for r in train) == 100  # a quarter of 400
+    assert not {r["prompt"] for r in test} & {r["prompt"] for r in train}
+    only_two_digit, _ = make_split(40, 100, seed=3, mix=(0, 1))
+    assert {r["kind"] for r in only_two_digit} == {"addsub2"}
+    with pytest.raises(ValueError, match="one share >= 0 per kind"):
+        make_split(10, 10, mix=(1,))
+
+
 def test_holding_out_more_than_half_of_a_kind_is_refused():
     with pytest.raises(ValueError, match="more than half of the 100"):
         make_split(10, 200)

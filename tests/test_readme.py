@@ -228,3 +228,14 @@ def test_the_main_job_figures_are_the_recorded_runs():
     assert readme_section(summary, image) in (ROOT / "README.md").read_text()
     assert (ROOT / image).read_bytes().startswith(b"\x89PNG")
     assert summary["after"]["all"]["accuracy"] > summary["before"]["all"]["accuracy"]
+
+
+def test_the_recipes_tried_are_the_recorded_sweeps():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import main_job_readme
+
+    passes = json.loads((ROOT / "docs" / "main-job" / "recipes.json").read_text())
+    section = main_job_readme.recipes_section(passes)
+    assert section in (ROOT / "README.md").read_text()
+    recipes = [name for p in passes for name in p["results"]["recipes"]]
+    assert all(f"| {name} |" in section for name in recipes) and len(recipes) >= 6

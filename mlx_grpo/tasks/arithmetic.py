@@ -42,14 +42,24 @@ def all_problems(kind: str) -> list[dict[str, Any]]:
 
 
 def make_split(
-    n_train: int, n_test: int, seed: int = 0, kinds: tuple[str, ...] = KINDS
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    kinds: tuple[str, ...] = KINDS,
+    mix: tuple[int, ...] | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Disjoint train and held-out sets, the kinds in equal shares.
+    """Disjoint train and held-out sets; the held-out set has the kinds in equal shares.
 
     Each kind's problems are shuffled with `seed`; the held-out set takes
     the first ones, training samples (with repeats) from the rest. At most
     half of a kind may be held out (one-digit sums have only 100 problems).
+    `mix` gives the kinds' shares of the training rows as whole numbers
+    ((1, 3): a quarter `add1`, three quarters `addsub2`); equal by default.
     """
+    mix = mix or (1,) * len(kinds)
+    if len(mix) != len(kinds) or min(mix) < 0 or sum(mix) == 0:
+        raise ValueError(f"mix {mix} needs one share >= 0 per kind ({', '.join(kinds)})")
+    cycle = [i for i, share in enumerate(mix) for _ in range(share)]
     rng = random.Random(seed)
     test: list[dict] = []
     pools = []
@@ -64,17 +74,21 @@ def make_split(
             )
         test += problems[:n]
         pools.append(problems[n:])
-    train = [rng.choice(pools[i % len(pools)]) for i in range(n_train)]
+    train = [rng.choice(pools[cycle[i % len(cycle)]]) for i in range(n_train)]
     return train, test
 
 
 def write_split(
-    directory: str | Path, n_train: int, n_test: int, seed: int = 0
+    directory: str | Path,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    mix: tuple[int, ...] | None = None,
 ) -> tuple[Path, Path]:
     """Write train.jsonl and test.jsonl into `directory`; return their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = directory / "train.jsonl", directory / "test.jsonl"
-    for path, rows in zip(paths, make_split(n_train, n_test, seed)):
+    for path, rows in zip(paths, make_split(n_train, n_test, seed, mix=mix)):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
