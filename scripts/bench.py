@@ -6,29 +6,36 @@ its GRPO step on the same model, prompts and settings. Each side runs in its
 own worker process, so its peak memory is its own; the two take turns, step
 by step, so both see the machine in the same state.
 
-    A  the peer's defaults: 1 prompt,  G = 4, 64 completion tokens, beta 0.1
-    B  TRL-like:            2 prompts, G = 8, 64 completion tokens, beta 0.1
+    A  the peer's defaults: 1 prompt,  G = 4,  64 completion tokens, beta 0.1
+    B  TRL-like:            2 prompts, G = 8,  64 completion tokens, beta 0.1
+    C  a real user's shape: 4 prompts, G = 16, up to 256 tokens ending at varied
+       lengths, beta 0.1 (ours and the bound; the peer with --peer-everywhere)
 
 Both sides: float32, LoRA r = 8 (alpha 16) on the seven projections of every
-layer, temperature 1 without filters, 96-token prompts, no EOS (every
-completion runs to 64 tokens), one AdamW step per rollout. The peer keeps a
-second copy of the model as its reference, as its CLI does.
+layer, temperature 1 without filters, 96-token prompts, one AdamW step per
+rollout. In A and B no token ends a completion (every one runs to 64 tokens);
+in C every 128th token id does, and the random model's nearly flat
+next-token distribution makes the lengths spread (about 128 on average, some
+cut at 256). The peer keeps a second copy of the model as its reference, as
+its CLI does.
 
 Per configuration it prints per-step medians (rollout, reference, update,
 step), rollout tokens/s, peak memory (MLX's peak and the worker's maximum
-RSS), the ratio peer / ours, and a hardware bound for the same work from two
-probes run on the spot: a float32 GEMM (the best of MLX's and NumPy's) and
-the memory bandwidth of a matrix-vector product over a matrix 16x larger
-than the last-level cache. The bound takes each phase at the slower of its
-arithmetic and its weight reads; the backward pass of a frozen-base LoRA
-model costs one more forward (input gradients only). It prints figures
-only and asserts nothing about them.
+RSS), a hardware bound for the same work, and the ratios: the peer's time
+over ours (the speed-up), our memory over the peer's, and our time over the
+bound's, phase by phase. The bound comes from two probes run on the spot: a
+float32 GEMM (the best of MLX's and NumPy's) and the memory bandwidth of a
+matrix-vector product over a matrix 16x larger than the last-level cache.
+The bound takes each phase at the slower of its arithmetic and its weight
+reads; the backward pass of a frozen-base LoRA model costs one more forward
+(input gradients only). It prints figures only and asserts nothing about
+them.
 
 Run:
-    python scripts/bench.py                          # A and B, ~40 min with the peer
+    python scripts/bench.py                          # A, B (with the peer) and C
     python scripts/bench.py --config B --steps 2
     python scripts/bench.py --cache-dir ~/.cache/mlx-grpo-bench --json bench.json
-    python scripts/bench.py --quick                  # tiny model, both configs, for CI
+    python scripts/bench.py --quick                  # tiny model, every config, for CI
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ PROMPT_CHARS = 77
 PROMPT_WORDS = "count the vowels in this sentence and reply with the number only please "
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEER = "mlx_lm_lora"
+PEER_NAME = "mlx-lm-lora"
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,13 @@ class Spec:
     beta: float
     rank: int = 8
     micro_batches: int = 1  # ours: the update in this many accumulated micro-batches
+    # 0: no EOS, every completion runs to T. k: every k-th token id ends a completion; the
+    # random model's next-token distribution is nearly flat, so lengths vary (mean about k).
+    stop_every: int = 0
+    peer: bool = True  # False: too slow for the peer to run here unless --peer-everywhere
+
+    def eos_ids(self, vocab_size: int) -> list[int]:
+        return list(range(0, vocab_size, self.stop_every)) if self.stop_every else []
 
     @property
     def sequences(self) -> int:
@@ -87,6 +102,17 @@ CONFIGS = {
     "A": Spec("A", prompts=1, generations=4, completion_length=64, beta=0.1),
     # Two micro-batches: the same gradient, half the update's activation memory.
     "B": Spec("B", prompts=2, generations=8, completion_length=64, beta=0.1, micro_batches=2),
+    # A real user's shape: completions that end at varied lengths.
+    "C": Spec(
+        "C",
+        prompts=4,
+        generations=16,
+        completion_length=256,
+        beta=0.1,
+        micro_batches=4,
+        stop_every=128,
+        peer=False,
+    ),
 }
 
 # (label, key, format) of the result table.
@@ -108,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per side, not measured")
     p.add_argument("--quick", action="store_true", help="tiny model, 8 tokens: a smoke test")
     p.add_argument("--no-peer", action="store_true", help="measure mlx-grpo only")
+    p.add_argument(
+        "--peer-everywhere", action="store_true", help="run the peer on C too (hours on a CPU)"
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="build / reuse the model here")
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     p.add_argument("--worker", choices=["ours", "peer"], help=argparse.SUPPRESS)
@@ -175,6 +204,7 @@ class Ours:
     """mlx-grpo's trainer: `trainer.setup`, then one `train_step` per step."""
 
     def __init__(self, spec: Spec, model: Path, data: Path, output: Path):
+        from mlx_grpo.core import trainer
         from mlx_grpo.core.settings import resolve
         from mlx_grpo.core.trainer import setup
 
@@ -198,9 +228,17 @@ class Ours:
             rewards=[],
         )
         self.run = setup(cfg, [even_share])
-        # No EOS: every completion runs to max_completion_length.
-        self.run.lm.eos_ids = []
+        self.run.lm.eos_ids = spec.eos_ids(self.run.lm.model.args.vocab_size)
         self.step_index = 0
+        self.lengths: list[int] = []
+        rollout = trainer._rollout
+
+        def measured_rollout(*args):  # keeps the completions' lengths for the bound
+            batch = rollout(*args)
+            self.lengths = batch.lengths
+            return batch
+
+        trainer._rollout = measured_rollout
 
     def info(self) -> dict[str, Any]:
         from mlx_grpo.core.lora import total_count, trainable_count
@@ -230,6 +268,7 @@ class Ours:
             "tokens_per_second": tokens / metrics["time/rollout"],
             "peak_gb": metrics["peak_memory_gb"],  # train_step takes the peak phase by phase
             "rss_gb": _rss_gb(),
+            "lengths": self.lengths,
         }
 
 
@@ -244,7 +283,7 @@ class Peer:
 
         self.spec, self.g = spec, grpo_trainer
         self.model, self.tokenizer = load(str(model))
-        self.tokenizer.eos_token_ids = []  # no EOS, as on our side
+        self.tokenizer.eos_token_ids = set(spec.eos_ids(self.model.args.vocab_size))
         self.model.freeze()
         keys = [f"self_attn.{t}" for t in TARGETS[:4]] + [f"mlp.{t}" for t in TARGETS[4:]]
         lora = {"rank": spec.rank, "scale": 2.0, "dropout": 0.0, "keys": keys}
@@ -404,8 +443,14 @@ def probe_hardware() -> dict[str, float]:
     }
 
 
-def hardware_bound(shapes: dict, spec: Spec, prompt_len: int, hw: dict) -> dict[str, float]:
-    """Seconds the step's work needs at the probed GEMM rate and bandwidth, phase by phase."""
+def hardware_bound(
+    shapes: dict, spec: Spec, prompt_len: int, hw: dict, lengths: list[int] | None = None
+) -> dict[str, float]:
+    """Seconds the step's work needs at the probed GEMM rate and bandwidth, phase by phase.
+
+    `lengths` are the completions' lengths (default: every one runs to T); a completion
+    costs nothing after its last token.
+    """
     d, layers, v = shapes["hidden_size"], shapes["num_hidden_layers"], shapes["vocab_size"]
     q = shapes["num_attention_heads"] * shapes["head_dim"]
     kv = shapes["num_key_value_heads"] * shapes["head_dim"]
@@ -419,12 +464,16 @@ def hardware_bound(shapes: dict, spec: Spec, prompt_len: int, hw: dict) -> dict[
         return 4 * layers * q * queries * context
 
     prefill = b * (2 * body * p + attention(p, p / 2)) + b * 2 * head
+    lengths = lengths or [t] * n
     decode = 0.0
-    for i in range(1, t):  # token 0 comes from the prefill's logits
-        flops = n * (2 * body + 2 * head) + attention(n, p + i)
+    for i in range(1, max(lengths)):  # token 0 comes from the prefill's logits
+        rows = sum(length > i for length in lengths)
+        flops = rows * (2 * body + 2 * head) + attention(rows, p + i)
         decode += max(weight_bytes / bw, flops / gemm)
     # Scoring: each prompt once per group, then the completions, head on completion tokens.
-    forward = 2 * body * (b * p + n * t) + attention(n * t, p + t / 2) + 2 * head * n * t
+    tokens = sum(lengths)
+    forward = 2 * body * (b * p + tokens) + 2 * head * tokens
+    forward += sum(attention(length, p + length / 2) for length in lengths)
     out = {
         "rollout": max(weight_bytes / bw, prefill / gemm) + decode,
         "reference": forward / gemm if spec.beta else 0.0,
@@ -437,8 +486,8 @@ def hardware_bound(shapes: dict, spec: Spec, prompt_len: int, hw: dict) -> dict[
 # --------------------------------------------------------------------------- the run
 
 
-def medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+def medians(rows: list[dict[str, Any]]) -> dict[str, float]:
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "lengths"}
     med["peak_gb"] = max(r["peak_gb"] for r in rows)
     med["rss_gb"] = max(r["rss_gb"] for r in rows)
     return med
@@ -452,17 +501,30 @@ def table_row(label: str, row: dict[str, float]) -> str:
     return f"{label:<12} | " + " | ".join(cells)
 
 
-def ratio_row(ours: dict[str, float], peer: dict[str, float]) -> str:
+PHASES = ("rollout", "reference", "update", "step")
+MEMORY = ("peak_gb", "rss_gb")
+
+
+def ratio_rows(ours: dict[str, float], peer: dict[str, float] | None, bound: dict[str, float]):
+    """(label, row) pairs: the peer's times over ours and our tokens/s over theirs (the
+    speed-up, higher is better), our memory over theirs (lower is better), and our times
+    over the bound's per phase (1.0 would be at the bound)."""
+    rows = []
+    if peer:
+        speed = {k: peer[k] / ours[k] for k in PHASES if ours.get(k)}
+        speed["tokens_per_second"] = ours["tokens_per_second"] / peer["tokens_per_second"]
+        rows.append(("peer / ours", speed))
+        rows.append(("mem ours/peer", {k: ours[k] / peer[k] for k in MEMORY if peer.get(k)}))
+    rows.append(("ours / bound", {k: ours[k] / bound[k] for k in PHASES if bound.get(k)}))
+    return rows
+
+
+def ratio_row(label: str, ratios: dict[str, float]) -> str:
     cells = []
     for name, key, _ in COLUMNS:
-        if key == "tokens_per_second":
-            r = ours[key] / peer[key]  # higher is better: ours / peer
-        elif ours.get(key):
-            r = peer[key] / ours[key]
-        else:
-            r = None
-        cells.append(("-" if r is None else f"{r:.2f}x").rjust(max(len(name), 7)))
-    return f"{'peer / ours':<12} | " + " | ".join(cells)
+        cell = f"{ratios[key]:.2f}x" if key in ratios else "-"
+        cells.append(cell.rjust(max(len(name), 7)))
+    return f"{label:<12} | " + " | ".join(cells)
 
 
 def run_config(spec: Spec, args, model: Path, data: Path, tmp: Path, with_peer: bool) -> dict:
@@ -472,7 +534,7 @@ def run_config(spec: Spec, args, model: Path, data: Path, tmp: Path, with_peer: 
     peer = None
     if with_peer:
         peer = Worker("peer", spec, model, ids_file, tmp / f"peer-{spec.name}.log")
-    sides = [("mlx-grpo", ours)] + ([("mlx-lm-lora", peer)] if peer else [])
+    sides = [("mlx-grpo", ours)] + ([(PEER_NAME, peer)] if peer else [])
     rows: dict[str, list[dict[str, float]]] = {name: [] for name, _ in sides}
     header = f"{'':<12} | " + " | ".join(name.rjust(7) for name, _, _ in COLUMNS)
     print(f"\n{header}\n{'-' * len(header)}", flush=True)
@@ -491,8 +553,6 @@ def run_config(spec: Spec, args, model: Path, data: Path, tmp: Path, with_peer: 
     print("-" * len(header))
     for name in med:
         print(table_row(name, med[name]))
-    if peer:
-        print(ratio_row(med["mlx-grpo"], med["mlx-lm-lora"]))
     return {
         "spec": asdict(spec),
         "medians": med,
@@ -521,7 +581,9 @@ def main(argv: list[str] | None = None) -> None:
         return worker_main(args)
     specs = list(CONFIGS.values()) if args.config == "all" else [CONFIGS[args.config]]
     if args.quick:  # same phases, a few seconds each
-        specs = [replace(s, completion_length=8, rank=4) for s in specs]
+        specs = [
+            replace(s, completion_length=8, rank=4, stop_every=s.stop_every and 4) for s in specs
+        ]
     with_peer = not args.no_peer and importlib.util.find_spec(PEER) is not None
     host = machine()
     print(f"machine    {host['platform']} | {host['cpu_count']} CPUs | {host['device']}")
@@ -534,7 +596,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not with_peer:
         print("peer       not measured" + ("" if args.no_peer else f" ({PEER} is not installed)"))
-    report: dict[str, Any] = {"machine": host, "probes": hw, "configs": {}}
+    run = {"steps": args.steps, "warmup": args.warmup, "quick": args.quick}
+    report: dict[str, Any] = {"machine": host, "probes": hw, "run": run, "configs": {}}
     with tempfile.TemporaryDirectory(prefix="mlx-grpo-bench-") as tmp:
         tmp = Path(tmp)
         root = args.cache_dir.expanduser() if args.cache_dir else tmp
@@ -550,12 +613,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"{len(TARGETS)} targets | ours: update in {spec.micro_batches} micro-batch(es) | "
                 f"{args.warmup} warm-up + {args.steps} measured steps"
             )
-            result = run_config(spec, args, model, data, tmp, with_peer)
-            bound = hardware_bound(shapes, spec, result["prompt_tokens"], hw)
+            peer = with_peer and (spec.peer or args.peer_everywhere)
+            result = run_config(spec, args, model, data, tmp, peer)
+            bounds = [  # for each measured step's completion lengths
+                hardware_bound(shapes, spec, result["prompt_tokens"], hw, row["lengths"])
+                for row in result["steps"]["mlx-grpo"]
+            ]
+            bound = {k: statistics.median(b[k] for b in bounds) for k in bounds[0]}
             result["bound"] = bound
             print(table_row("bound", bound))
-            ours = result["medians"]["mlx-grpo"]
-            print(f"ours / bound: {ours['step'] / bound['step']:.2f}x the bound's step time")
+            med = result["medians"]
+            for label, ratios in ratio_rows(med["mlx-grpo"], med.get(PEER_NAME), bound):
+                print(ratio_row(label, ratios))
             report["configs"][spec.name] = result
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -27,14 +27,19 @@ def report(tmp_path_factory):
 
 def test_quick_benchmark_measures_both_configurations_with_every_phase(report):
     stdout, result = report
-    assert set(result["configs"]) == {"A", "B"}
+    assert set(result["configs"]) == {"A", "B", "C"}
     for name, config in result["configs"].items():
         spec, ours = config["spec"], config["medians"]["mlx-grpo"]
         for phase in ("rollout", "reference", "update", "step"):
             assert ours[phase] > 0, (name, phase)  # beta 0.1: the reference pass runs
         assert ours["step"] >= ours["rollout"] + ours["reference"] + ours["update"]
-        # EOS is off, so every completion has exactly T tokens.
-        assert ours["tokens"] == spec["prompts"] * spec["generations"] * spec["completion_length"]
+        lengths = config["steps"]["mlx-grpo"][0]["lengths"]
+        assert len(lengths) == spec["prompts"] * spec["generations"]
+        assert ours["tokens"] == sum(lengths)
+        if spec["stop_every"]:  # C: completions end at varied lengths
+            assert len(set(lengths)) > 2 and max(lengths) <= spec["completion_length"]
+        else:  # EOS is off, so every completion has exactly T tokens
+            assert set(lengths) == {spec["completion_length"]}
         assert config["bound"]["step"] > 0
         assert config["trainable_parameters"] > 0
     assert "ours / bound" in stdout
@@ -50,11 +55,31 @@ def test_quick_benchmark_probes_the_hardware(report):
 @pytest.mark.skipif(not HAS_PEER, reason="mlx-lm-lora is not installed")
 def test_quick_benchmark_runs_the_peer_on_the_same_work(report):
     stdout, result = report
-    for config in result["configs"].values():
+    assert "mlx-lm-lora" not in result["configs"]["C"]["medians"]  # only with --peer-everywhere
+    for config in (result["configs"][name] for name in "AB"):
         ours, peer = config["medians"]["mlx-grpo"], config["medians"]["mlx-lm-lora"]
         assert peer["tokens"] == ours["tokens"]
         assert peer["reference"] > 0 and peer["update"] > 0
-    assert "peer / ours" in stdout
+    assert "peer / ours" in stdout and "mem ours/peer" in stdout
+
+
+def test_the_readme_table_renders_a_report_with_its_ratios(report):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_readme
+
+    _, result = report
+    table = bench_readme.section(result)
+    assert table.startswith(bench_readme.START) and table.endswith(bench_readme.END)
+    assert f"{result['probes']['gemm_flops'] / 1e9:.0f} GFLOP/s" in table
+    for name, config in result["configs"].items():
+        ours, bound = config["medians"]["mlx-grpo"], config["bound"]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name}: "))
+        assert f"| mlx-grpo | {ours['rollout']:.1f} s |" in row
+        assert f"{ours['step'] / bound['step']:.1f}x |" in table  # ours / bound
+        peer = config["medians"].get("mlx-lm-lora")
+        if peer:  # memory is ours over the peer's, time the peer's over ours
+            assert f"**{ours['peak_gb'] / peer['peak_gb']:.2f}x**" in table
+            assert f"**{peer['step'] / ours['step']:.1f}x**" in table
 
 
 def test_hardware_bound_adds_up_the_phases():
@@ -80,3 +105,10 @@ def test_hardware_bound_adds_up_the_phases():
     body, head = 448, 80
     forward = 2 * body * (4 + 2 * 3) + 4 * 8 * 2 * 3 * (4 + 1.5) + 2 * head * 2 * 3
     assert bound["update"] == pytest.approx(2 * forward / 1e3)
+    # Completions that end early cost nothing after their end: the same as shorter ones.
+    shorter = bench.hardware_bound(shapes, spec, prompt_len=4, hw=hw, lengths=[3, 1])
+    assert shorter["update"] < bound["update"] and shorter["rollout"] < bound["rollout"]
+    one = bench.Spec("Y", prompts=1, generations=1, completion_length=3, beta=0.0)
+    alone = bench.hardware_bound(shapes, one, prompt_len=4, hw=hw)
+    # Decoding [3, 1] is decoding one completion of 3: the second row left after its prefill.
+    assert shorter["rollout"] == pytest.approx(alone["rollout"])

@@ -179,6 +179,35 @@ def test_group_is_sampled_independently_after_a_single_prefill(lm):
         assert len({tuple(r) for r in group}) > 1, f"prompt {i}: all {g} completions identical"
 
 
+def test_rows_that_end_leave_the_batch_and_the_rest_sample_what_they_would_alone(lm):
+    # A third of the byte ids end a sequence, so rows stop at scattered points.
+    eos = lm.eos_ids + list(range(0, 256, 3))
+    g, sampling = 4, settings(temperature=1.0, max_completion_length=12)
+    proxy = RecordingModel(lm.model)
+    batch = rollout(proxy, PROMPTS, g, sampling, eos, lm.pad_id, Noise(seed=5))
+    n, lengths = len(PROMPTS) * g, batch.lengths
+    assert len(set(lengths)) > 2 and min(lengths) < 6  # the test needs scattered ends
+
+    decoded = [rows for rows, _ in proxy.shapes[1:]]  # rows of each decode call
+    assert decoded == sorted(decoded, reverse=True) and decoded[-1] < n
+    # Decode call t (after token t) runs exactly the rows still going.
+    assert decoded == [sum(length > t + 1 for length in lengths) for t in range(len(decoded))]
+
+    for i in range(n):  # each row alone, with its place's noise: nothing ever leaves
+        alone = rollout(lm.model, [PROMPTS[i // g]], 1, sampling, eos, lm.pad_id, Noise(5, i, n))
+        assert alone.completion_lists()[0] == batch.completion_lists()[i]
+        assert alone.truncated[0] == batch.truncated[i]
+        length = lengths[i]
+        np.testing.assert_allclose(
+            np.array(alone.sampled_logprobs)[0, :length],
+            np.array(batch.sampled_logprobs)[i, :length],
+            atol=1e-5,
+        )
+        assert np.array(batch.sampled_logprobs)[i, length:].tolist() == [0.0] * (
+            batch.completion_ids.shape[1] - length
+        )
+
+
 def test_sampled_logprobs_equal_a_full_forward_pass_at_temperature(lm):
     temperature = 0.7
     mx.random.seed(1)

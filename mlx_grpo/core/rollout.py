@@ -3,7 +3,8 @@
 The B prompts are left-padded and prefilled together, once each; the KV
 cache is then repeated G times and all B x G sequences decode in one batch.
 A sequence stops at its first EOS (any id in `eos_ids`), which is kept in
-the completion and counted in its mask.
+the completion and counted in its mask; it then leaves the batch (its rows
+of the KV cache are dropped), so finished sequences cost no more compute.
 
 Sampling draws one uniform number per row and inverts the cumulative
 distribution: one exp pass over the vocabulary gives both the token and its
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from mlx_grpo.core.backend import blas_threads, cpu_only
@@ -96,41 +98,71 @@ def rollout(
     g = num_generations
     tokens, padding = left_pad(prompts, pad_id)
     logits, cache = _prefill(model, tokens, padding, g, sampling.max_completion_length)
+    noise = noise or Noise.fresh()
+    steps = _decode(model, logits, cache, sampling, eos_ids, noise)
+    n = logits.shape[0]
+    ids, mask, logp = _assemble(steps, n, pad_id)
+    last_rows, last_tokens, _ = steps[-1]
+    truncated = np.zeros(n, dtype=bool)  # still going when the length limit came
+    truncated[last_rows[~np.isin(last_tokens, eos_ids)]] = True
+    return RolloutBatch(
+        prompt_tokens=mx.repeat(tokens, g, axis=0),
+        prompt_padding=mx.repeat(padding, g),
+        completion_ids=mx.array(ids),
+        completion_mask=mx.array(mask),
+        sampled_logprobs=mx.array(logp),
+        truncated=truncated.tolist(),
+    )
+
+
+def _decode(
+    model: nn.Module,
+    logits: mx.array,
+    cache: list[RolloutCache],
+    sampling: SamplingSettings,
+    eos_ids: list[int],
+    noise: Noise,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Sample token after token; per step (the batch's rows still going, tokens, log-probs).
+
+    A row that samples EOS leaves the batch: its cache rows are dropped.
+    """
     draw = make_draw(sampling)
     eos = mx.array(sorted(set(eos_ids)), dtype=mx.int32)
     n = logits.shape[0]
-    noise = noise or Noise.fresh()
     key, rows = mx.random.key(noise.seed), noise.total_rows or n
-    done = mx.zeros((n,), dtype=mx.bool_)
-    steps_ids, steps_mask, steps_logp = [], [], []
+    live = np.arange(n)  # the batch's rows still decoding, in the cache's order
+    steps = []
     streams = decode_streams(n)
     step_fn = decode_step(model, streams)
     with split_small_matmuls(streams), blas_threads(1 if streams else None):
         for step in range(sampling.max_completion_length):
             key, sub = mx.random.split(key)
             u = mx.random.uniform(shape=(rows, 1), key=sub)[noise.first_row : noise.first_row + n]
-            token, token_logp = draw(logits, u)
-            live = ~done
-            steps_ids.append(mx.where(live, token, pad_id))
-            steps_mask.append(live)
-            steps_logp.append(mx.where(live, token_logp, 0.0))
-            done = done | (token[:, None] == eos[None]).any(axis=1)
-            mx.eval(done, steps_ids[-1], steps_logp[-1])
-            if step + 1 == sampling.max_completion_length or done.all().item():
+            token, token_logp = draw(logits, u if len(live) == n else u[mx.array(live)])
+            ended = (token[:, None] == eos[None]).any(axis=1)
+            mx.eval(token, token_logp, ended)
+            steps.append((live, np.array(token), np.array(token_logp)))
+            ended = np.array(ended)
+            if step + 1 == sampling.max_completion_length or ended.all():
                 break
+            if ended.any():  # rows that ended leave the batch: no more compute for them
+                keep = mx.array(np.flatnonzero(~ended))
+                for c in cache:
+                    c.filter(keep)
+                token, live = token[keep], live[~ended]
             logits = step_fn(token[:, None], cache)
+    return steps
 
-    ids = mx.stack(steps_ids, axis=1)
-    mask = mx.stack(steps_mask, axis=1).astype(mx.float32)
-    truncated = (~done).tolist()
-    return RolloutBatch(
-        prompt_tokens=mx.repeat(tokens, g, axis=0),
-        prompt_padding=mx.repeat(padding, g),
-        completion_ids=ids,
-        completion_mask=mask,
-        sampled_logprobs=mx.stack(steps_logp, axis=1),
-        truncated=truncated,
-    )
+
+def _assemble(steps: list[tuple], n: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """(N, T) ids (pad after the end), mask and log-probs from each step's live rows."""
+    ids = np.full((n, len(steps)), pad_id, dtype=np.int32)
+    mask = np.zeros((n, len(steps)), dtype=np.float32)
+    logp = np.zeros((n, len(steps)), dtype=np.float32)
+    for t, (rows, tokens, token_logp) in enumerate(steps):
+        ids[rows, t], mask[rows, t], logp[rows, t] = tokens, 1.0, token_logp
+    return ids, mask, logp
 
 
 def _prefill(
