@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import PEER_NAME as PEER
+from bench import PHASES
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "bench" / "bench.json"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-PHASES = ("rollout", "reference", "update", "step")
-PEER = "mlx-lm-lora"
 
 
 def _row(cells: list[str]) -> str:

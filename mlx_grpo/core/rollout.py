@@ -99,12 +99,11 @@ def rollout(
     tokens, padding = left_pad(prompts, pad_id)
     logits, cache = _prefill(model, tokens, padding, g, sampling.max_completion_length)
     noise = noise or Noise.fresh()
-    steps = _decode(model, logits, cache, sampling, eos_ids, noise)
+    steps, going = _decode(model, logits, cache, sampling, eos_ids, noise)
     n = logits.shape[0]
     ids, mask, logp = _assemble(steps, n, pad_id)
-    last_rows, last_tokens, _ = steps[-1]
-    truncated = np.zeros(n, dtype=bool)  # still going when the length limit came
-    truncated[last_rows[~np.isin(last_tokens, eos_ids)]] = True
+    truncated = np.zeros(n, dtype=bool)
+    truncated[going] = True
     return RolloutBatch(
         prompt_tokens=mx.repeat(tokens, g, axis=0),
         prompt_padding=mx.repeat(padding, g),
@@ -122,8 +121,9 @@ def _decode(
     sampling: SamplingSettings,
     eos_ids: list[int],
     noise: Noise,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Sample token after token; per step (the batch's rows still going, tokens, log-probs).
+) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
+    """Sample token after token: per step (the batch's rows decoded, their tokens, their
+    log-probs), and the rows still going when the length limit came (truncated).
 
     A row that samples EOS leaves the batch: its cache rows are dropped.
     """
@@ -152,7 +152,7 @@ def _decode(
                     c.filter(keep)
                 token, live = token[keep], live[~ended]
             logits = step_fn(token[:, None], cache)
-    return steps
+    return steps, live[~ended]
 
 
 def _assemble(steps: list[tuple], n: int, pad_id: int) -> tuple[np.ndarray, ...]:
