@@ -2,6 +2,7 @@
 
     python scripts/sweep_recipe.py --minutes 10                 # every recipe below
     python scripts/sweep_recipe.py --minutes 5 --only base lr2e-4
+    python scripts/sweep_recipe.py --kinds add1 add2 --only base --out runs/sweep-add1-add2
 
 Each recipe changes one thing of the quickstart's (tasks/quickstart.py:
 TRAINING) and trains SmolLM2-135M-Instruct for the same minutes, saving a
@@ -25,7 +26,7 @@ import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx)
 from mlx_grpo.core.checkpoint import CHECKPOINTS
 from mlx_grpo.core.reporting import read_log
 from mlx_grpo.core.trainer import train
-from mlx_grpo.tasks.arithmetic import make_split
+from mlx_grpo.tasks.arithmetic import ALL_KINDS, KINDS, make_split
 from mlx_grpo.tasks.quickstart import EVAL, TRAINING
 from mlx_grpo.tasks.smollm2 import MODEL_NAME, smollm2_model
 from mlx_grpo.tools.evaluate import evaluate
@@ -46,7 +47,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def split(
-    folder: Path, n_val: int, mix: tuple[int, ...] | None, seed: int = 0
+    folder: Path,
+    n_val: int,
+    mix: tuple[int, ...] | None,
+    kinds: tuple[str, ...] = KINDS,
+    seed: int = 0,
 ) -> tuple[Path, Path]:
     """A training file without the validation problems, and val.jsonl: both from the training
     side of the main job's split (its held-out set is never used here).
@@ -55,14 +60,14 @@ def split(
     kind's training-side problems (one-digit sums have 50 there), so training keeps most of
     every kind; the same problems whatever the mix.
     """
-    unique = list({r["prompt"]: r for r in make_split(2000, 100, seed)[0]}.values())
+    unique = list({r["prompt"]: r for r in make_split(2000, 100, seed, kinds)[0]}.values())
     random.Random(seed + 1).shuffle(unique)
     val = []
     for kind in sorted({r["kind"] for r in unique}):
         pool = [u for u in unique if u["kind"] == kind]
         val += pool[: min(n_val // 2, len(pool) // 5)]
     held = {r["prompt"] for r in val}
-    rows = [r for r in make_split(2000, 100, seed, mix=mix)[0] if r["prompt"] not in held]
+    rows = [r for r in make_split(2000, 100, seed, kinds, mix)[0] if r["prompt"] not in held]
     folder.mkdir(parents=True, exist_ok=True)
     name = "train.jsonl" if mix is None else f"train-mix{'-'.join(map(str, mix))}.jsonl"
     paths = folder / name, folder / "val.jsonl"
@@ -79,17 +84,24 @@ def accuracy(adapter: Path | None, val: Path) -> dict[str, float]:
 
 
 def sweep(
-    out: Path, minutes: float, every: int, names: list[str], n_val: int, seed: int, reuse: bool
+    out: Path,
+    minutes: float,
+    every: int,
+    names: list[str],
+    n_val: int,
+    seed: int,
+    reuse: bool,
+    kinds: tuple[str, ...] = KINDS,
 ) -> dict:
     smollm2_model()
-    val = split(out / "data", n_val, None)[1]
+    val = split(out / "data", n_val, None, kinds)[1]
     path = out / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"recipes": {}}
     if results.get("validation") != val.read_text():  # another split: start again
         results = {"validation": val.read_text(), "base model": accuracy(None, val), "recipes": {}}
     for name in names:
         changes = dict(RECIPES[name])
-        train_file = split(out / "data", n_val, changes.pop("mix", None))[0]
+        train_file = split(out / "data", n_val, changes.pop("mix", None), kinds)[0]
         key = f"{name} seed {seed}"
         settings = dataclasses.replace(
             TRAINING,
@@ -125,11 +137,13 @@ def sweep(
 
 
 def table(results: dict) -> str:
-    """Per recipe: what it changes, its steps, its validation curve and when it last gained."""
+    """Per recipe: what it changes, its steps, its validation curve, each kind's accuracy at
+    the end and when it last gained."""
     base = results["base model"]["all"]
+    kinds = [k for k in results["base model"] if k != "all"]
     lines = [
         "| recipe | steps | validation exact answers, base model then every checkpoint "
-        "| two-digit at the end | last gain |",
+        "| at the end, per kind | last gain |",
         "|---|---|---|---|---|",
     ]
     for name, recipe in results["recipes"].items():
@@ -141,7 +155,8 @@ def table(results: dict) -> str:
         curve = " ".join(f"{round(100 * v)}" for v in [base] + [p["all"] for p in points])
         when = f"step {at['step']} ({at['minutes']:.1f} min)" if at else "never"
         last = points[-1]
-        lines.append(f"| {name} | {last['step']} | {curve} | {last['addsub2']:.0%} | {when} |")
+        end = ", ".join(f"{k} {last[k]:.0%}" for k in kinds)
+        lines.append(f"| {name} | {last['step']} | {curve} | {end} | {when} |")
     return "\n".join(lines)
 
 
@@ -153,9 +168,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed (the split stays)")
     parser.add_argument("--reuse", action="store_true", help="score runs already in --out")
     parser.add_argument("--only", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--kinds", nargs="+", choices=ALL_KINDS, default=list(KINDS))
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     args = parser.parse_args()
-    results = sweep(args.out, args.minutes, args.every, args.only, args.val, args.seed, args.reuse)
+    results = sweep(
+        args.out,
+        args.minutes,
+        args.every,
+        args.only,
+        args.val,
+        args.seed,
+        args.reuse,
+        tuple(args.kinds),
+    )
     print(table(results))
 
 

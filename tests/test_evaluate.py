@@ -7,7 +7,7 @@ from conftest import run_cli
 
 from mlx_grpo.cli import main
 from mlx_grpo.core.builtin_rewards import arithmetic, equation_format, exact_answer
-from mlx_grpo.tasks.arithmetic import make_split, write_split
+from mlx_grpo.tasks.arithmetic import ALL_KINDS, all_problems, make_split, write_split
 from mlx_grpo.tools.evaluate import EvalResult, compare_with, evaluate, pass_at_k, summarize
 from mlx_grpo.tools.generate import generate
 
@@ -41,6 +41,25 @@ def test_problem_sets_are_seeded_disjoint_and_balanced():
         expression = row["prompt"].split("What is ")[1].split("?")[0]
         assert str(eval(expression)) == row["answer"]  # the answer is the arithmetic truth
         assert row["equation"] == f"{expression} = {row['answer']}"
+
+
+def test_every_kind_has_the_operands_and_operators_it_names():
+    operands = {"add1": range(10), "add2": range(10, 100), "addsub2": range(10, 100)}
+    operators = {"add1": {"+"}, "add2": {"+"}, "addsub2": {"+", "-"}}
+    for kind in ALL_KINDS:
+        problems = all_problems(kind)
+        terms = [r["equation"].split(" = ")[0].split() for r in problems]
+        assert {t[1] for t in terms} == operators[kind]
+        assert {int(t[0]) for t in terms} == {int(t[2]) for t in terms} == set(operands[kind])
+        assert (
+            len(problems)
+            == len({r["prompt"] for r in problems})
+            == len(operands[kind]) ** 2 * len(operators[kind])
+        )
+    _, test = make_split(400, 100, seed=3, kinds=("add1", "add2"))
+    assert {r["kind"] for r in test} == {"add1", "add2"}
+    with pytest.raises(ValueError, match="use one of add1, add2, addsub2"):
+        all_problems("mul1")
 
 
 def test_pass_at_k_matches_counting_every_subset():
@@ -81,7 +100,7 @@ def test_greedy_eval_scores_what_the_model_generates(tiny_model_dir, reward_file
     assert result.summary["all"]["accuracy"] == pytest.approx(
         sum(r["correct"] for r in records) / 6
     )
-    assert result.summary["add1"]["prompts"] == 3 and result.summary["addsub2"]["prompts"] == 3
+    assert result.summary["add1"]["prompts"] == 3 and result.summary["add2"]["prompts"] == 3
     # Batched greedy decoding gives what generating each prompt alone gives.
     first = json.loads(test.read_text().splitlines()[0])["prompt"]
     alone = generate(str(tiny_model_dir), first, max_completion_length=6)
@@ -137,7 +156,7 @@ def test_a_training_mix_changes_the_kinds_shares_and_not_the_held_out_set():
     assert sum(r["kind"] == "add1" for r in train) == 100  # a quarter of 400
     assert not {r["prompt"] for r in test} & {r["prompt"] for r in train}
     only_two_digit, _ = make_split(40, 100, seed=3, mix=(0, 1))
-    assert {r["kind"] for r in only_two_digit} == {"addsub2"}
+    assert {r["kind"] for r in only_two_digit} == {"add2"}
     with pytest.raises(ValueError, match="one share >= 0 per kind"):
         make_split(10, 10, mix=(1,))
 

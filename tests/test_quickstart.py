@@ -31,7 +31,7 @@ def test_main_job_evaluates_trains_exports_and_plots(tmp_path):
         ]
         assert len(records) == 10 and all(r["completion"].strip() for r in records)
         figures = summary[when]
-        assert figures["add1"]["prompts"] == 5 and figures["addsub2"]["prompts"] == 5
+        assert figures["add1"]["prompts"] == 5 and figures["add2"]["prompts"] == 5
         assert 0.0 <= figures["all"]["accuracy"] <= 1.0
     # The base model computes most small sums; an exact answer needs value and format.
     assert summary["before"]["add1"]["arithmetic"] > 0.5

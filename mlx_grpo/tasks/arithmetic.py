@@ -7,8 +7,9 @@ Each row carries the `answer` and `equation` columns that the built-in rewards
 first two, so a model is paid for being right and learns the format from the
 second; evaluation counts `exact_answer`.
 
-Kinds: `add1` one-digit sums (0-9 + 0-9); `addsub2` two-digit sums and
-differences (10-99 +/- 10-99, differences may be negative).
+Kinds: `add1` one-digit sums (0-9 + 0-9); `add2` two-digit sums (10-99 +
+10-99); `addsub2` two-digit sums and differences (10-99 +/- 10-99,
+differences may be negative).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-KINDS = ("add1", "addsub2")
+KINDS = ("add1", "add2")  # the main job's; addsub2 is harder than 10 minutes can teach
+ALL_KINDS = ("add1", "add2", "addsub2")
 INSTRUCTION = "Reply with the equation and its result, like 2 + 2 = 4."
 
 
@@ -26,10 +28,12 @@ def all_problems(kind: str) -> list[dict[str, Any]]:
     """Every problem of a kind, in a fixed order."""
     if kind == "add1":
         triples = [(a, "+", b) for a in range(10) for b in range(10)]
+    elif kind == "add2":
+        triples = [(a, "+", b) for a in range(10, 100) for b in range(10, 100)]
     elif kind == "addsub2":
         triples = [(a, op, b) for a in range(10, 100) for b in range(10, 100) for op in "+-"]
     else:
-        raise ValueError(f"unknown arithmetic kind {kind!r}; use one of {', '.join(KINDS)}")
+        raise ValueError(f"unknown arithmetic kind {kind!r}; use one of {', '.join(ALL_KINDS)}")
     return [
         {
             "prompt": f"What is {a} {op} {b}? {INSTRUCTION}",
@@ -54,7 +58,7 @@ def make_split(
     the first ones, training samples (with repeats) from the rest. At most
     half of a kind may be held out (one-digit sums have only 100 problems).
     `mix` gives the kinds' shares of the training rows as whole numbers
-    ((1, 3): a quarter `add1`, three quarters `addsub2`); equal by default.
+    ((1, 3): a quarter `add1`, three quarters `add2`); equal by default.
     """
     mix = mix or (1,) * len(kinds)
     if len(mix) != len(kinds) or min(mix) < 0 or sum(mix) == 0:
@@ -79,12 +83,16 @@ def make_split(
 
 
 def write_split(
-    directory: str | Path, n_train: int, n_test: int, seed: int = 0
+    directory: str | Path,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    kinds: tuple[str, ...] = KINDS,
 ) -> tuple[Path, Path]:
-    """Write train.jsonl and test.jsonl into `directory`; return their paths."""
+    """Write train.jsonl and test.jsonl (make_split's) into `directory`; return their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = directory / "train.jsonl", directory / "test.jsonl"
-    for path, rows in zip(paths, make_split(n_train, n_test, seed)):
+    for path, rows in zip(paths, make_split(n_train, n_test, seed, kinds)):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths

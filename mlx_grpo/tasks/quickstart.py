@@ -183,7 +183,7 @@ def next_steps(summary: dict[str, Any]) -> str:
     model_dir = outputs[f"the model (--model {MODEL_NAME})"]
     rewards = ",".join(EVAL["rewards"])
     weights = ",".join(f"{w:g}" for w in EVAL["reward_weights"])
-    question = "What is 47 - 85? " + INSTRUCTION
+    question = "What is 47 + 85? " + INSTRUCTION
     length = EVAL["max_completion_length"]
     lines += [
         "Next:",
@@ -205,7 +205,12 @@ def next_steps(summary: dict[str, Any]) -> str:
 # The README's main-job results are rendered from a recorded summary.json (docs/main-job/).
 README_START = "<!-- main-job results: rendered by scripts/main_job_readme.py -->"
 README_END = "<!-- end of main-job results -->"
-_GROUPS = {"all": "all", "add1": "one-digit sums (`add1`)", "addsub2": "two-digit +/- (`addsub2`)"}
+_GROUPS = {
+    "all": "all",
+    "add1": "one-digit sums (`add1`)",
+    "add2": "two-digit sums (`add2`)",
+    "addsub2": "two-digit +/- (`addsub2`)",
+}
 
 
 def recipe_length(summary: dict[str, Any]) -> int:
@@ -245,7 +250,8 @@ def readme_section(summary: dict[str, Any], image: str) -> str:
         "| right number, before | right number, after |",
         "|---|---|---|---|---|",
     ]
-    for group, label in _GROUPS.items():
+    for group in summary["before"]:  # "all", then the run's kinds
+        label = _GROUPS.get(group, f"`{group}`")
         before, after = summary["before"][group], summary["after"][group]
         cells = [before["accuracy"], after["accuracy"], before["arithmetic"], after["arithmetic"]]
         lines.append(f"| {label} | " + " | ".join(f"{v:.0%}" for v in cells) + " |")
