@@ -108,7 +108,7 @@ def _run(fn: Callable, debug: bool) -> Any:
     from mlx_grpo.core.trainer import TrainingInterrupted, TrainingStopped
 
     try:
-        return fn()
+        return _reported(fn)
     except TrainingInterrupted as e:
         click.echo(f"\n{e}", err=True)
         sys.exit(e.exit_code)
@@ -128,6 +128,17 @@ def _run(fn: Callable, debug: bool) -> Any:
             err=True,
         )
         sys.exit(1)
+
+
+def _reported(fn: Callable) -> Any:
+    """Call `fn`; an error it raises is also written for an --auto-resume supervisor."""
+    from mlx_grpo.core.supervise import report_failure
+
+    try:
+        return fn()
+    except Exception as e:
+        report_failure(e)
+        raise
 
 
 def _one_paragraph(text: str) -> str:
@@ -158,10 +169,24 @@ def main() -> None:
     help="One plain line per --logging-steps steps instead of the progress bar (as when the "
     "output is not a terminal).",
 )
+@click.option(
+    "--auto-resume",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Restart the run from its newest checkpoint when it dies (a Metal out-of-memory "
+    "error, the GPU watchdog, or any crash once a checkpoint exists), up to N times; each "
+    "restart is a record in metrics.jsonl.",
+)
 @debug_option
 @_config_options
 def train(
-    config_file: str | None, resume: str | None, quiet: bool, debug: bool, **flags: Any
+    config_file: str | None,
+    resume: str | None,
+    quiet: bool,
+    auto_resume: int,
+    debug: bool,
+    **flags: Any,
 ) -> None:
     """Train a LoRA adapter with GRPO.
 
@@ -174,26 +199,123 @@ def train(
       mlx-grpo train --model Qwen/Qwen3-0.6B --data gsm8k.jsonl \\
           --prompt-column question --rewards math_answer --max-steps 200
       mlx-grpo train --resume runs/grpo --max-steps 400
+      mlx-grpo train --config grpo.yaml --auto-resume 3
     """
     from mlx_grpo.core.checkpoint import resume_settings
     from mlx_grpo.core.settings import resolve
-    from mlx_grpo.core.trainer import train as run_training
 
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     given = {k: v for k, v in given.items() if v is not None and v != []}
     # Say which flag or YAML line holds a bad value. A config file or run folder that only
     # process 0 of a distributed run has is read there (the others get its settings).
+    cfg = None
     if resume:
         if (Path(resume).expanduser() / "config.yaml").is_file():
-            _run(lambda: resume_settings(resume, config_file, given, given_as="flag"), debug)
+            cfg = _run(lambda: resume_settings(resume, config_file, given, given_as="flag"), debug)
     elif not (config_file and not Path(config_file).is_file()):
-        _run(lambda: resolve(config_file, given_as="flag", **given), debug)
-    progress = "lines" if quiet else True
-    result = _run(
-        lambda: run_training(config_file, resume=resume, show_progress=progress, **given), debug
-    )
+        cfg = _run(lambda: resolve(config_file, given_as="flag", **given), debug)
+    job = {"config_file": config_file, "resume": resume, "given": given, "debug": debug}
+    job["progress"] = "lines" if quiet else True
+    if auto_resume and cfg is not None:
+        sys.exit(_supervised(job, Path(cfg.output_dir), auto_resume))
+    _train(job)
+
+
+def _train(job: dict[str, Any]) -> None:
+    """Run the training `job` (the train command's parsed arguments) and say where it went."""
+    from mlx_grpo.core.trainer import train as run_training
+
+    def run() -> Any:
+        given = job["given"]
+        return run_training(
+            job["config_file"], resume=job["resume"], show_progress=job["progress"], **given
+        )
+
+    result = _run(run, job["debug"])
     if result.rank == 0:  # the other processes of a distributed run write nothing
         click.echo(f"adapter saved in {result.output_dir}")
+
+
+def _supervised(job: dict[str, Any], output_dir: Path, restarts: int) -> int:
+    """Run `job` in child processes under supervise.py's restart rules; the exit code."""
+    from mlx_grpo.core.checkpoint import RESUMABLE
+    from mlx_grpo.core.supervise import supervise
+
+    def launch(how: str) -> Any:
+        attempt = dict(job)
+        if how == "resume":  # the run's own settings, with the changes a resume allows
+            kept = {k: v for k, v in job["given"].items() if k in RESUMABLE and k != "overwrite"}
+            attempt.update(config_file=None, resume=str(output_dir), given=kept)
+        elif how == "again":  # the first try set this folder up: start it over
+            attempt["given"] = {**job["given"], "overwrite": True}
+        if job["progress"] is True and sys.stderr.isatty():
+            attempt["progress"] = "bar"  # the child's stderr is a pipe, ours a terminal
+        return _attempt(attempt)
+
+    return supervise(launch, output_dir, restarts, lambda text: click.echo(text, err=True))
+
+
+def _attempt(job: dict[str, Any]) -> Any:
+    """One supervised try: `mlx-grpo train-attempt JOB` in a child process, its stderr
+    passed through; how it ended."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    from mlx_grpo.core.supervise import FAILURE_FILE_ENV, Outcome
+
+    with tempfile.TemporaryDirectory() as tmp:
+        failure = Path(tmp) / "failure.json"
+        env = {**os.environ, FAILURE_FILE_ENV: str(failure)}
+        command = [sys.executable, "-m", "mlx_grpo.cli", "train-attempt", json.dumps(job)]
+        child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+        # Ctrl-C reaches the child too (it saves a checkpoint and exits): we wait for it.
+        # A SIGTERM sent to us is passed on, with the same effect.
+        before = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+        try:
+            tail = _pass_through(child.stderr.fileno())
+            code = _wait(child)
+        finally:
+            signal.signal(signal.SIGTERM, before)
+        report = json.loads(failure.read_text()) if failure.is_file() else {}
+    message = report.get("message", "") + "\n" + tail.decode(errors="replace")
+    return Outcome(code, report.get("error"), message)
+
+
+def _pass_through(fd: int) -> bytes:
+    """Copy the child's stderr to ours until it closes; its last 8 KB."""
+    import os
+
+    tail = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except KeyboardInterrupt:
+            continue
+        if not chunk:
+            return tail
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-8192:]
+
+
+def _wait(child: Any) -> int:
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            continue
+
+
+@main.command("train-attempt", hidden=True)
+@click.argument("job")
+def train_attempt(job: str) -> None:
+    """One try of a run under `train --auto-resume` (JOB: the train command's arguments)."""
+    import json
+
+    _train(json.loads(job))
 
 
 @main.command()

@@ -2,12 +2,14 @@
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -16,7 +18,7 @@ from click.testing import CliRunner
 from conftest import cli_flags
 
 from mlx_grpo.cli import main
-from mlx_grpo.core import checkpoint
+from mlx_grpo.core import checkpoint, supervise
 from mlx_grpo.core import update as update_mod
 from mlx_grpo.core.adapters import Adapter
 from mlx_grpo.core.trainer import TrainingStopped, train
@@ -39,9 +41,11 @@ def adapter(run_dir):
 
 
 def steady_metrics(run_dir):
-    """metrics.jsonl without the timing and memory figures, which differ run to run."""
+    """metrics.jsonl's steps without the timing and memory figures, which differ run to run
+    (and without the records of --auto-resume restarts)."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if not k.startswith(VOLATILE)} for x in lines]
+    records = [r for r in map(json.loads, lines) if "event" not in r]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in records]
 
 
 def assert_same_run(a, b):
@@ -164,6 +168,131 @@ def test_sigterm_saves_a_checkpoint_too(settings, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM received" in err and "--resume" in err
     assert checkpoint.latest(out).step >= 2
+
+
+# --------------------------------------------------------------------------- --auto-resume
+
+
+def child_of(proc, timeout=60):
+    """The pid of `proc`'s child process (the supervised training run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        if found.stdout.split():
+            return int(found.stdout.split()[0])
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the supervisor started no training process")
+
+
+def test_auto_resume_survives_kills_at_random_moments_and_ends_as_if_never_killed(
+    settings, reference_run, tmp_path
+):
+    out = tmp_path / "supervised"
+    args = cli_args(settings, output_dir=out, max_steps=8)
+    proc = spawn([*args, "--auto-resume", "3"], tmp_path)
+    rng = random.Random(7)
+    killed = []
+    for least in (3, 5):  # after a checkpoint exists (save_steps=2), at a random moment
+        child = child_of(proc)
+        wait_for_steps(out, least, proc)
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(child, signal.SIGKILL)
+        killed.append(child)
+        while child_of(proc) == child:  # the supervisor reaps it and starts the next
+            time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert_same_run(reference_run, out)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    restarts = [r for r in map(json.loads, lines) if r.get("event") == "restart"]
+    assert [(r["restart"], r["cause"], r["error"]) for r in restarts] == [
+        (1, "crash", "killed by SIGKILL"),
+        (2, "crash", "killed by SIGKILL"),
+    ]
+    assert all(2 <= r["step"] < 8 and r["step"] % 2 == 0 for r in restarts)
+    assert "auto-resume 1/3: the run died (killed by SIGKILL)" in err
+    assert "auto-resume 2/3" in err and "auto-resume 3/3" not in err
+
+
+def test_auto_resume_gives_up_on_a_crash_before_any_checkpoint_and_passes_bad_input_on(
+    settings, tmp_path
+):
+    out = tmp_path / "early"
+    proc = spawn([*cli_args(settings, output_dir=out, max_steps=8), "--auto-resume", "2"], tmp_path)
+    os.kill(child_of(proc), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "before its first checkpoint: not restarted" in err, err
+    bad = CliRunner().invoke(
+        main,
+        ["train", *cli_args(settings, output_dir=out, num_generations=1), "--auto-resume", "2"],
+    )
+    assert bad.exit_code == 2 and "auto-resume" not in bad.output
+
+
+def outcome_of(code, error=None, message=""):
+    return supervise.Outcome(code, error, message)
+
+
+@pytest.mark.parametrize(
+    "outcome, expected",
+    [
+        (outcome_of(0), None),
+        (outcome_of(2, "ValueError", "bad --data"), None),
+        (outcome_of(130, "TrainingInterrupted"), None),
+        (outcome_of(143, "TrainingInterrupted"), None),
+        (outcome_of(1, "TrainingStopped", "3 non-finite updates"), None),
+        (outcome_of(1, "RuntimeError", "[metal::malloc] Unable to allocate 4 GB"), "memory"),
+        (
+            outcome_of(-6, None, "[METAL] Command buffer execution failed: Insufficient Memory"),
+            "memory",
+        ),
+        (outcome_of(-6, None, "kIOGPUCommandBufferCallbackErrorImpactingInteractivity"), "gpu"),
+        (outcome_of(-9), "crash"),
+        (outcome_of(1, "KeyError", "'x'"), "crash"),
+    ],
+)
+def test_which_deaths_are_restarted(outcome, expected):
+    assert supervise.cause(outcome) == expected
+
+
+def test_a_memory_error_before_the_first_checkpoint_starts_over_and_later_ones_resume(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = out / checkpoint.CHECKPOINTS / "step-000004"
+
+    def latest(run_dir):
+        if not saved.exists():
+            raise checkpoint.CheckpointError("none written yet")
+        return SimpleNamespace(step=4)
+
+    monkeypatch.setattr(checkpoint, "latest", latest)
+    tries, said = [], []
+    memory = outcome_of(1, "RuntimeError", "[metal::malloc] Unable to allocate")
+
+    def launch(how):
+        tries.append(how)
+        (out / "config.yaml").write_text("the run's settings")
+        if len(tries) == 2:  # the second try gets as far as a checkpoint at step 4
+            saved.mkdir(parents=True)
+        return memory if len(tries) < 4 else outcome_of(0)
+
+    assert supervise.supervise(launch, out, 3, said.append) == 0
+    assert tries == ["start", "again", "resume", "resume"]
+    assert said[0].startswith("auto-resume 1/3: the run died (RuntimeError")
+    assert "from the start" in said[0] and "checkpoint at step 4" in said[1]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["restart"], r["step"], r["cause"]) for r in records] == [
+        (1, 0, "memory"),
+        (2, 4, "memory"),
+        (3, 4, "memory"),
+    ]
+    tries.clear()
+    assert supervise.supervise(lambda how: tries.append(how) or memory, out, 1, said.append) == 1
+    assert tries == ["start", "resume"] and "no restart left of --auto-resume 1" in said[-1]
 
 
 def test_checkpoints_keep_the_newest_and_hold_the_whole_state(settings, tmp_path):

@@ -39,22 +39,27 @@ def clean_record(metrics: dict[str, Any]) -> dict[str, Any]:
 def rewrite_logs(output_dir: Path, metrics: list[dict[str, Any]], step: int) -> list[str]:
     """Set a run's logs back to step `step`: its metrics, and records of steps <= `step`.
 
-    Used on resume, so the logs read as if the run had never stopped. A last
-    line cut short (the process was killed while writing it) is dropped;
+    Used on resume, so the logs read as if the run had never stopped (the
+    records of restarts up to `step`, `"event"` in supervise.py, stay). A
+    last line cut short (the process was killed while writing it) is dropped;
     returns a warning for each such line. Any other line that is not a JSON
     record is refused with its file and line number.
     """
     output_dir = Path(output_dir)
     refuse_symlinks(output_dir, LOG_FILES)
-    notes = []
+    notes, events = [], []
     for name in LOG_FILES:
         path = output_dir / name
         records, note = read_log(path)
         notes += [note] if note else []
         if name != METRICS_FILE and path.exists():
             _replace(path, [json.dumps(r) for r in records if r["step"] <= step])
-    # The metrics come from the checkpoint, which holds every step up to `step`.
-    _replace(output_dir / METRICS_FILE, [json.dumps(m) for m in metrics])
+        elif name == METRICS_FILE:
+            events = [r for r in records if "event" in r and r["step"] <= step]
+    # The metrics come from the checkpoint, which holds every step up to `step`; a restart
+    # at step k goes after step k's record.
+    lines = sorted([*metrics, *events], key=lambda r: (r["step"], "event" in r))
+    _replace(output_dir / METRICS_FILE, [json.dumps(r) for r in lines])
     return notes
 
 

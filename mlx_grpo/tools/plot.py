@@ -145,6 +145,7 @@ def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ValueError(f"{path} not found: is {run_dir} the output_dir of a training run?")
     records, _ = read_log(path)  # a last line cut short by a kill is left out
+    records = [r for r in records if "event" not in r]  # restarts (--auto-resume) are no step
     if not records:
         raise ValueError(f"{path} is empty: the run has not logged a step yet")
     return records

@@ -1,0 +1,146 @@
+"""--auto-resume: train in a child process and restart it from its checkpoint when it dies.
+
+Long MLX runs on Macs die of Metal out-of-memory errors and of the GPU
+watchdog; other crashes happen too. The supervisor starts the run as a
+child process; when the child dies of such an error, or of any crash once a
+checkpoint exists, it starts it again with `--resume`, up to N times. A run
+that ends, is stopped by the user (Ctrl-C, SIGTERM), stops itself
+(non-finite updates) or was given bad input is not restarted. Each restart
+is a record in metrics.jsonl ({"step", "event": "restart", ...}), which
+resumes keep. A resumed run equals an uninterrupted one, so the final
+adapter does too.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlx_grpo.core import checkpoint
+from mlx_grpo.core.reporting import METRICS_FILE
+
+# The child writes what stopped it here (JSON: {"error": type name, "message": ...}).
+FAILURE_FILE_ENV = "MLX_GRPO_FAILURE_FILE"
+USER_ERROR, STOPPED = 2, 1  # the CLI's exit codes for bad input and for a run that stops itself
+_MEMORY = ("out of memory", "unable to allocate", "insufficient memory", "outofmemory")
+_GPU = ("gpu timeout", "impactinginteractivity", "command buffer execution failed")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a child run ended: its exit code (negative: killed by that signal) and the error
+    it reported, if it reported one."""
+
+    returncode: int
+    error: str | None = None  # exception type name
+    message: str = ""
+
+
+def cause(outcome: Outcome) -> str | None:
+    """Why a child died, when a restart may help: "memory", "gpu" or "crash"; None when it
+    ended, was stopped, stopped itself or was given bad input (restarting would not help)."""
+    code, text = outcome.returncode, outcome.message.lower()
+    if code == 0 or code == USER_ERROR or code >= 128:  # 128 + n: stopped by signal n, saved
+        return None
+    if any(pattern in text for pattern in _MEMORY):
+        return "memory"
+    if any(pattern in text for pattern in _GPU):
+        return "gpu"
+    if code < 0:  # killed by a signal: the kernel's OOM killer, an abort, SIGKILL
+        return "crash"
+    if outcome.error in ("TrainingStopped", "PeerLost") or outcome.error is None:
+        return None  # exit 1 without an unexpected error: the run stopped itself
+    return "crash"
+
+
+def describe(outcome: Outcome) -> str:
+    if outcome.returncode < 0:
+        try:
+            name = signal.Signals(-outcome.returncode).name
+        except ValueError:
+            name = f"signal {-outcome.returncode}"
+        return f"killed by {name}"
+    return f"{outcome.error}: {outcome.message}" if outcome.error else f"exit {outcome.returncode}"
+
+
+def supervise(
+    launch: Callable[[str], Outcome],
+    output_dir: Path,
+    restarts: int,
+    say: Callable[[str], None],
+) -> int:
+    """Run `launch(how)` until it ends, restarting it up to `restarts` times; its exit code.
+
+    `how` is "start" (the run as asked), "resume" (from `output_dir`'s newest
+    checkpoint) or "again" (from the start, over the folder the first try
+    began: only after a memory or GPU error before any checkpoint).
+    """
+    started, how, done = time.time(), "start", 0
+    while True:
+        outcome = launch(how)
+        why = cause(outcome)
+        if why is None:
+            return outcome.returncode
+        step = _newest(output_dir)
+        if step is None and why == "crash":
+            say(f"the run died ({describe(outcome)}) before its first checkpoint: not restarted")
+            return max(outcome.returncode, 1)
+        if done == restarts:
+            say(f"the run died ({describe(outcome)}); no restart left of --auto-resume {restarts}")
+            return max(outcome.returncode, 1)
+        done += 1
+        record_restart(output_dir, step or 0, done, restarts, why, describe(outcome))
+        where = f"its checkpoint at step {step}" if step is not None else "the start"
+        say(f"auto-resume {done}/{restarts}: the run died ({describe(outcome)}); from {where}")
+        if step is not None:
+            how = "resume"
+        else:  # no checkpoint yet
+            how = "again" if _began(output_dir, started) else "start"
+
+
+def _newest(output_dir: Path) -> int | None:
+    """The step of the run's newest usable checkpoint; None when it has none."""
+    try:
+        return checkpoint.latest(output_dir).step
+    except checkpoint.CheckpointError:
+        return None
+
+
+def _began(output_dir: Path, since: float) -> bool:
+    """Whether a run was set up in `output_dir` after `since` (its config.yaml written)."""
+    config = Path(output_dir) / "config.yaml"
+    return config.is_file() and config.stat().st_mtime >= since - 1
+
+
+def record_restart(
+    output_dir: Path, step: int, number: int, restarts: int, why: str, what: str
+) -> None:
+    """Append a restart record to the run's metrics.jsonl."""
+    record: dict[str, Any] = {
+        "step": step,
+        "event": "restart",
+        "restart": number,
+        "of": restarts,
+        "cause": why,
+        "error": what,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    path = Path(output_dir) / METRICS_FILE
+    text = path.read_text() if path.exists() else ""
+    if text and not text.endswith("\n"):  # a line cut short by the kill
+        text = text[: text.rfind("\n") + 1]
+    path.write_text(text + json.dumps(record) + "\n")
+
+
+def report_failure(error: BaseException) -> None:
+    """In a supervised child, write what stopped it for the supervisor (no-op otherwise)."""
+    import os
+
+    where = os.environ.get(FAILURE_FILE_ENV)
+    if where:
+        Path(where).write_text(json.dumps({"error": type(error).__name__, "message": str(error)}))
