@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.logprobs import (
     completion_hidden,
     completion_logprobs,
@@ -15,7 +14,6 @@ from mlx_grpo.core.logprobs import (
 )
 from mlx_grpo.core.lora import adapters_disabled, apply_lora
 from mlx_grpo.core.models import left_pad, load_model
-from mlx_grpo.core.rollout import Noise, rollout
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21, 22, 23]]
 COMPLETIONS = [[40, 41, 42, 43, 44], [50, 51, 52, 53, 54], [60, 61, 62, 63, 64]]
@@ -181,33 +179,3 @@ def test_no_grad_scoring_gives_the_same_log_probs_chunk_by_chunk(lm):
     now = completion_logprobs(lm.model, tokens, padding, completions, 0.8, 4, no_grad=True)
     assert now.entropy is None
     np.testing.assert_allclose(np.array(now.logp), np.array(full.logp), atol=1e-5)
-
-
-def test_reference_rows_in_the_rollout_equal_the_separate_reference_pass(lm):
-    # A third of the ids end a sequence, so rows leave the decode batch at scattered steps.
-    eos = lm.eos_ids + list(range(0, 256, 3))
-    sampling = TrainConfig(temperature=0.7, max_completion_length=10).sampling()
-    plain = rollout(lm.model, PROMPTS, 4, sampling, eos, lm.pad_id, Noise(seed=3))
-    both = rollout(lm.model, PROMPTS, 4, sampling, eos, lm.pad_id, Noise(seed=3), reference=True)
-    assert plain.reference_logprobs is None
-    assert both.completion_lists() == plain.completion_lists()  # the samples are the same
-    assert len(set(both.lengths)) > 2  # the test needs rows that end at different steps
-    mask = np.array(both.completion_mask)
-    np.testing.assert_allclose(
-        np.array(both.sampled_logprobs) * mask, np.array(plain.sampled_logprobs) * mask, atol=1e-5
-    )
-    with adapters_disabled(lm.model):  # the pass the update would run otherwise
-        expected = completion_logprobs(
-            lm.model,
-            both.prompt_tokens,
-            both.prompt_padding,
-            both.completion_ids,
-            0.7,
-            chunk_size=64,
-            no_grad=True,
-        ).logp
-    got = np.array(both.reference_logprobs)
-    np.testing.assert_allclose(got * mask, np.array(expected) * mask, atol=1e-5)
-    assert (got * (1 - mask) == 0).all()
-    # The adapter is on in the policy rows: the two log-probs differ.
-    assert np.abs((got - np.array(both.sampled_logprobs)) * mask).max() > 1e-2

@@ -3,8 +3,7 @@
 Parameter names and shapes follow mlx-lm (`lora_a` (in, r), `lora_b` (r, out),
 `scale` = alpha / r), so `mlx_lm.load(model, adapter_path=...)` reads what we
 save. Unlike mlx-lm's layer, ours can be switched off, which gives the
-reference policy pi_ref (the base model) without a second copy of the weights,
-for a whole batch or for the second half of its rows (`reference_half`).
+reference policy pi_ref (the base model) without a second copy of the weights.
 """
 
 from __future__ import annotations
@@ -75,7 +74,6 @@ class LoRALinear(nn.Module):
         self.scale = scale
         self.dropout = nn.Dropout(p=dropout)
         self.enabled = True
-        self.reference_half = False  # True: rows N/2.. of a batch of N run without the update
         bound = 1.0 / math.sqrt(in_dims)
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
         self.lora_b = mx.zeros((rank, out_dims))
@@ -121,14 +119,8 @@ class LoRALinear(nn.Module):
             y = self.linear(x)
         if not self.enabled:
             return y
-        if self.reference_half:
-            h = x.shape[0] // 2
-            return mx.concatenate([y[:h] + self._update(x[:h], y.dtype), y[h:]])
-        return y + self._update(x, y.dtype)
-
-    def _update(self, x: mx.array, dtype: mx.Dtype) -> mx.array:
         z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
-        return (self.scale * z).astype(dtype)
+        return y + (self.scale * z).astype(y.dtype)
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -248,24 +240,6 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for m in modules:
             m.enabled = True
-
-
-@contextmanager
-def reference_half(model: nn.Module) -> Iterator[None]:
-    """Inside this block, the second half of every batch's rows runs the base model.
-
-    A batch of the same sequences twice, [x; x], then gives the policy and
-    the reference policy in one pass: the weights are read once for both,
-    and the low-rank update is computed for the first half only.
-    """
-    modules = lora_modules(model)
-    for m in modules:
-        m.reference_half = True
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.reference_half = False
 
 
 def trainable_count(model: nn.Module) -> int:

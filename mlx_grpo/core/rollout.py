@@ -6,12 +6,6 @@ A sequence stops at its first EOS (any id in `eos_ids`), which is kept in
 the completion and counted in its mask; it then leaves the batch (its rows
 of the KV cache are dropped), so finished sequences cost no more compute.
 
-With `reference=True` the batch also holds every sequence a second time,
-run with the LoRA adapters off (lora.reference_half): those rows take the
-token their policy row sampled and give the reference policy's log-prob of
-it, so the trainer's KL needs no separate reference pass. Decoding is bound
-by reading the weights, which both halves share.
-
 Sampling draws one uniform number per row and inverts the cumulative
 distribution: one exp pass over the vocabulary gives both the token and its
 log-prob. (Gumbel-max sampling, mlx-lm's, costs two logs per vocabulary
@@ -24,7 +18,6 @@ exactly what one process holding the whole batch would.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -34,12 +27,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from mlx_grpo.core.backend import blas_threads, cpu_only
 from mlx_grpo.core.config import SamplingSettings
-from mlx_grpo.core.lora import (
-    SMALL_MATMUL_ROWS,
-    reference_half,
-    split_matmul,
-    split_small_matmuls,
-)
+from mlx_grpo.core.lora import SMALL_MATMUL_ROWS, split_matmul, split_small_matmuls
 from mlx_grpo.core.models import RolloutCache, body_and_head, left_pad
 
 
@@ -71,7 +59,6 @@ class RolloutBatch:
     completion_mask: mx.array  # (N, T) float32, 1 up to and including the first EOS
     sampled_logprobs: mx.array  # (N, T) float32, log pi(token) while sampling, at temperature
     truncated: list[bool]  # no EOS within max_completion_length
-    reference_logprobs: mx.array | None = None  # (N, T) log pi_ref(token), at temperature
 
     @property
     def tokens(self) -> mx.array:
@@ -96,14 +83,10 @@ def rollout(
     eos_ids: list[int],
     pad_id: int,
     noise: Noise | None = None,
-    reference: bool = False,
 ) -> RolloutBatch:
     """Sample `num_generations` completions for every prompt, all in one batch.
 
-    `noise` defaults to a fresh seed from MLX's global random stream. With
-    `reference`, the reference policy's (adapters off) log-probs of the
-    sampled tokens come too, computed in the same batch; the samples are the
-    same either way.
+    `noise` defaults to a fresh seed from MLX's global random stream.
 
     Example:
         >>> sampling = TrainConfig(max_completion_length=8).sampling()
@@ -114,14 +97,11 @@ def rollout(
     """
     g = num_generations
     tokens, padding = left_pad(prompts, pad_id)
-    room = sampling.max_completion_length
-    with reference_half(model) if reference else nullcontext():
-        twice = (mx.concatenate([tokens, tokens]), mx.concatenate([padding, padding]))
-        logits, cache = _prefill(model, *(twice if reference else (tokens, padding)), g, room)
-        noise = noise or Noise.fresh()
-        steps, going = _decode(model, logits, cache, sampling, eos_ids, noise, reference)
-    n = len(prompts) * g
-    ids, mask, logp, ref_logp = _assemble(steps, n, pad_id)
+    logits, cache = _prefill(model, tokens, padding, g, sampling.max_completion_length)
+    noise = noise or Noise.fresh()
+    steps, going = _decode(model, logits, cache, sampling, eos_ids, noise)
+    n = logits.shape[0]
+    ids, mask, logp = _assemble(steps, n, pad_id)
     truncated = np.zeros(n, dtype=bool)
     truncated[going] = True
     return RolloutBatch(
@@ -131,7 +111,6 @@ def rollout(
         completion_mask=mx.array(mask),
         sampled_logprobs=mx.array(logp),
         truncated=truncated.tolist(),
-        reference_logprobs=mx.array(ref_logp) if reference else None,
     )
 
 
@@ -142,59 +121,48 @@ def _decode(
     sampling: SamplingSettings,
     eos_ids: list[int],
     noise: Noise,
-    reference: bool = False,
-) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
+) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
     """Sample token after token: per step (the batch's rows decoded, their tokens, their
-    log-probs, the reference's or None), and the rows still going when the length limit
-    came (truncated).
+    log-probs), and the rows still going when the length limit came (truncated).
 
-    A row that samples EOS leaves the batch: its cache rows are dropped. With
-    `reference`, the batch's second half are the reference rows, in the same order.
+    A row that samples EOS leaves the batch: its cache rows are dropped.
     """
-    draw, score = make_draw(sampling), reference_score(sampling)
+    draw = make_draw(sampling)
     eos = mx.array(sorted(set(eos_ids)), dtype=mx.int32)
-    n = logits.shape[0] // 2 if reference else logits.shape[0]
+    n = logits.shape[0]
     key, rows = mx.random.key(noise.seed), noise.total_rows or n
     live = np.arange(n)  # the batch's rows still decoding, in the cache's order
     steps = []
-    streams = decode_streams(logits.shape[0])
+    streams = decode_streams(n)
     step_fn = decode_step(model, streams)
     with split_small_matmuls(streams), blas_threads(1 if streams else None):
         for step in range(sampling.max_completion_length):
             key, sub = mx.random.split(key)
             u = mx.random.uniform(shape=(rows, 1), key=sub)[noise.first_row : noise.first_row + n]
-            m = len(live)
-            token, token_logp = draw(logits[:m], u if m == n else u[mx.array(live)])
-            ref_logp = score(logits[m:], token) if reference else None
+            token, token_logp = draw(logits, u if len(live) == n else u[mx.array(live)])
             ended = (token[:, None] == eos[None]).any(axis=1)
-            mx.eval(token, token_logp, ref_logp, ended)
-            steps.append((live, np.array(token), np.array(token_logp), ref_logp))
+            mx.eval(token, token_logp, ended)
+            steps.append((live, np.array(token), np.array(token_logp)))
             ended = np.array(ended)
             if step + 1 == sampling.max_completion_length or ended.all():
                 break
             if ended.any():  # rows that ended leave the batch: no more compute for them
-                keep = np.flatnonzero(~ended)
-                rows_kept = mx.array(np.r_[keep, keep + m] if reference else keep)
+                keep = mx.array(np.flatnonzero(~ended))
                 for c in cache:
-                    c.filter(rows_kept)
-                token, live = token[mx.array(keep)], live[~ended]
-            fed = mx.concatenate([token, token]) if reference else token
-            logits = step_fn(fed[:, None], cache)
+                    c.filter(keep)
+                token, live = token[keep], live[~ended]
+            logits = step_fn(token[:, None], cache)
     return steps, live[~ended]
 
 
 def _assemble(steps: list[tuple], n: int, pad_id: int) -> tuple[np.ndarray, ...]:
-    """(N, T) ids (pad after the end), mask, log-probs and the reference's log-probs (zero
-    when not computed) from each step's live rows."""
+    """(N, T) ids (pad after the end), mask and log-probs from each step's live rows."""
     ids = np.full((n, len(steps)), pad_id, dtype=np.int32)
     mask = np.zeros((n, len(steps)), dtype=np.float32)
     logp = np.zeros((n, len(steps)), dtype=np.float32)
-    ref_logp = np.zeros((n, len(steps)), dtype=np.float32)
-    for t, (rows, tokens, token_logp, ref) in enumerate(steps):
+    for t, (rows, tokens, token_logp) in enumerate(steps):
         ids[rows, t], mask[rows, t], logp[rows, t] = tokens, 1.0, token_logp
-        if ref is not None:
-            ref_logp[rows, t] = np.array(ref)
-    return ids, mask, logp, ref_logp
+    return ids, mask, logp
 
 
 def _prefill(
@@ -272,18 +240,6 @@ def make_draw(sampling: SamplingSettings):
         return token, mx.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - lse[:, 0]
 
     return draw
-
-
-def reference_score(sampling: SamplingSettings):
-    """A function ((N, V) logits, (N,) tokens) -> (N,) log-probs of the tokens at the
-    trainer's temperature: the reference policy's, scored as the policy is."""
-
-    def score(logits: mx.array, token: mx.array) -> mx.array:
-        scaled = logits.astype(mx.float32) / sampling.logprob_temperature
-        picked = mx.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
-        return picked - mx.logsumexp(scaled, axis=-1)
-
-    return score
 
 
 def inverse_cdf(cdf: mx.array, u: mx.array | None = None) -> mx.array:

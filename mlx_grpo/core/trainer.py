@@ -5,8 +5,7 @@ Each step takes B prompts, samples G completions of each in one batch
 turns the rewards into group advantages (objective.py) and updates the
 adapter (update.py): mu passes over the rollout, each accumulating the
 micro-batches' gradients into one AdamW step, with pi_old from the rollout
-and the reference log-probs (adapters off, scored in the rollout's batch) only
-when beta != 0. Setting a
+and the reference log-probs (adapters off) only when beta != 0. Setting a
 run up and restoring a checkpoint is setup.py's work; data-parallel runs
 over several processes are described in distributed.py.
 """
@@ -262,10 +261,8 @@ def _rollout(run: Run, rows: list[PromptRow], noise: Noise) -> RolloutBatch:
     """G completions of each of this process's prompts, sampled as the settings say."""
     run.lm.model.eval()
     prompts = [r.prompt_ids for r in rows]
-    cfg = run.cfg
-    reference = cfg.beta != 0.0 and cfg.kl_estimator == "k3"  # exact KL needs hidden states
-    lm, g, sampling = run.lm, cfg.num_generations, cfg.sampling()
-    return rollout(lm.model, prompts, g, sampling, lm.eos_ids, lm.pad_id, noise, reference)
+    g, sampling = run.cfg.num_generations, run.cfg.sampling()
+    return rollout(run.lm.model, prompts, g, sampling, run.lm.eos_ids, run.lm.pad_id, noise)
 
 
 def _record(

@@ -2,9 +2,7 @@
 
 The rollout is split into `gradient_accumulation_steps` micro-batches, each
 trimmed to its own padding and longest completion. Reference inputs
-(beta != 0) come from the rollout, which scored the sampled tokens with the
-adapters off in the same batch, or are computed once per micro-batch before
-the first update (the exact KL needs the reference's hidden states); each
+(beta != 0) are computed once per micro-batch, before the first update; each
 of the mu passes sums the micro-batch gradients, clips their global norm and
 makes one AdamW step.
 
@@ -93,9 +91,7 @@ def micro_batches(
                 mb.old_logp = batch.sampled_logprobs[sl, :length]
             else:
                 mb.old_logp = _score(model, mb, cfg, no_grad=True).logp
-        if cfg.beta != 0.0 and batch.reference_logprobs is not None:
-            mb.ref = batch.reference_logprobs[sl, :length]
-        elif cfg.beta != 0.0:
+        if cfg.beta != 0.0:
             with adapters_disabled(model):
                 if cfg.kl_estimator == "exact":
                     mb.ref = completion_hidden(
