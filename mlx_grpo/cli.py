@@ -237,9 +237,12 @@ def _train(job: dict[str, Any]) -> None:
 
 
 def _supervised(job: dict[str, Any], output_dir: Path, restarts: int) -> int:
-    """Run `job` in child processes under supervise.py's restart rules; the exit code."""
+    """Run `job` in child processes (`mlx-grpo train-attempt JOB`) under supervise.py's
+    restart rules; the exit code."""
+    import json
+
     from mlx_grpo.core.checkpoint import RESUMABLE
-    from mlx_grpo.core.supervise import supervise
+    from mlx_grpo.core.supervise import run_child, supervise
 
     def launch(how: str) -> Any:
         attempt = dict(job)
@@ -250,63 +253,9 @@ def _supervised(job: dict[str, Any], output_dir: Path, restarts: int) -> int:
             attempt["given"] = {**job["given"], "overwrite": True}
         if job["progress"] is True and sys.stderr.isatty():
             attempt["progress"] = "bar"  # the child's stderr is a pipe, ours a terminal
-        return _attempt(attempt)
+        return run_child(["train-attempt", json.dumps(attempt)])
 
     return supervise(launch, output_dir, restarts, lambda text: click.echo(text, err=True))
-
-
-def _attempt(job: dict[str, Any]) -> Any:
-    """One supervised try: `mlx-grpo train-attempt JOB` in a child process, its stderr
-    passed through; how it ended."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import tempfile
-
-    from mlx_grpo.core.supervise import FAILURE_FILE_ENV, Outcome
-
-    with tempfile.TemporaryDirectory() as tmp:
-        failure = Path(tmp) / "failure.json"
-        env = {**os.environ, FAILURE_FILE_ENV: str(failure)}
-        command = [sys.executable, "-m", "mlx_grpo.cli", "train-attempt", json.dumps(job)]
-        child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
-        # Ctrl-C reaches the child too (it saves a checkpoint and exits): we wait for it.
-        # A SIGTERM sent to us is passed on, with the same effect.
-        before = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
-        try:
-            tail = _pass_through(child.stderr.fileno())
-            code = _wait(child)
-        finally:
-            signal.signal(signal.SIGTERM, before)
-        report = json.loads(failure.read_text()) if failure.is_file() else {}
-    message = report.get("message", "") + "\n" + tail.decode(errors="replace")
-    return Outcome(code, report.get("error"), message)
-
-
-def _pass_through(fd: int) -> bytes:
-    """Copy the child's stderr to ours until it closes; its last 8 KB."""
-    import os
-
-    tail = b""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except KeyboardInterrupt:
-            continue
-        if not chunk:
-            return tail
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.flush()
-        tail = (tail + chunk)[-8192:]
-
-
-def _wait(child: Any) -> int:
-    while True:
-        try:
-            return child.wait()
-        except KeyboardInterrupt:
-            continue
 
 
 @main.command("train-attempt", hidden=True)

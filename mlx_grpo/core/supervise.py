@@ -14,7 +14,11 @@ adapter does too.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,8 +143,51 @@ def record_restart(
 
 def report_failure(error: BaseException) -> None:
     """In a supervised child, write what stopped it for the supervisor (no-op otherwise)."""
-    import os
-
     where = os.environ.get(FAILURE_FILE_ENV)
     if where:
         Path(where).write_text(json.dumps({"error": type(error).__name__, "message": str(error)}))
+
+
+def run_child(cli_args: list[str]) -> Outcome:
+    """`mlx-grpo CLI_ARGS` in a child process, its stderr passed through; how it ended.
+
+    Ctrl-C reaches the child too (it saves a checkpoint and exits) and we wait
+    for it; a SIGTERM sent to us is passed on, with the same effect.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        failure = Path(tmp) / "failure.json"
+        env = {**os.environ, FAILURE_FILE_ENV: str(failure)}
+        command = [sys.executable, "-m", "mlx_grpo.cli", *cli_args]
+        child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+        before = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+        try:
+            tail = _pass_through(child.stderr.fileno())
+            code = _wait(child)
+        finally:
+            signal.signal(signal.SIGTERM, before)
+        report = json.loads(failure.read_text()) if failure.is_file() else {}
+    message = report.get("message", "") + "\n" + tail.decode(errors="replace")
+    return Outcome(code, report.get("error"), message)
+
+
+def _pass_through(fd: int) -> bytes:
+    """Copy the child's stderr to ours until it closes; its last 8 KB."""
+    tail = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except KeyboardInterrupt:
+            continue
+        if not chunk:
+            return tail
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-8192:]
+
+
+def _wait(child: subprocess.Popen) -> int:
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            continue
