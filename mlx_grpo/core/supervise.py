@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from mlx_grpo.core import checkpoint
-from mlx_grpo.core.reporting import METRICS_FILE
+from mlx_grpo.core.reporting import CONFIG_FILE, METRICS_FILE
 
 # The child writes what stopped it here (JSON: {"error": type name, "message": ...}).
 FAILURE_FILE_ENV = "MLX_GRPO_FAILURE_FILE"
-USER_ERROR, STOPPED = 2, 1  # the CLI's exit codes for bad input and for a run that stops itself
+USER_ERROR = 2  # the CLI's exit code for bad input
 _MEMORY = ("out of memory", "unable to allocate", "insufficient memory", "outofmemory")
 _GPU = ("gpu timeout", "impactinginteractivity", "command buffer execution failed")
 
@@ -108,16 +108,17 @@ def supervise(
 
 
 def _newest(output_dir: Path) -> int | None:
-    """The step of the run's newest usable checkpoint; None when it has none."""
+    """The step of the run's newest usable checkpoint; None when it has none (or none that a
+    resume would take: a symlinked checkpoints folder is refused there too)."""
     try:
         return checkpoint.latest(output_dir).step
-    except checkpoint.CheckpointError:
+    except ValueError:  # CheckpointError, SymlinkRefused
         return None
 
 
 def _began(output_dir: Path, since: float) -> bool:
     """Whether a run was set up in `output_dir` after `since` (its config.yaml written)."""
-    config = Path(output_dir) / "config.yaml"
+    config = Path(output_dir) / CONFIG_FILE
     return config.is_file() and config.stat().st_mtime >= since - 1
 
 

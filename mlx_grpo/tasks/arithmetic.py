@@ -83,16 +83,12 @@ def make_split(
 
 
 def write_split(
-    directory: str | Path,
-    n_train: int,
-    n_test: int,
-    seed: int = 0,
-    kinds: tuple[str, ...] = KINDS,
+    directory: str | Path, n_train: int, n_test: int, seed: int = 0
 ) -> tuple[Path, Path]:
-    """Write train.jsonl and test.jsonl (make_split's) into `directory`; return their paths."""
+    """Write train.jsonl and test.jsonl into `directory`; return their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = directory / "train.jsonl", directory / "test.jsonl"
-    for path, rows in zip(paths, make_split(n_train, n_test, seed, kinds)):
+    for path, rows in zip(paths, make_split(n_train, n_test, seed)):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths

@@ -209,7 +209,6 @@ _GROUPS = {
     "all": "all",
     "add1": "one-digit sums (`add1`)",
     "add2": "two-digit sums (`add2`)",
-    "addsub2": "two-digit +/- (`addsub2`)",
 }
 
 
