@@ -244,13 +244,15 @@ def _supervised(job: dict[str, Any], output_dir: Path, restarts: int) -> int:
     from mlx_grpo.core.checkpoint import RESUMABLE
     from mlx_grpo.core.supervise import run_child, supervise
 
-    def launch(how: str) -> Any:
+    def launch(how: str, max_memory: int | None) -> Any:
         attempt = dict(job)
         if how == "resume":  # the run's own settings, with the changes a resume allows
             kept = {k: v for k, v in job["given"].items() if k in RESUMABLE and k != "overwrite"}
             attempt.update(config_file=None, resume=str(output_dir), given=kept)
         elif how == "again":  # the first try set this folder up: start it over
             attempt["given"] = {**job["given"], "overwrite": True}
+        if max_memory is not None:  # a smaller memory plan after a memory error
+            attempt["given"] = {**attempt["given"], "max_memory": f"{max_memory}B"}
         if job["progress"] is True and sys.stderr.isatty():
             attempt["progress"] = "bar"  # the child's stderr is a pipe, ours a terminal
         return run_child(["train-attempt", json.dumps(attempt)])

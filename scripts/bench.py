@@ -20,10 +20,11 @@ cut at 256). The peer keeps a second copy of the model as its reference, as
 its CLI does.
 
 Per configuration it prints per-step medians (rollout, reference, update,
-step), rollout tokens/s, peak memory (MLX's peak and the worker's maximum
-RSS), a hardware bound for the same work, and the ratios: the peer's time
-over ours (the speed-up), our memory over the peer's, and our time over the
-bound's, phase by phase. The bound comes from two probes run on the spot: a
+step), rollout tokens/s, peak memory (MLX's peak, our memory plan's estimate
+of it, and the worker's maximum RSS), a hardware bound for the same work,
+and the ratios: the peer's time over ours (the speed-up), our memory over
+the peer's, our time over the bound's and our memory estimate over the
+measured peak, phase by phase. The bound comes from two probes run on the spot: a
 float32 GEMM (the best of MLX's and NumPy's) and the memory bandwidth of a
 matrix-vector product over a matrix 16x larger than the last-level cache.
 The bound takes each phase at the slower of its arithmetic and its weight
@@ -123,6 +124,7 @@ COLUMNS = (
     ("step s", "step", "{:.2f}"),
     ("tok/s", "tokens_per_second", "{:.1f}"),
     ("peak GB", "peak_gb", "{:.2f}"),
+    ("est GB", "estimated_gb", "{:.2f}"),
     ("rss GB", "rss_gb", "{:.2f}"),
 )
 
@@ -267,7 +269,10 @@ class Ours:
             "tokens": tokens,
             "tokens_per_second": tokens / metrics["time/rollout"],
             "peak_gb": metrics["peak_memory_gb"],  # train_step takes the peak phase by phase
+            "estimated_gb": self.run.plan.peak / 1e9,  # the memory plan's estimate
+            **{f"estimated_{k}_gb": getattr(self.run.plan, k) / 1e9 for k in MEMORY_PHASES},
             "rss_gb": _rss_gb(),
+            **{f"{k}_gb": metrics[f"memory/{k}_gb"] for k in MEMORY_PHASES},
             "lengths": self.lengths,
         }
 
@@ -488,8 +493,8 @@ def hardware_bound(
 
 def medians(rows: list[dict[str, Any]]) -> dict[str, float]:
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "lengths"}
-    med["peak_gb"] = max(r["peak_gb"] for r in rows)
-    med["rss_gb"] = max(r["rss_gb"] for r in rows)
+    for key in [k for k in rows[0] if k.endswith("_gb")]:  # memory: the most any step took
+        med[key] = max(r[key] for r in rows)
     return med
 
 
@@ -502,6 +507,7 @@ def table_row(label: str, row: dict[str, float]) -> str:
 
 
 PHASES = ("rollout", "reference", "update", "step")
+MEMORY_PHASES = ("rollout", "reference", "update")
 MEMORY = ("peak_gb", "rss_gb")
 
 
@@ -517,6 +523,17 @@ def ratio_rows(ours: dict[str, float], peer: dict[str, float] | None, bound: dic
         rows.append(("mem ours/peer", {k: ours[k] / peer[k] for k in MEMORY if peer.get(k)}))
     rows.append(("ours / bound", {k: ours[k] / bound[k] for k in PHASES if bound.get(k)}))
     return rows
+
+
+def memory_line(ours: dict[str, float]) -> str:
+    """Our memory plan's estimate against the measured peak, phase by phase."""
+    cells = [
+        f"{k} {ours[f'estimated_{k}_gb']:.2f}/{ours[f'{k}_gb']:.2f} GB "
+        f"({ours[f'estimated_{k}_gb'] / ours[f'{k}_gb']:.2f}x)"
+        for k in MEMORY_PHASES
+        if ours.get(f"{k}_gb")
+    ]
+    return "estimate / measured peak: " + ", ".join(cells)
 
 
 def ratio_row(label: str, ratios: dict[str, float]) -> str:
@@ -625,6 +642,7 @@ def main(argv: list[str] | None = None) -> None:
             med = result["medians"]
             for label, ratios in ratio_rows(med["mlx-grpo"], med.get(PEER_NAME), bound):
                 print(ratio_row(label, ratios))
+            print(memory_line(med["mlx-grpo"]))
             report["configs"][spec.name] = result
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -50,6 +50,9 @@ def _config(name: str, config: dict[str, Any]) -> list[str]:
     rows.append(_row(["", "hardware bound", *[f"{bound[k]:.1f} s" for k in PHASES], "", ""]))
     ratio = [f"{ours[k] / bound[k]:.1f}x" if bound[k] else "-" for k in PHASES]
     rows.append(_row(["", "ours / bound", *ratio, "", ""]))
+    if "estimated_gb" in ours:
+        estimate = f"{ours['estimated_gb']:.2f} GB ({ours['estimated_gb'] / ours['peak_gb']:.2f}x)"
+        rows.append(_row(["", "memory plan's estimate", "", "", "", "", "", estimate]))
     return rows
 
 

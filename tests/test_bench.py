@@ -42,7 +42,7 @@ def test_quick_benchmark_measures_both_configurations_with_every_phase(report):
             assert set(lengths) == {spec["completion_length"]}
         assert config["bound"]["step"] > 0
         assert config["trainable_parameters"] > 0
-    assert "ours / bound" in stdout
+    assert "ours / bound" in stdout and "estimate / measured peak: rollout" in stdout
 
 
 def test_quick_benchmark_probes_the_hardware(report):
@@ -76,6 +76,10 @@ def test_the_readme_table_renders_a_report_with_its_ratios(report):
         row = next(line for line in table.splitlines() if line.startswith(f"| {name}: "))
         assert f"| mlx-grpo | {ours['rollout']:.1f} s |" in row
         assert f"{ours['step'] / bound['step']:.1f}x |" in table  # ours / bound
+        estimate = f"{ours['estimated_gb']:.2f} GB ({ours['estimated_gb'] / ours['peak_gb']:.2f}x)"
+        assert estimate in table
+        for phase in ("rollout", "reference", "update"):  # the plan's estimate, phase by phase
+            assert ours[f"estimated_{phase}_gb"] >= ours[f"{phase}_gb"] > 0
         peer = config["medians"].get("mlx-lm-lora")
         if peer:  # memory is ours over the peer's, time the peer's over ours
             assert f"**{ours['peak_gb'] / peer['peak_gb']:.2f}x**" in table

@@ -239,3 +239,16 @@ def test_the_recipes_tried_are_the_recorded_sweeps():
     assert section in (ROOT / "README.md").read_text()
     recipes = [name for p in passes for name in p["results"]["recipes"]]
     assert all(f"| {name} |" in section for name in recipes) and len(recipes) >= 6
+
+
+def test_the_performance_table_is_the_recorded_bench_run():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_readme
+
+    readme = (ROOT / "README.md").read_text()
+    if not bench_readme.RECORD.is_file():  # no full run recorded: no rendered table either
+        assert bench_readme.START not in readme
+        return
+    report = json.loads(bench_readme.RECORD.read_text())
+    assert not report["run"]["quick"] and set(report["configs"]) == {"A", "B", "C"}
+    assert bench_readme.section(report) in readme

@@ -273,7 +273,7 @@ def test_a_memory_error_before_the_first_checkpoint_starts_over_and_later_ones_r
     tries, said = [], []
     memory = outcome_of(1, "RuntimeError", "[metal::malloc] Unable to allocate")
 
-    def launch(how):
+    def launch(how, max_memory):
         tries.append(how)
         (out / "config.yaml").write_text("the run's settings")
         if len(tries) == 2:  # the second try gets as far as a checkpoint at step 4
@@ -291,7 +291,10 @@ def test_a_memory_error_before_the_first_checkpoint_starts_over_and_later_ones_r
         (3, 4, "memory"),
     ]
     tries.clear()
-    assert supervise.supervise(lambda how: tries.append(how) or memory, out, 1, said.append) == 1
+    assert (
+        supervise.supervise(lambda how, budget: tries.append(how) or memory, out, 1, said.append)
+        == 1
+    )
     assert tries == ["start", "resume"] and "no restart left of --auto-resume 1" in said[-1]
 
 
@@ -491,3 +494,49 @@ def test_a_run_folder_written_by_mlx_grpo_0_1_resumes_as_if_never_stopped(
     assert len(steady_metrics("run")) == 3
     assert steady_metrics("run")[:2] == steady_metrics(OLD_RUN)
     assert_same_run("fresh", "run")
+
+
+def test_after_a_memory_error_the_next_try_gets_a_budget_below_the_dead_plan(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setattr(checkpoint, "latest", lambda run_dir: SimpleNamespace(step=3))
+    oom = supervise.Outcome(1, "RuntimeError", "[metal::malloc] Unable to allocate", 5 * 10**9)
+    crash = supervise.Outcome(-9)
+    outcomes, tries, said = [oom, crash, oom, outcome_of(0)], [], []
+
+    def launch(how, max_memory):
+        tries.append((how, max_memory))
+        return outcomes[len(tries) - 1]
+
+    assert supervise.supervise(launch, out, 3, said.append) == 0
+    # 80% of the 5 GB plan; a crash keeps that budget; the next memory error shrinks again
+    assert tries == [("start", None), ("resume", 4 * 10**9), ("resume", 4 * 10**9)] + [
+        ("resume", 4 * 10**9)
+    ]
+    assert "with a smaller memory plan (max_memory 4.00 GB)" in said[0]
+    assert "smaller memory plan" not in said[1]
+
+
+def test_the_cli_passes_the_smaller_budget_to_the_resumed_try(tmp_path, monkeypatch):
+    from mlx_grpo import cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setattr(checkpoint, "latest", lambda run_dir: SimpleNamespace(step=2))
+    jobs = []
+
+    def child(args):
+        jobs.append(json.loads(args[1]))
+        if len(jobs) == 1:
+            return supervise.Outcome(1, "RuntimeError", "Insufficient Memory", 10**9)
+        return outcome_of(0)
+
+    monkeypatch.setattr(supervise, "run_child", child)
+    job = {"given": {"max_steps": 5, "lora_rank": 4}, "config_file": None, "resume": None}
+    job |= {"progress": False, "debug": False}
+    assert cli._supervised(job, out, 2) == 0
+    assert jobs[0]["given"] == job["given"]
+    assert jobs[1]["resume"] == str(out)
+    assert jobs[1]["given"] == {"max_steps": 5, "max_memory": f"{8 * 10**8}B"}

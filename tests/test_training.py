@@ -144,8 +144,8 @@ def test_pi_old_is_the_rollouts_log_probs_without_another_forward_pass(quick_set
 
     monkeypatch.setattr(update_mod, "_score", counting)
 
-    def micro(model, batch, advantages, cfg):
-        out = real_micro(model, batch, advantages, cfg)
+    def micro(model, batch, advantages, cfg, max_tokens=None):
+        out = real_micro(model, batch, advantages, cfg, max_tokens)
         fresh = real_score(model, out[0], cfg).logp  # what TRL's extra forward pass gives
         seen.append((out[0].old_logp, fresh, out[0].mask))
         return out

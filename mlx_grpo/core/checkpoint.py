@@ -64,6 +64,7 @@ RESUMABLE = (
     "max_nonfinite_updates",
     "distributed_timeout",
     "overwrite",
+    "max_memory",  # changes how the work is cut, not what is computed
 )
 
 

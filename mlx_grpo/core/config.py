@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from mlx_grpo.core.lora import LORA_TARGETS, lora_scale
+from mlx_grpo.core.memory import parse_size
 from mlx_grpo.core.objective import (
     IMPORTANCE_SAMPLING_LEVELS,
     KL_ESTIMATORS,
@@ -202,6 +203,12 @@ class TrainConfig:
     grad_checkpoint: bool = _opt(
         True, "Recompute each block's activations in backward: much less memory, a little slower."
     )
+    max_memory: str | None = _opt(
+        None,
+        "Memory budget, e.g. 12GB: the run decodes fewer sequences at once and updates in "
+        "smaller chunks as needed to stay under it (default: on Apple silicon the GPU's "
+        "recommended working set, elsewhere 70% of the memory).",
+    )
 
     # Reporting
     logging_steps: int = _opt(
@@ -297,6 +304,13 @@ class TrainConfig:
             raise SettingError(
                 ("lora_layers",), "must be all, last:N or indices like 0,1,5", self.lora_layers
             )
+        if self.max_memory is not None:
+            try:
+                parse_size(self.max_memory)
+            except ValueError:
+                raise SettingError(
+                    ("max_memory",), "must be a size such as 12GB, 8GiB or 900MB", self.max_memory
+                ) from None
         for name in ("prompt_column", "output_dir"):
             if not getattr(self, name).strip():
                 raise SettingError((name,), "must not be empty", getattr(self, name))
@@ -383,7 +397,7 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "save_total_limit",
         "distributed_timeout",
     ),
-    "Memory": ("grad_checkpoint", "logits_chunk_size"),
+    "Memory": ("max_memory", "grad_checkpoint", "logits_chunk_size"),
 }
 
 

@@ -160,19 +160,30 @@ class Normalizer:
 
     accumulation_steps: int = 1  # micro-batches per optimizer update
     tokens_in_batch: float = 1.0  # completion tokens in the whole update (dapo)
+    # The micro-batch a chunk of rows belongs to (None: the rows given are all of it).
+    rows: int | None = None
+    tokens: float | None = None  # its completion tokens
+
+
+def _rows(loss: mx.array, n: Normalizer) -> int:
+    return loss.shape[0] if n.rows is None else n.rows
+
+
+def _tokens(mask: mx.array, n: Normalizer) -> mx.array | float:
+    return mx.maximum(mask.sum(), 1.0) if n.tokens is None else max(n.tokens, 1.0)
 
 
 def _grpo(loss: mx.array, mask: mx.array, s: LossSettings, n: Normalizer) -> mx.array:
     per_seq = (loss * mask).sum(-1) / mx.maximum(mask.sum(-1), 1.0)
-    return per_seq.mean() / n.accumulation_steps
+    return per_seq.sum() / _rows(loss, n) / n.accumulation_steps
 
 
 def _bnpo(loss: mx.array, mask: mx.array, s: LossSettings, n: Normalizer) -> mx.array:
-    return (loss * mask).sum() / mx.maximum(mask.sum(), 1.0) / n.accumulation_steps
+    return (loss * mask).sum() / _tokens(mask, n) / n.accumulation_steps
 
 
 def _dr_grpo(loss: mx.array, mask: mx.array, s: LossSettings, n: Normalizer) -> mx.array:
-    return (loss * mask).sum() / (loss.shape[0] * s.max_completion_length) / n.accumulation_steps
+    return (loss * mask).sum() / (_rows(loss, n) * s.max_completion_length) / n.accumulation_steps
 
 
 def _dapo(loss: mx.array, mask: mx.array, s: LossSettings, n: Normalizer) -> mx.array:

@@ -18,7 +18,7 @@ exactly what one process holding the whole batch would.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -83,10 +83,14 @@ def rollout(
     eos_ids: list[int],
     pad_id: int,
     noise: Noise | None = None,
+    max_rows: int | None = None,
 ) -> RolloutBatch:
-    """Sample `num_generations` completions for every prompt, all in one batch.
+    """Sample `num_generations` completions for every prompt, in one batch.
 
     `noise` defaults to a fresh seed from MLX's global random stream.
+    `max_rows` (the memory plan's) decodes at most that many sequences at a
+    time: whole groups while they fit, else equal parts of a group (a
+    divisor of G). Each sequence draws the same numbers either way.
 
     Example:
         >>> sampling = TrainConfig(max_completion_length=8).sampling()
@@ -97,13 +101,29 @@ def rollout(
     """
     g = num_generations
     tokens, padding = left_pad(prompts, pad_id)
-    logits, cache = _prefill(model, tokens, padding, g, sampling.max_completion_length)
     noise = noise or Noise.fresh()
-    steps, going = _decode(model, logits, cache, sampling, eos_ids, noise)
-    n = logits.shape[0]
-    ids, mask, logp = _assemble(steps, n, pad_id)
+    n = len(prompts) * g
+    total = noise.total_rows or n
+    parts = []
+    for first, count, row, copies in decode_chunks(len(prompts), g, max_rows or n):
+        sl = slice(first, first + count)
+        logits, cache = _prefill(
+            model, tokens[sl], padding[sl], copies, sampling.max_completion_length
+        )
+        chunk_noise = replace(noise, first_row=noise.first_row + row, total_rows=total)
+        steps, going = _decode(model, logits, cache, sampling, eos_ids, chunk_noise)
+        del logits, cache
+        parts.append((_assemble(steps, count * copies, pad_id), going))
+    length = max(ids.shape[1] for (ids, _, _), _ in parts)
+    ids, mask, logp = (
+        np.concatenate([_pad_to(arrays[k], length, fill) for arrays, _ in parts])
+        for k, fill in ((0, pad_id), (1, 0.0), (2, 0.0))
+    )
     truncated = np.zeros(n, dtype=bool)
-    truncated[going] = True
+    offset = 0
+    for (chunk_ids, _, _), going in parts:
+        truncated[offset + going] = True
+        offset += chunk_ids.shape[0]
     return RolloutBatch(
         prompt_tokens=mx.repeat(tokens, g, axis=0),
         prompt_padding=mx.repeat(padding, g),
@@ -112,6 +132,23 @@ def rollout(
         sampled_logprobs=mx.array(logp),
         truncated=truncated.tolist(),
     )
+
+
+def decode_chunks(prompts: int, g: int, max_rows: int) -> list[tuple[int, int, int, int]]:
+    """(first prompt, prompts, first row, copies of each) per decode chunk, in row order."""
+    if max_rows >= prompts * g:
+        return [(0, prompts, 0, g)]
+    if max_rows >= g:
+        k = max_rows // g
+        return [(b, min(k, prompts - b), b * g, g) for b in range(0, prompts, k)]
+    r = max(d for d in range(1, max_rows + 1) if g % d == 0)
+    return [(b, 1, b * g + j, r) for b in range(prompts) for j in range(0, g, r)]
+
+
+def _pad_to(a: np.ndarray, length: int, fill: float) -> np.ndarray:
+    out = np.full((a.shape[0], length), fill, dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
 
 
 def _decode(

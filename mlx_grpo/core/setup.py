@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_grpo.core import __version__, checkpoint, models, outputs, runfolder
+from mlx_grpo.core import __version__, checkpoint, memory, models, outputs, runfolder
 from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import rewards as rewards_mod
 from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter, load_adapted
@@ -31,6 +31,7 @@ from mlx_grpo.core.models import LoadedModel, recompute_activations
 from mlx_grpo.core.reporting import CONFIG_FILE, check_logs, rewrite_logs
 from mlx_grpo.core.runfolder import LOCK_FILE, RunLock
 from mlx_grpo.core.state import RunState
+from mlx_grpo.core.update import computes_in_float32
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Run:
     last: checkpoint.Snapshot | None = None  # state after the last completed step
     lock: RunLock | None = None  # of the output directory, held by process 0 until the end
     unsaved_step: int = -1  # a step whose checkpoint failed for a full disk: not retried
+    plan: memory.Plan | None = None  # decode batch and update chunks, to the memory budget
 
     def release(self) -> None:
         """Free the run folder for another process (the end of `train`)."""
@@ -185,6 +187,7 @@ def _load(
         max_prompt,
     )
     data = data_mod.fingerprint(rows)
+    plan = memory_plan(cfg, lm, rows)  # refuses a budget no plan fits, before any writing
     if saved is not None:
         checkpoint.check_compatible(saved, cfg, model_sha256, data)
         _check_adapter_fits(lm.model, saved)
@@ -202,6 +205,7 @@ def _load(
     optimizer.init(lm.model.trainable_parameters())  # so a checkpoint before step 1 has it
     run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, RunState.start(cfg.seed))
     run.model_fingerprint, run.data_fingerprint, run.peers = model_sha256, data, peers
+    run.plan = plan
     peers.check_same(
         {
             "versions": [mx.__version__, __version__],
@@ -354,6 +358,37 @@ def _limit(cfg: TrainConfig) -> str:
     return f"{cfg.max_steps} steps"
 
 
+def memory_plan(cfg: TrainConfig, lm: LoadedModel, rows: list[data_mod.PromptRow]) -> memory.Plan:
+    """The decode batch and update chunks whose estimated peaks fit the memory budget."""
+    budget = memory.parse_size(cfg.max_memory) if cfg.max_memory else memory.default_budget()
+    return memory.make_plan(memory_shapes(cfg, lm), memory_work(cfg, rows), budget)
+
+
+def memory_shapes(cfg: TrainConfig, lm: LoadedModel) -> memory.Shapes:
+    """What the memory estimate needs from the model (LoRA applied) and the settings."""
+    model = lm.model
+    return memory.Shapes.of(
+        lm.config.get("text_config", lm.config),
+        weight_bytes=sum(v.nbytes for _, v in tree_flatten(model.parameters())),
+        trainable_bytes=sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters())),
+        act_bytes=4 if computes_in_float32(model) else 2,
+        chunk=cfg.logits_chunk_size,
+        checkpointed=cfg.grad_checkpoint,
+    )
+
+
+def memory_work(cfg: TrainConfig, rows: list[data_mod.PromptRow]) -> memory.Work:
+    """The step's shape, with the data's longest prompt."""
+    return memory.Work(
+        prompts=cfg.prompts_per_step,
+        generations=cfg.num_generations,
+        prompt_tokens=max(len(r.prompt_ids) for r in rows),
+        completion_tokens=cfg.max_completion_length,
+        micro_batches=cfg.gradient_accumulation_steps,
+        beta=cfg.beta != 0.0,
+    )
+
+
 def summary(run: Run) -> str:
     n_train, n_total = trainable_count(run.lm.model), total_count(run.lm.model)
     cfg, peers = run.cfg, run.peers
@@ -367,6 +402,7 @@ def summary(run: Run) -> str:
         f"{len(run.lora_paths)} modules\n"
         f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)\n"
         f"{len(run.rows)} prompts | {per_step} | {_limit(cfg)} | output {run.output_dir}"
+        + (f"\n{run.plan.describe()}" if run.plan else "")
     )
 
 

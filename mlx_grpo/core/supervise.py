@@ -8,7 +8,8 @@ that ends, is stopped by the user (Ctrl-C, SIGTERM), stops itself
 (non-finite updates) or was given bad input is not restarted. Each restart
 is a record in metrics.jsonl ({"step", "event": "restart", ...}), which
 resumes keep. A resumed run equals an uninterrupted one, so the final
-adapter does too.
+adapter does too. After a memory error the next try gets a smaller memory
+plan: a budget of 80% of the estimated peak the dead try planned for.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from typing import Any
 from mlx_grpo.core import checkpoint
 from mlx_grpo.core.reporting import CONFIG_FILE, METRICS_FILE
 
-# The child writes what stopped it here (JSON: {"error": type name, "message": ...}).
+# The child writes its memory plan's estimated peak here when it has one, and what stopped
+# it (JSON: {"plan_peak": bytes, "error": type name, "message": ...}).
 FAILURE_FILE_ENV = "MLX_GRPO_FAILURE_FILE"
 USER_ERROR = 2  # the CLI's exit code for bad input
 _MEMORY = ("out of memory", "unable to allocate", "insufficient memory", "outofmemory")
+SHRINK = 0.8  # after a memory error, the next budget as a share of the last plan's peak
 _GPU = ("gpu timeout", "impactinginteractivity", "command buffer execution failed")
 
 
@@ -43,6 +46,7 @@ class Outcome:
     returncode: int
     error: str | None = None  # exception type name
     message: str = ""
+    plan_peak: int | None = None  # bytes: the estimated peak of the child's memory plan
 
 
 def cause(outcome: Outcome) -> str | None:
@@ -73,20 +77,23 @@ def describe(outcome: Outcome) -> str:
 
 
 def supervise(
-    launch: Callable[[str], Outcome],
+    launch: Callable[[str, int | None], Outcome],
     output_dir: Path,
     restarts: int,
     say: Callable[[str], None],
 ) -> int:
-    """Run `launch(how)` until it ends, restarting it up to `restarts` times; its exit code.
+    """Run `launch(how, max_memory)` until it ends, restarting it up to `restarts` times;
+    its exit code.
 
     `how` is "start" (the run as asked), "resume" (from `output_dir`'s newest
     checkpoint) or "again" (from the start, over the folder the first try
     began: only after a memory or GPU error before any checkpoint).
+    `max_memory` is None (the run's own budget) or, after a memory error, a
+    budget in bytes below the plan the dead try made.
     """
-    started, how, done = time.time(), "start", 0
+    started, how, done, budget = time.time(), "start", 0, None
     while True:
-        outcome = launch(how)
+        outcome = launch(how, budget)
         why = cause(outcome)
         if why is None:
             return outcome.returncode
@@ -100,6 +107,9 @@ def supervise(
         done += 1
         record_restart(output_dir, step or 0, done, restarts, why, describe(outcome))
         where = f"its checkpoint at step {step}" if step is not None else "the start"
+        if why == "memory" and outcome.plan_peak:
+            budget = int(SHRINK * outcome.plan_peak)
+            where += f", with a smaller memory plan (max_memory {budget / 1e9:.2f} GB)"
         say(f"auto-resume {done}/{restarts}: the run died ({describe(outcome)}); from {where}")
         if step is not None:
             how = "resume"
@@ -144,9 +154,20 @@ def record_restart(
 
 def report_failure(error: BaseException) -> None:
     """In a supervised child, write what stopped it for the supervisor (no-op otherwise)."""
+    _report({"error": type(error).__name__, "message": str(error)})
+
+
+def report_plan(peak: int) -> None:
+    """In a supervised child, tell the supervisor the memory plan's estimated peak."""
+    _report({"plan_peak": peak})
+
+
+def _report(fields: dict[str, Any]) -> None:
     where = os.environ.get(FAILURE_FILE_ENV)
     if where:
-        Path(where).write_text(json.dumps({"error": type(error).__name__, "message": str(error)}))
+        path = Path(where)
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**known, **fields}))
 
 
 def run_child(cli_args: list[str]) -> Outcome:
@@ -168,7 +189,7 @@ def run_child(cli_args: list[str]) -> Outcome:
             signal.signal(signal.SIGTERM, before)
         report = json.loads(failure.read_text()) if failure.is_file() else {}
     message = report.get("message", "") + "\n" + tail.decode(errors="replace")
-    return Outcome(code, report.get("error"), message)
+    return Outcome(code, report.get("error"), message, report.get("plan_peak"))
 
 
 def _pass_through(fd: int) -> bytes:

@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_grpo.core import checkpoint
+from mlx_grpo.core import checkpoint, memory
 from mlx_grpo.core.adapters import Adapter
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.data import PromptRow
@@ -40,6 +40,7 @@ from mlx_grpo.core.runfolder import DiskFull
 from mlx_grpo.core.settings import resolve
 from mlx_grpo.core.setup import Run, resume_command, setup, snapshot, summary
 from mlx_grpo.core.step_rewards import StepRewards, logged_metrics, score_rollout, trainer_state
+from mlx_grpo.core.supervise import report_plan
 from mlx_grpo.core.update import Update, lr_at, micro_batches, optimise
 
 
@@ -104,13 +105,14 @@ def train(
     cfg = resolve(None, **peers.broadcast_json(settings, "the settings"))
     peers.timeout = cfg.distributed_timeout
     run = setup(cfg, reward_funcs or [], resume=resume is not None, peers=peers)
+    report_plan(run.plan.peak)  # for an --auto-resume supervisor, should memory run out
     try:  # the run folder stays locked until here
         reporter = _reporter(run, show_progress)
         reporter.write(summary(run))
         if resume is not None:
             reporter.write(_resumed(run))
         try:
-            with stop_on_signals():
+            with stop_on_signals(), memory.limits(run.plan):
                 _loop(run, reporter)
         finally:
             reporter.close()
@@ -251,7 +253,8 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     scored = score_rollout(run, step, rows, batch, state)
     adv = group_advantages(scored.per_func, scored.weights, g, cfg.scale_rewards)
     with timer.phase("reference"):
-        micro = micro_batches(model, batch, mx.array(adv.advantages[mine]), cfg)
+        tokens = run.plan.update_tokens if run.plan else None
+        micro = micro_batches(model, batch, mx.array(adv.advantages[mine]), cfg, tokens)
     with timer.phase("update"):
         update = optimise(model, run.optimizer, micro, cfg, lr_at(step, cfg), peers)
     return _record(run, step, every_row, scored, adv, update, timer)
@@ -262,7 +265,9 @@ def _rollout(run: Run, rows: list[PromptRow], noise: Noise) -> RolloutBatch:
     run.lm.model.eval()
     prompts = [r.prompt_ids for r in rows]
     g, sampling = run.cfg.num_generations, run.cfg.sampling()
-    return rollout(run.lm.model, prompts, g, sampling, run.lm.eos_ids, run.lm.pad_id, noise)
+    rows = run.plan.decode_rows if run.plan else None
+    lm = run.lm
+    return rollout(lm.model, prompts, g, sampling, lm.eos_ids, lm.pad_id, noise, rows)
 
 
 def _record(

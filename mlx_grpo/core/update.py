@@ -1,7 +1,8 @@
 """Policy optimisation on one rollout: micro-batches, the loss, mu AdamW updates.
 
-The rollout is split into `gradient_accumulation_steps` micro-batches, each
-trimmed to its own padding and longest completion. Reference inputs
+The rollout is split into `gradient_accumulation_steps` micro-batches (cut
+into chunks of a token budget when the memory plan asks), each trimmed to its
+own padding and longest completion. Reference inputs
 (beta != 0) are computed once per micro-batch, before the first update; each
 of the mu passes sums the micro-batch gradients, clips their global norm and
 makes one AdamW step.
@@ -16,7 +17,7 @@ forward pass is run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,6 +44,8 @@ class MicroBatch:
     advantages: mx.array  # (M,)
     old_logp: mx.array | None  # (M, T)
     ref: mx.array | None  # (M, T) ref log-probs (k3) or (M, T, D) ref hidden (exact)
+    group_rows: int  # rows of the micro-batch this chunk belongs to (the loss's unit)
+    group_tokens: float  # completion tokens of that micro-batch
 
 
 @dataclass
@@ -66,42 +69,81 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def micro_batches(
-    model: nn.Module, batch: RolloutBatch, advantages: mx.array, cfg: TrainConfig
+    model: nn.Module,
+    batch: RolloutBatch,
+    advantages: mx.array,
+    cfg: TrainConfig,
+    max_tokens: int | None = None,
 ) -> list[MicroBatch]:
-    """Split the rollout for accumulation; add pi_old and reference inputs."""
+    """Split the rollout for accumulation; add pi_old and reference inputs.
+
+    The rollout splits into `gradient_accumulation_steps` micro-batches, the
+    objective's unit; with `max_tokens` (the memory plan's), each of them is
+    cut further into chunks of consecutive rows whose rows x (prompt + longest
+    completion) stays within it. A chunk's loss is normalised by its
+    micro-batch, so the chunks' gradients add up to the micro-batch's.
+    """
     n = batch.completion_ids.shape[0]
     size = n // cfg.gradient_accumulation_steps
+    lengths = np.array(batch.lengths)
+    width = batch.prompt_tokens.shape[1]
     out = []
     for start in range(0, n, size):
-        sl = slice(start, start + size)
-        pad = batch.prompt_padding[sl]
-        trim_left = int(pad.min().item())
-        length = max(1, int(batch.completion_mask[sl].sum(axis=1).max().item()))
-        mb = MicroBatch(
-            prompt_tokens=batch.prompt_tokens[sl, trim_left:],
-            padding=pad - trim_left,
-            completion_ids=batch.completion_ids[sl, :length],
-            mask=batch.completion_mask[sl, :length],
-            advantages=advantages[sl],
-            old_logp=None,
-            ref=None,
-        )
-        if cfg.num_iterations > 1:
-            if computes_in_float32(model):
-                mb.old_logp = batch.sampled_logprobs[sl, :length]
-            else:
-                mb.old_logp = _score(model, mb, cfg, no_grad=True).logp
-        if cfg.beta != 0.0:
-            with adapters_disabled(model):
-                if cfg.kl_estimator == "exact":
-                    mb.ref = completion_hidden(
-                        model, mb.prompt_tokens, mb.padding, mb.completion_ids
-                    )
-                else:
-                    mb.ref = _score(model, mb, cfg, no_grad=True).logp
-        mx.eval(mb.old_logp, mb.ref)
-        out.append(mb)
+        group = (size, float(lengths[start : start + size].sum()))
+        for sl in _chunks(lengths[start : start + size], width, max_tokens, start):
+            out.append(_micro_batch(model, batch, advantages, cfg, sl, group))
     return out
+
+
+def _chunks(lengths: np.ndarray, width: int, max_tokens: int | None, offset: int) -> list[slice]:
+    """Consecutive row ranges whose rows x (width + longest length) fit `max_tokens`."""
+    if max_tokens is None:
+        return [slice(offset, offset + len(lengths))]
+    out, first, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        longest = max(longest, int(length))
+        if i > first and (i + 1 - first) * (width + longest) > max_tokens:
+            out.append(slice(offset + first, offset + i))
+            first, longest = i, int(length)
+    return out + [slice(offset + first, offset + len(lengths))]
+
+
+def _micro_batch(
+    model: nn.Module,
+    batch: RolloutBatch,
+    advantages: mx.array,
+    cfg: TrainConfig,
+    sl: slice,
+    group: tuple[int, float],
+) -> MicroBatch:
+    """Rows `sl`, trimmed to their own padding and length, with pi_old and the reference."""
+    pad = batch.prompt_padding[sl]
+    trim_left = int(pad.min().item())
+    length = max(1, int(batch.completion_mask[sl].sum(axis=1).max().item()))
+    mb = MicroBatch(
+        prompt_tokens=batch.prompt_tokens[sl, trim_left:],
+        padding=pad - trim_left,
+        completion_ids=batch.completion_ids[sl, :length],
+        mask=batch.completion_mask[sl, :length],
+        advantages=advantages[sl],
+        old_logp=None,
+        ref=None,
+        group_rows=group[0],
+        group_tokens=group[1],
+    )
+    if cfg.num_iterations > 1:
+        if computes_in_float32(model):
+            mb.old_logp = batch.sampled_logprobs[sl, :length]
+        else:
+            mb.old_logp = _score(model, mb, cfg, no_grad=True).logp
+    if cfg.beta != 0.0:
+        with adapters_disabled(model):
+            if cfg.kl_estimator == "exact":
+                mb.ref = completion_hidden(model, mb.prompt_tokens, mb.padding, mb.completion_ids)
+            else:
+                mb.ref = _score(model, mb, cfg, no_grad=True).logp
+    mx.eval(mb.old_logp, mb.ref)
+    return mb
 
 
 def computes_in_float32(model: nn.Module) -> bool:
@@ -138,6 +180,7 @@ def micro_loss(
     kl = None
     if cfg.beta != 0.0:
         kl = scores.kl if exact else k3_kl(scores.logp, mb.ref)
+    normalizer = replace(normalizer, rows=mb.group_rows, tokens=mb.group_tokens)
     loss, stats = grpo_loss(
         scores.logp, mb.old_logp, mb.advantages, mb.mask, settings, normalizer, kl
     )
@@ -164,7 +207,7 @@ def optimise(
     model.train()
     local_tokens = mx.array(sum(mb.mask.sum().item() for mb in micro))
     normalizer = Normalizer(
-        accumulation_steps=len(micro) * peers.size,
+        accumulation_steps=cfg.gradient_accumulation_steps * peers.size,
         tokens_in_batch=peers.sum({"tokens": local_tokens}, "the token count")["tokens"].item(),
     )
     settings = cfg.loss_settings()
