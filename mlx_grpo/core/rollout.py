@@ -1,7 +1,9 @@
 """Batched sampling of G completions for each of B prompts.
 
 The B prompts are left-padded and prefilled together, once each; the KV
-cache is then repeated G times and all B x G sequences decode in one batch.
+cache is then repeated G times and all B x G sequences decode in one batch
+(or in chunks of whole groups, or of equal parts of a group, when the
+memory plan limits the rows decoding at once).
 A sequence stops at its first EOS (any id in `eos_ids`), which is kept in
 the completion and counted in its mask; it then leaves the batch (its rows
 of the KV cache are dropped), so finished sequences cost no more compute.
@@ -85,7 +87,7 @@ def rollout(
     noise: Noise | None = None,
     max_rows: int | None = None,
 ) -> RolloutBatch:
-    """Sample `num_generations` completions for every prompt, in one batch.
+    """Sample `num_generations` completions for every prompt, in one batch or in chunks.
 
     `noise` defaults to a fresh seed from MLX's global random stream.
     `max_rows` (the memory plan's) decodes at most that many sequences at a
@@ -112,18 +114,11 @@ def rollout(
         )
         chunk_noise = replace(noise, first_row=noise.first_row + row, total_rows=total)
         steps, going = _decode(model, logits, cache, sampling, eos_ids, chunk_noise)
-        del logits, cache
-        parts.append((_assemble(steps, count * copies, pad_id), going))
-    length = max(ids.shape[1] for (ids, _, _), _ in parts)
-    ids, mask, logp = (
-        np.concatenate([_pad_to(arrays[k], length, fill) for arrays, _ in parts])
-        for k, fill in ((0, pad_id), (1, 0.0), (2, 0.0))
-    )
-    truncated = np.zeros(n, dtype=bool)
-    offset = 0
-    for (chunk_ids, _, _), going in parts:
-        truncated[offset + going] = True
-        offset += chunk_ids.shape[0]
+        del logits, cache  # the next chunk's cache takes this one's place
+        truncated = np.zeros(count * copies, dtype=bool)
+        truncated[going] = True
+        parts.append((*_assemble(steps, count * copies, pad_id), truncated))
+    ids, mask, logp, truncated = _joined(parts, pad_id)
     return RolloutBatch(
         prompt_tokens=mx.repeat(tokens, g, axis=0),
         prompt_padding=mx.repeat(padding, g),
@@ -131,6 +126,24 @@ def rollout(
         completion_mask=mx.array(mask),
         sampled_logprobs=mx.array(logp),
         truncated=truncated.tolist(),
+    )
+
+
+def _joined(parts: list[tuple[np.ndarray, ...]], pad_id: int) -> tuple[np.ndarray, ...]:
+    """The chunks' (ids, mask, log-probs, truncated) stacked, padded to the longest."""
+    length = max(ids.shape[1] for ids, *_ in parts)
+
+    def padded(a: np.ndarray, fill: float) -> np.ndarray:
+        out = np.full((a.shape[0], length), fill, dtype=a.dtype)
+        out[:, : a.shape[1]] = a
+        return out
+
+    ids, mask, logp, truncated = zip(*parts)
+    return (
+        np.concatenate([padded(a, pad_id) for a in ids]),
+        np.concatenate([padded(a, 0.0) for a in mask]),
+        np.concatenate([padded(a, 0.0) for a in logp]),
+        np.concatenate(truncated),
     )
 
 
@@ -143,12 +156,6 @@ def decode_chunks(prompts: int, g: int, max_rows: int) -> list[tuple[int, int, i
         return [(b, min(k, prompts - b), b * g, g) for b in range(0, prompts, k)]
     r = max(d for d in range(1, max_rows + 1) if g % d == 0)
     return [(b, 1, b * g + j, r) for b in range(prompts) for j in range(0, g, r)]
-
-
-def _pad_to(a: np.ndarray, length: int, fill: float) -> np.ndarray:
-    out = np.full((a.shape[0], length), fill, dtype=a.dtype)
-    out[:, : a.shape[1]] = a
-    return out
 
 
 def _decode(
