@@ -281,3 +281,43 @@ def test_a_budget_no_plan_fits_is_refused_before_anything_is_written(quick_setti
     assert not out.exists()
     result = run_cli("train", *cli_flags(dict(quick_settings, max_memory="lots")))
     assert_refused(result, "max_memory must be a size such as 12GB")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_rows_bucketed_by_length_pad_less_and_give_the_same_loss_and_gradient(tmp_path, loss_type):
+    from mlx_grpo.core.lora import apply_lora
+
+    lm = load_model(str(build_tiny_qwen3(tmp_path / "m", init_std=0.3)))
+    apply_lora(lm.model, 4, 2.0, 0.0, ["q_proj", "down_proj"], range(2))
+    lm.model.update(
+        tree_map(lambda b: mx.random.normal(b.shape) * 0.1, lm.model.trainable_parameters())
+    )
+    batch = sampled(lm, None, seed=1, length=120)
+    lengths = batch.lengths
+    assert max(lengths) - min(lengths) > 40  # short and long completions side by side
+    adv = mx.array(np.random.default_rng(1).normal(size=len(PROMPTS) * G).astype(np.float32))
+    cfg = TrainConfig(
+        loss_type=loss_type,
+        beta=0.04,
+        num_generations=G,
+        prompts_per_step=len(PROMPTS),
+        max_completion_length=120,
+        gradient_accumulation_steps=2,
+    )
+    padded = micro_batches(lm.model, batch, adv, cfg, buckets=False)
+    bucketed = micro_batches(lm.model, batch, adv, cfg)
+    assert len(padded) == 2 and len(bucketed) > 2
+
+    def padded_tokens(micro):
+        return sum(mb.mask.size for mb in micro)
+
+    assert padded_tokens(bucketed) < 0.8 * padded_tokens(padded)
+    rows = sorted(r for mb in bucketed for r in np.array(mb.advantages).tolist())
+    assert rows == sorted(np.array(adv).tolist())  # every row once
+    loss_padded, grads_padded = summed_loss_and_grads(lm.model, padded, cfg)
+    loss_bucketed, grads_bucketed = summed_loss_and_grads(lm.model, bucketed, cfg)
+    assert loss_bucketed == pytest.approx(loss_padded, rel=1e-5, abs=2e-6)
+    for name, g in grads_padded.items():
+        np.testing.assert_allclose(
+            np.array(grads_bucketed[name]), np.array(g), rtol=1e-4, atol=1e-6
+        )

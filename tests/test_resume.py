@@ -496,9 +496,7 @@ def test_a_run_folder_written_by_mlx_grpo_0_1_resumes_as_if_never_stopped(
     assert_same_run("fresh", "run")
 
 
-def test_after_a_memory_error_the_next_try_gets_a_budget_below_the_dead_plan(
-    tmp_path, monkeypatch
-):
+def test_after_a_memory_error_the_next_try_gets_a_budget_below_the_dead_plan(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     monkeypatch.setattr(checkpoint, "latest", lambda run_dir: SimpleNamespace(step=3))

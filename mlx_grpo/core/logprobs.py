@@ -55,14 +55,15 @@ def completion_hidden(
 def prompt_groups(prompt_tokens: mx.array, padding: mx.array) -> tuple[mx.array, mx.array]:
     """(owner (N,), first (U,)): row i's prompt is row first[owner[i]]'s.
 
-    Rows are compared with their predecessor, which finds the groups of a
-    rollout (row b * G + j holds prompt b).
+    Rows with the same tokens and padding share a prompt, wherever they
+    are: a rollout's groups, or a chunk whose rows were sorted by length.
     """
-    tokens, pads = np.array(prompt_tokens), np.array(padding)
-    same = np.r_[False, (tokens[1:] == tokens[:-1]).all(axis=1) & (pads[1:] == pads[:-1])]
-    owner = np.cumsum(~same) - 1
-    first = np.flatnonzero(~same)
-    return mx.array(owner), mx.array(first)
+    rows = np.concatenate([np.array(padding)[:, None], np.array(prompt_tokens)], axis=1)
+    _, first, owner = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # prompts numbered in the order they first appear
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return mx.array(rank[owner.reshape(-1)]), mx.array(first[order])
 
 
 def _head(model: nn.Module) -> tuple[Callable | None, bool]:

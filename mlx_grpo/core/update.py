@@ -1,11 +1,11 @@
 """Policy optimisation on one rollout: micro-batches, the loss, mu AdamW updates.
 
-The rollout is split into `gradient_accumulation_steps` micro-batches (cut
-into chunks of a token budget when the memory plan asks), each trimmed to its
-own padding and longest completion. Reference inputs
-(beta != 0) are computed once per micro-batch, before the first update; each
-of the mu passes sums the micro-batch gradients, clips their global norm and
-makes one AdamW step.
+The rollout is split into `gradient_accumulation_steps` micro-batches, each
+cut into chunks of rows of similar length (and within the memory plan's
+token budget), each chunk trimmed to its own padding and longest
+completion. Reference inputs (beta != 0) are computed once per chunk,
+before the first update; each of the mu passes sums the chunks' gradients,
+clips their global norm and makes one AdamW step.
 
 pi_old log-probs (mu > 1) are the ones the rollout sampled with: the same
 weights, so they equal a fresh forward pass up to float32 rounding (TRL
@@ -56,6 +56,12 @@ class Update:
     applied: list[bool]  # False: a NaN/Inf loss or gradient skipped that pass
 
 
+# Bucketing: a chunk may hold this share of padding tokens (plus a few) before a new one
+# starts; a chunk costs one more pass through the layers, so tiny ones do not pay.
+PADDING_SHARE = 0.25
+PADDING_ALLOWED = 64
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of update `step` (0-based): linear warmup, then the schedule."""
     if step < cfg.warmup_steps:
@@ -74,13 +80,15 @@ def micro_batches(
     advantages: mx.array,
     cfg: TrainConfig,
     max_tokens: int | None = None,
+    buckets: bool = True,
 ) -> list[MicroBatch]:
     """Split the rollout for accumulation; add pi_old and reference inputs.
 
     The rollout splits into `gradient_accumulation_steps` micro-batches, the
-    objective's unit; with `max_tokens` (the memory plan's), each of them is
-    cut further into chunks of consecutive rows whose rows x (prompt + longest
-    completion) stays within it. A chunk's loss is normalised by its
+    objective's unit. With `buckets`, each one's rows are taken longest
+    first and cut into chunks of similar length, so that padding costs
+    little; with `max_tokens` (the memory plan's), no chunk's rows x (prompt
+    + longest completion) exceed it. A chunk's loss is normalised by its
     micro-batch, so the chunks' gradients add up to the micro-batch's.
     """
     n = batch.completion_ids.shape[0]
@@ -90,22 +98,32 @@ def micro_batches(
     out = []
     for start in range(0, n, size):
         group = (size, float(lengths[start : start + size].sum()))
-        for sl in _chunks(lengths[start : start + size], width, max_tokens, start):
-            out.append(_micro_batch(model, batch, advantages, cfg, sl, group))
+        for rows in _chunks(lengths[start : start + size], width, max_tokens, buckets):
+            out.append(_micro_batch(model, batch, advantages, cfg, rows + start, group))
     return out
 
 
-def _chunks(lengths: np.ndarray, width: int, max_tokens: int | None, offset: int) -> list[slice]:
-    """Consecutive row ranges whose rows x (width + longest length) fit `max_tokens`."""
-    if max_tokens is None:
-        return [slice(offset, offset + len(lengths))]
-    out, first, longest = [], 0, 0
-    for i, length in enumerate(lengths):
-        longest = max(longest, int(length))
-        if i > first and (i + 1 - first) * (width + longest) > max_tokens:
-            out.append(slice(offset + first, offset + i))
-            first, longest = i, int(length)
-    return out + [slice(offset + first, offset + len(lengths))]
+def _chunks(
+    lengths: np.ndarray, width: int, max_tokens: int | None, buckets: bool
+) -> list[np.ndarray]:
+    """Row indices of each chunk: in order, or longest first with a new chunk wherever the
+    next row would pad the chunk by more than PADDING_SHARE of its tokens (plus
+    PADDING_ALLOWED); and always where rows x (width + longest) would exceed `max_tokens`."""
+    order = np.argsort(-lengths, kind="stable") if buckets else np.arange(len(lengths))
+    out: list[list[int]] = [[]]
+    longest = real = 0
+    for i in order:
+        n, rows = int(lengths[i]), len(out[-1])
+        top = max(longest, n)
+        too_big = max_tokens is not None and (rows + 1) * (width + top) > max_tokens
+        padding = (rows + 1) * top - (real + n)
+        too_padded = buckets and padding > PADDING_SHARE * (real + n) + PADDING_ALLOWED
+        if rows and (too_big or too_padded):
+            out.append([])
+            longest = real = 0
+        out[-1].append(int(i))
+        longest, real = max(longest, n), real + n
+    return [np.array(rows) for rows in out]
 
 
 def _micro_batch(
@@ -113,10 +131,12 @@ def _micro_batch(
     batch: RolloutBatch,
     advantages: mx.array,
     cfg: TrainConfig,
-    sl: slice,
+    rows: np.ndarray,
     group: tuple[int, float],
 ) -> MicroBatch:
-    """Rows `sl`, trimmed to their own padding and length, with pi_old and the reference."""
+    """The rollout's `rows`, trimmed to their own padding and length, with pi_old and the
+    reference."""
+    sl = mx.array(rows)
     pad = batch.prompt_padding[sl]
     trim_left = int(pad.min().item())
     length = max(1, int(batch.completion_mask[sl].sum(axis=1).max().item()))
