@@ -72,7 +72,7 @@ def test_rollout_in_decode_chunks_samples_what_one_batch_samples(lm, max_rows):
     )
     np.testing.assert_array_equal(np.array(part.prompt_tokens), np.array(whole.prompt_tokens))
     other = sampled(lm, max_rows, seed=4)
-    assert other.completion_lists() != whole.completion_lists()  # the seed matters
+    assert other.completion_lists() != whole.completion_lists()  # another seed, other draws
 
 
 def summed_loss_and_grads(model, micro, cfg):
