@@ -19,7 +19,7 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
@@ -81,8 +81,15 @@ class Shapes:
     checkpointed: bool  # gradient checkpointing
 
     @staticmethod
-    def of(config: dict, weight_bytes: int, trainable_bytes: int, act_bytes: int, chunk: int,
-           checkpointed: bool) -> Shapes:  # fmt: skip
+    def of(
+        config: dict,
+        weight_bytes: int,
+        trainable_bytes: int,
+        act_bytes: int,
+        chunk: int,
+        checkpointed: bool,
+    ) -> Shapes:
+        """The shapes in a model's config.json, with the byte counts and settings given."""
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         return Shapes(
@@ -254,22 +261,15 @@ def _refusal(s: Shapes, w: Work, budget: int) -> str:
         f"needs an estimated {need / GB:.2f} GB (the model's weights and optimizer state "
         f"{fixed / GB:.2f} GB). "
     )
+    raise_it = f"Raise --max-memory to at least {math.ceil(need / 1e8) / 10:.1f}GB, or "
     if fixed >= budget:
-        return text + (
-            f"Raise --max-memory to at least {math.ceil(need / 1e8) / 10:.1f}GB, or train a "
-            "smaller model (or one stored in 16 bits on a GPU)."
-        )
+        return text + raise_it + "train a smaller model (or one stored in 16 bits on a GPU)."
     lengths = range(w.completion_tokens - 1, 0, -1)
-    fits = next((t for t in lengths if smallest_peak(s, _with_length(w, t)) <= budget), None)
-    shorter = f"lower --max-completion-length to {fits}, or " if fits else ""
-    return (
-        text + f"Raise --max-memory to at least {math.ceil(need / 1e8) / 10:.1f}GB, or {shorter}"
-        "shorten the prompts."
+    fits = next(
+        (t for t in lengths if smallest_peak(s, replace(w, completion_tokens=t)) <= budget), None
     )
-
-
-def _with_length(w: Work, t: int) -> Work:
-    return Work(w.prompts, w.generations, w.prompt_tokens, t, w.micro_batches, w.beta)
+    shorter = f"lower --max-completion-length to {fits}, or " if fits else ""
+    return text + raise_it + shorter + "shorten the prompts."
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ class Run:
     last: checkpoint.Snapshot | None = None  # state after the last completed step
     lock: RunLock | None = None  # of the output directory, held by process 0 until the end
     unsaved_step: int = -1  # a step whose checkpoint failed for a full disk: not retried
-    plan: memory.Plan | None = None  # decode batch and update chunks, to the memory budget
+    plan: memory.Plan | None = None  # decode batch and update chunks (set by setup)
 
     def release(self) -> None:
         """Free the run folder for another process (the end of `train`)."""
@@ -402,7 +402,7 @@ def summary(run: Run) -> str:
         f"{len(run.lora_paths)} modules\n"
         f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)\n"
         f"{len(run.rows)} prompts | {per_step} | {_limit(cfg)} | output {run.output_dir}"
-        + (f"\n{run.plan.describe()}" if run.plan else "")
+        + f"\n{run.plan.describe()}"
     )
 
 

@@ -253,7 +253,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     scored = score_rollout(run, step, rows, batch, state)
     adv = group_advantages(scored.per_func, scored.weights, g, cfg.scale_rewards)
     with timer.phase("reference"):
-        tokens = run.plan.update_tokens if run.plan else None
+        tokens = run.plan.update_tokens
         micro = micro_batches(model, batch, mx.array(adv.advantages[mine]), cfg, tokens)
     with timer.phase("update"):
         update = optimise(model, run.optimizer, micro, cfg, lr_at(step, cfg), peers)
@@ -265,8 +265,7 @@ def _rollout(run: Run, rows: list[PromptRow], noise: Noise) -> RolloutBatch:
     run.lm.model.eval()
     prompts = [r.prompt_ids for r in rows]
     g, sampling = run.cfg.num_generations, run.cfg.sampling()
-    rows = run.plan.decode_rows if run.plan else None
-    lm = run.lm
+    lm, rows = run.lm, run.plan.decode_rows
     return rollout(lm.model, prompts, g, sampling, lm.eos_ids, lm.pad_id, noise, rows)
 
 

@@ -99,7 +99,9 @@ def micro_batches(
     for start in range(0, n, size):
         group = (size, float(lengths[start : start + size].sum()))
         for rows in _chunks(lengths[start : start + size], width, max_tokens, buckets):
-            out.append(_micro_batch(model, batch, advantages, cfg, rows + start, group))
+            rows = rows + start
+            length = max(1, int(lengths[rows].max()))
+            out.append(_micro_batch(model, batch, advantages, cfg, rows, length, group))
     return out
 
 
@@ -132,14 +134,14 @@ def _micro_batch(
     advantages: mx.array,
     cfg: TrainConfig,
     rows: np.ndarray,
+    length: int,
     group: tuple[int, float],
 ) -> MicroBatch:
-    """The rollout's `rows`, trimmed to their own padding and length, with pi_old and the
-    reference."""
+    """The rollout's `rows`, trimmed to their own padding and to `length` (their longest
+    completion), with pi_old and the reference."""
     sl = mx.array(rows)
     pad = batch.prompt_padding[sl]
     trim_left = int(pad.min().item())
-    length = max(1, int(batch.completion_mask[sl].sum(axis=1).max().item()))
     mb = MicroBatch(
         prompt_tokens=batch.prompt_tokens[sl, trim_left:],
         padding=pad - trim_left,
