@@ -19,7 +19,7 @@ from conftest import cli_flags
 
 from mlx_grpo.cli import main
 from mlx_grpo.core import checkpoint, supervise
-from mlx_grpo.core import update as update_mod
+from mlx_grpo.core import trainer as trainer_mod
 from mlx_grpo.core.adapters import Adapter
 from mlx_grpo.core.trainer import TrainingStopped, train
 
@@ -369,16 +369,19 @@ def test_resume_of_a_run_with_no_checkpoint_yet_says_so(settings, tmp_path):
 # --------------------------------------------------------------------------- NaN
 
 
-def poison(monkeypatch, bad_calls):
-    """Make the loss NaN on the given calls (one call per step at mu=1, no accumulation)."""
-    real, calls = update_mod.micro_loss, []
+def poison(monkeypatch, bad_steps):
+    """Make the loss NaN on the given steps (1-based), through its inputs: NaN advantages."""
+    real, calls = trainer_mod.micro_batches, []
 
-    def micro_loss(*args, **kwargs):
+    def micro_batches(*args, **kwargs):
         calls.append(1)
-        loss, stats = real(*args, **kwargs)
-        return (loss * float("nan") if len(calls) in bad_calls else loss), stats
+        micro = real(*args, **kwargs)
+        if len(calls) in bad_steps:
+            for mb in micro:
+                mb.advantages = mb.advantages * float("nan")
+        return micro
 
-    monkeypatch.setattr(update_mod, "micro_loss", micro_loss)
+    monkeypatch.setattr(trainer_mod, "micro_batches", micro_batches)
 
 
 def test_a_nan_loss_skips_the_update_and_is_counted(settings, tmp_path, monkeypatch):

@@ -132,7 +132,17 @@ def test_reference_pass_only_when_beta_is_nonzero(quick_settings, monkeypatch):
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_pi_old_is_the_rollouts_log_probs_without_another_forward_pass(quick_settings, monkeypatch):
+@pytest.fixture
+def uncompiled():
+    """Python runs on every call (a compiled loss replays its trace): calls can be counted."""
+    mx.disable_compile()
+    yield
+    mx.enable_compile()
+
+
+def test_pi_old_is_the_rollouts_log_probs_without_another_forward_pass(
+    quick_settings, monkeypatch, uncompiled
+):
     cfg = resolve(None, **{**quick_settings, "num_iterations": 2})
     run = setup(cfg, [])
     calls, seen = [], []

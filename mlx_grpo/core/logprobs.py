@@ -31,17 +31,22 @@ class Scores:
 
 
 def completion_hidden(
-    model: nn.Module, prompt_tokens: mx.array, padding: mx.array, completion_ids: mx.array
+    model: nn.Module,
+    prompt_tokens: mx.array,
+    padding: mx.array,
+    completion_ids: mx.array,
+    groups: tuple[mx.array, mx.array] | None = None,
 ) -> mx.array:
     """(N, T, D) hidden states whose head output predicts each completion token.
 
     Rows that share a prompt (a group's G completions) share its forward
     pass: the prompt runs once, its keys and values go to every row of the
     group, and only the completions run per row. For models whose head
-    cannot be split off these are the logits (N, T, V).
+    cannot be split off these are the logits (N, T, V). `groups` are the
+    rows' `prompt_groups`, when known.
     """
     body = body_of(model)
-    owner, first = prompt_groups(prompt_tokens, padding)
+    owner, first = groups or prompt_groups(prompt_tokens, padding)
     caches = [PrefixCache(padding[first]) for _ in model.layers]
     prompt_hidden = body(prompt_tokens[first], cache=caches)  # (U, P, D)
     caches = [c.select(owner) for c in caches]
@@ -160,6 +165,7 @@ def completion_logprobs(
     chunk_size: int = 256,
     ref_hidden: mx.array | None = None,  # (N, T, D) for the exact KL
     no_grad: bool = False,
+    groups: tuple[mx.array, mx.array] | None = None,  # prompt_groups of the rows
 ) -> Scores:
     """Log-probs (with gradient), entropy and optionally the exact KL per token.
 
@@ -167,7 +173,7 @@ def completion_logprobs(
     With `no_grad` (pi_old, reference) only the log-probs are computed, now,
     one chunk after another; entropy is then None.
     """
-    hidden = completion_hidden(model, prompt_tokens, padding, completion_ids)
+    hidden = completion_hidden(model, prompt_tokens, padding, completion_ids, groups)
     head, frozen = _head(model)
     if head is not None and ref_hidden is None:
         if no_grad:

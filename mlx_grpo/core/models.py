@@ -273,10 +273,13 @@ class PrefixCache:
         if self.keys is not None:
             keys = mx.concatenate([self.keys, keys], axis=2)
             values = mx.concatenate([self.values, values], axis=2)
-        self.keys, self.values = keys, values
-        self.length = keys.shape[2]
-        self.offset = self.length - self.left_padding
+        self.hold(keys, values)
         return keys, values
+
+    def hold(self, keys: mx.array, values: mx.array) -> None:
+        """Make `keys` and `values` (N, H, L, D) the whole cache."""
+        self.keys, self.values, self.length = keys, values, keys.shape[2]
+        self.offset = self.length - self.left_padding
 
     def select(self, rows: mx.array) -> PrefixCache:
         """A cache whose row i is this cache's row rows[i]."""
@@ -358,28 +361,35 @@ def recompute_activations(model: nn.Module) -> None:
     cls._plain_call = plain = cls.__call__
 
     def call(self, x, mask=None, cache=None, **kwargs):
-        if not (self.training and getattr(self, "_recompute_activations", False)):
+        recompute = self.training and getattr(self, "_recompute_activations", False)
+        if not recompute or not isinstance(cache, (PrefixCache, type(None))):
             return plain(self, x, mask, cache, **kwargs)
-        # The block's keys and values pass through the checkpoint as explicit
-        # inputs and outputs: later blocks' gradients reach them only that way.
-        # The backward pass calls `inner` again, on the cache as it was before.
-        before = dict(vars(cache)) if cache is not None else {}
-        state = [a for a in (before.get("keys"), before.get("values")) if a is not None]
+        # Every array the block reads (the mask, the cache's padding, keys and
+        # values) passes through the checkpoint as an explicit input, and its new
+        # keys and values as outputs: later blocks' gradients reach them only that
+        # way, and a compiled trace must not find its own arrays held by the
+        # function it recorded (a cycle that would outlive the trace and keep the
+        # weights alive). The backward pass calls `inner` again, on the inputs.
+        masked = isinstance(mask, mx.array)
+        fixed_mask = None if masked else mask  # "causal" or None
+        state = [] if cache is None else [cache.left_padding]
+        if cache is not None and cache.keys is not None:
+            state += [cache.keys, cache.values]
+        length, cached = (0, False) if cache is None else (cache.length, True)
 
-        def inner(params, h, *state):
-            if cache is None:
-                self.update(params)
-                return (plain(self, h, mask, None, **kwargs),)
-            vars(cache).update(before)
-            if state:
-                cache.keys, cache.values = state
+        def inner(params, h, *arrays):
             self.update(params)
-            out = plain(self, h, mask, cache, **kwargs)
-            return out, cache.keys, cache.values
+            m, arrays = (arrays[0], arrays[1:]) if masked else (fixed_mask, arrays)
+            if not cached:
+                return (plain(self, h, m, None, **kwargs),)
+            c = PrefixCache(*arrays, length=length)
+            return plain(self, h, m, c, **kwargs), c.keys, c.values
 
-        outs = mx.checkpoint(inner)(self.trainable_parameters(), x, *state)
+        outs = mx.checkpoint(inner)(
+            self.trainable_parameters(), x, *([mask] if masked else []), *state
+        )
         if cache is not None:
-            cache.keys, cache.values = outs[1], outs[2]
+            cache.hold(outs[1], outs[2])
         return outs[0]
 
     cls.__call__ = call

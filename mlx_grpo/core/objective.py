@@ -156,21 +156,25 @@ class LossSettings:
 
 @dataclass(frozen=True)
 class Normalizer:
-    """What one micro-batch's loss is divided by, beyond its own contents."""
+    """What one micro-batch's loss is divided by, beyond its own contents.
 
-    accumulation_steps: int = 1  # micro-batches per optimizer update
-    tokens_in_batch: float = 1.0  # completion tokens in the whole update (dapo)
+    Numbers or scalar arrays (a compiled loss takes them as arrays, so that
+    new values need no new trace).
+    """
+
+    accumulation_steps: int | mx.array = 1  # micro-batches per optimizer update
+    tokens_in_batch: float | mx.array = 1.0  # completion tokens in the whole update (dapo)
     # The micro-batch a chunk of rows belongs to (None: the rows given are all of it).
-    rows: int | None = None
-    tokens: float | None = None  # its completion tokens
+    rows: int | mx.array | None = None
+    tokens: float | mx.array | None = None  # its completion tokens
 
 
-def _rows(loss: mx.array, n: Normalizer) -> int:
+def _rows(loss: mx.array, n: Normalizer) -> int | mx.array:
     return loss.shape[0] if n.rows is None else n.rows
 
 
-def _tokens(mask: mx.array, n: Normalizer) -> mx.array | float:
-    return mx.maximum(mask.sum(), 1.0) if n.tokens is None else max(n.tokens, 1.0)
+def _tokens(mask: mx.array, n: Normalizer) -> mx.array:
+    return mx.maximum(mask.sum() if n.tokens is None else n.tokens, 1.0)
 
 
 def _grpo(loss: mx.array, mask: mx.array, s: LossSettings, n: Normalizer) -> mx.array:
@@ -187,7 +191,7 @@ def _dr_grpo(loss: mx.array, mask: mx.array, s: LossSettings, n: Normalizer) -> 
 
 
 def _dapo(loss: mx.array, mask: mx.array, s: LossSettings, n: Normalizer) -> mx.array:
-    return (loss * mask).sum() / max(n.tokens_in_batch, 1.0)
+    return (loss * mask).sum() / mx.maximum(n.tokens_in_batch, 1.0)
 
 
 AGGREGATIONS: dict[str, Callable[[mx.array, mx.array, LossSettings, Normalizer], mx.array]] = {
@@ -247,12 +251,14 @@ def grpo_loss(
     weight = mask if s.importance_sampling_level == "token" else mx.ones_like(coef_1)
     low = ((coef_1 < 1 - s.epsilon_low) & (adv < 0)).astype(mx.float32)
     high = ((coef_1 > 1 + s.epsilon_high) & (adv > 0)).astype(mx.float32)
+    tokens = mask.sum()
     stats = {
         "clip_ratio/low_mean": (low * weight).sum(),
         "clip_ratio/high_mean": (high * weight).sum(),
         "clip_ratio/region_mean": (mx.maximum(low, high) * weight).sum(),
-        "count": weight.sum(),
-        "tokens": mask.sum(),
+        # one array when they are the same sum: mx.compile fails on two equal outputs
+        "count": tokens if weight is mask else weight.sum(),
+        "tokens": tokens,
     }
     if kl is not None:
         stats["kl"] = mx.stop_gradient((kl * mask).sum())

@@ -31,7 +31,7 @@ from mlx_grpo.core.models import LoadedModel, recompute_activations
 from mlx_grpo.core.reporting import CONFIG_FILE, check_logs, rewrite_logs
 from mlx_grpo.core.runfolder import LOCK_FILE, RunLock
 from mlx_grpo.core.state import RunState
-from mlx_grpo.core.update import computes_in_float32
+from mlx_grpo.core.update import LossAndGrad, computes_in_float32
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Run:
     lock: RunLock | None = None  # of the output directory, held by process 0 until the end
     unsaved_step: int = -1  # a step whose checkpoint failed for a full disk: not retried
     plan: memory.Plan | None = None  # decode batch and update chunks (set by setup)
+    loss_and_grad: LossAndGrad | None = None  # the compiled loss, built once (set by setup)
 
     def release(self) -> None:
         """Free the run folder for another process (the end of `train`)."""
@@ -205,7 +206,7 @@ def _load(
     optimizer.init(lm.model.trainable_parameters())  # so a checkpoint before step 1 has it
     run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, RunState.start(cfg.seed))
     run.model_fingerprint, run.data_fingerprint, run.peers = model_sha256, data, peers
-    run.plan = plan
+    run.plan, run.loss_and_grad = plan, LossAndGrad(lm.model, cfg)
     peers.check_same(
         {
             "versions": [mx.__version__, __version__],

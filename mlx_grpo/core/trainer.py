@@ -256,7 +256,8 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         tokens = run.plan.update_tokens
         micro = micro_batches(model, batch, mx.array(adv.advantages[mine]), cfg, tokens)
     with timer.phase("update"):
-        update = optimise(model, run.optimizer, micro, cfg, lr_at(step, cfg), peers)
+        lr = lr_at(step, cfg)
+        update = optimise(model, run.optimizer, micro, cfg, lr, peers, run.loss_and_grad)
     return _record(run, step, every_row, scored, adv, update, timer)
 
 

@@ -17,6 +17,7 @@ forward pass is run.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
@@ -27,7 +28,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.distributed import Peers
-from mlx_grpo.core.logprobs import Scores, completion_hidden, completion_logprobs
+from mlx_grpo.core.logprobs import Scores, completion_hidden, completion_logprobs, prompt_groups
 from mlx_grpo.core.lora import adapters_disabled
 from mlx_grpo.core.objective import LossSettings, Normalizer, grpo_loss, k3_kl
 from mlx_grpo.core.rollout import RolloutBatch
@@ -44,8 +45,9 @@ class MicroBatch:
     advantages: mx.array  # (M,)
     old_logp: mx.array | None  # (M, T)
     ref: mx.array | None  # (M, T) ref log-probs (k3) or (M, T, D) ref hidden (exact)
-    group_rows: int  # rows of the micro-batch this chunk belongs to (the loss's unit)
-    group_tokens: float  # completion tokens of that micro-batch
+    group_rows: int | mx.array  # rows of the micro-batch this chunk belongs to (the loss's unit)
+    group_tokens: float | mx.array  # completion tokens of that micro-batch
+    groups: tuple[mx.array, mx.array] | None = None  # the rows' prompt_groups
 
 
 @dataclass
@@ -153,6 +155,7 @@ def _micro_batch(
         group_rows=group[0],
         group_tokens=group[1],
     )
+    mb.groups = prompt_groups(mb.prompt_tokens, mb.padding)
     if cfg.num_iterations > 1:
         if computes_in_float32(model):
             mb.old_logp = batch.sampled_logprobs[sl, :length]
@@ -161,7 +164,9 @@ def _micro_batch(
     if cfg.beta != 0.0:
         with adapters_disabled(model):
             if cfg.kl_estimator == "exact":
-                mb.ref = completion_hidden(model, mb.prompt_tokens, mb.padding, mb.completion_ids)
+                mb.ref = completion_hidden(
+                    model, mb.prompt_tokens, mb.padding, mb.completion_ids, mb.groups
+                )
             else:
                 mb.ref = _score(model, mb, cfg, no_grad=True).logp
     mx.eval(mb.old_logp, mb.ref)
@@ -187,6 +192,7 @@ def _score(
         cfg.logits_chunk_size,
         ref_hidden=ref_hidden,
         no_grad=no_grad,
+        groups=mb.groups,
     )
 
 
@@ -210,6 +216,72 @@ def micro_loss(
     return loss, stats
 
 
+class LossAndGrad:
+    """A chunk's loss, metric sums and adapter gradient: `micro_loss` differentiated,
+    built once per run and compiled with `mx.compile`.
+
+    One trace per shape of chunk (rows, prompt width, completion length) is
+    kept; everything else that changes between calls (the adapter, the
+    normaliser's counts, the random state of LoRA dropout) is an input, so a
+    kept trace gives what the plain function would. Past MAX_TRACES shapes
+    the traces are dropped and made again as needed. MLX_DISABLE_COMPILE=1
+    (MLX's own switch) runs it uncompiled.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        self.model, self.cfg = model, cfg
+        self.shapes: set[tuple] = set()
+        self.fn = _compiled_loss(model, cfg)
+
+    def __call__(self, mb: MicroBatch, normalizer: Normalizer):
+        arrays = {k: getattr(mb, k) for k in ARRAYS if getattr(mb, k) is not None}
+        shape = tuple((k, v.shape) for k, v in tree_flatten(arrays))
+        if shape not in self.shapes and len(self.shapes) >= MAX_TRACES:
+            self.fn, self.shapes = _compiled_loss(self.model, self.cfg), set()
+        self.shapes.add(shape)
+        counts = {
+            "chunk": {"group_rows": mb.group_rows, "group_tokens": mb.group_tokens},
+            "update": {
+                "accumulation_steps": normalizer.accumulation_steps,
+                "tokens_in_batch": normalizer.tokens_in_batch,
+            },
+        }
+        counts = tree_map(lambda x: mx.array(float(x)), counts)
+        params = self.model.trainable_parameters()
+        try:
+            return self.fn(params, arrays, counts)
+        finally:
+            self.model.update(params)  # a trace leaves its placeholders in the model
+
+
+def _compiled_loss(model: nn.Module, cfg: TrainConfig) -> Callable:
+    # Not a method: the compiled function lives as long as what it refers to,
+    # so a reference back to its owner would keep both (and the model) alive.
+    settings = cfg.loss_settings()
+
+    def loss(params: dict, arrays: dict, counts: dict):
+        model.update(params)
+        mb = MicroBatch(**{**dict.fromkeys(ARRAYS), **arrays}, **counts["chunk"])
+        return micro_loss(model, mb, cfg, settings, Normalizer(**counts["update"]))
+
+    state = mx.random.state
+    return mx.compile(mx.value_and_grad(loss), inputs=state, outputs=state)
+
+
+# MicroBatch fields that are arrays (or a pair of them) or None
+ARRAYS = (
+    "prompt_tokens",
+    "padding",
+    "completion_ids",
+    "mask",
+    "advantages",
+    "old_logp",
+    "ref",
+    "groups",
+)
+MAX_TRACES = 64
+
+
 def optimise(
     model: nn.Module,
     optimizer: optim.Optimizer,
@@ -217,6 +289,7 @@ def optimise(
     cfg: TrainConfig,
     lr: float,
     peers: Peers | None = None,
+    loss_and_grad: LossAndGrad | None = None,
 ) -> Update:
     """mu passes over the rollout, each one accumulated AdamW update at rate `lr`.
 
@@ -232,17 +305,14 @@ def optimise(
         accumulation_steps=cfg.gradient_accumulation_steps * peers.size,
         tokens_in_batch=peers.sum({"tokens": local_tokens}, "the token count")["tokens"].item(),
     )
-    settings = cfg.loss_settings()
-    loss_and_grad = nn.value_and_grad(
-        model, lambda m, mb: micro_loss(m, mb, cfg, settings, normalizer)
-    )
+    loss_and_grad = loss_and_grad or LossAndGrad(model, cfg)
     totals: dict[str, float] = {}
     losses, norms, finite = [], [], []
     optimizer.learning_rate = lr
     for _ in range(cfg.num_iterations):
         grads, sums = None, {}
         for mb in micro:
-            (loss, stats), g = loss_and_grad(model, mb)
+            (loss, stats), g = loss_and_grad(mb, normalizer)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = {k: sums[k] + v if k in sums else v for k, v in {"loss": loss, **stats}.items()}
             mx.eval(grads, sums)
