@@ -4,8 +4,9 @@ The rollout is split into `gradient_accumulation_steps` micro-batches, each
 cut into chunks of rows of similar length (and within the memory plan's
 token budget), each chunk trimmed to its own padding and longest
 completion. Reference inputs (beta != 0) are computed once per chunk,
-before the first update; each of the mu passes sums the chunks' gradients,
-clips their global norm and makes one AdamW step.
+before the first update; each of the mu passes sums the chunks' gradients
+(from `LossAndGrad`, compiled once per run), clips their global norm and
+makes one AdamW step.
 
 pi_old log-probs (mu > 1) are the ones the rollout sampled with: the same
 weights, so they equal a fresh forward pass up to float32 rounding (TRL
