@@ -36,6 +36,7 @@ def completion_hidden(
     padding: mx.array,
     completion_ids: mx.array,
     groups: tuple[mx.array, mx.array] | None = None,
+    packing: dict[str, mx.array] | None = None,
 ) -> mx.array:
     """(N, T, D) hidden states whose head output predicts each completion token.
 
@@ -43,12 +44,18 @@ def completion_hidden(
     pass: the prompt runs once, its keys and values go to every row of the
     group, and only the completions run per row. For models whose head
     cannot be split off these are the logits (N, T, V). `groups` are the
-    rows' `prompt_groups`, when known.
+    rows' `prompt_groups`, when known; with `packing` (from `pack`) the
+    completions run packed several to a row, without padding.
     """
     body = body_of(model)
     owner, first = groups or prompt_groups(prompt_tokens, padding)
     caches = [PrefixCache(padding[first]) for _ in model.layers]
     prompt_hidden = body(prompt_tokens[first], cache=caches)  # (U, P, D)
+    if packing is not None:
+        rows, positions, mask = packing["rows"], packing["positions"], packing["mask"]
+        rest = body(packing["tokens"], cache=[c.packed(rows, positions, mask) for c in caches])
+        flat = mx.concatenate([prompt_hidden[:, -1], rest.reshape(-1, rest.shape[-1])])
+        return flat[packing["index"]]  # (N, T, D)
     caches = [c.select(owner) for c in caches]
     last = prompt_hidden[owner, -1:]  # (N, 1, D) predicts completion token 0
     if completion_ids.shape[1] == 1:
@@ -69,6 +76,64 @@ def prompt_groups(prompt_tokens: mx.array, padding: mx.array) -> tuple[mx.array,
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     return mx.array(rank[owner.reshape(-1)]), mx.array(first[order])
+
+
+def pack(
+    completion_ids: np.ndarray,  # (N, T)
+    lengths: np.ndarray,  # (N,) completion tokens of each row
+    owner: np.ndarray,  # (N,) row's prompt (prompt_groups)
+    prompt_padding: np.ndarray,  # (U,) left padding of each prompt
+    width: int,  # prompt width P
+) -> dict[str, mx.array] | None:
+    """Completions packed several to a row, for `completion_hidden`; None where that
+    would not save a token.
+
+    Row i feeds its first lengths[i] - 1 tokens (the last one predicts
+    nothing); rows of one prompt share packed rows, first fit, longest first.
+    Each token gets the RoPE position it has alone (prompt length + its
+    index), and the mask lets it see its prompt's tokens and the tokens
+    before it in its own completion. The unused end of a packed row is one
+    more span that sees its prompt and itself (no empty softmax row).
+    `index` maps each (row, position) to its hidden state in [prompts' last
+    states; packed states]; padding positions point at the prompt's.
+    """
+    n, t = completion_ids.shape
+    feeds = np.maximum(lengths - 1, 0)
+    cap = int(feeds.max(initial=0))
+    bins: list[list[int]] = []  # per packed row: [prompt, used, rows...]
+    where = np.zeros((n, 2), dtype=np.int64)  # packed row and start of each row's span
+    for i in sorted(range(n), key=lambda i: -feeds[i]):
+        if feeds[i] == 0:
+            continue
+        b = next((b for b in bins if b[0] == owner[i] and b[1] + feeds[i] <= cap), None)
+        if b is None:
+            bins.append(b := [int(owner[i]), 0])
+        where[i] = (bins.index(b), b[1])
+        b[1] += int(feeds[i])
+    if not bins or len(bins) * cap >= n * (t - 1):  # the unpacked pass feeds n x (t - 1)
+        return None
+    r, u = len(bins), len(prompt_padding)
+    rows = np.array([b[0] for b in bins])
+    tokens = np.zeros((r, cap), dtype=np.int32)
+    span = np.full((r, cap), -1)  # which row's completion each packed token is (-1: unused)
+    positions = np.zeros((r, cap), dtype=np.int32)
+    index = np.repeat(owner[:, None], t, axis=1).astype(np.int32)
+    start_of = np.arange(cap)[None].repeat(r, 0)  # unused tokens continue the row's count
+    for i in np.nonzero(feeds)[0]:
+        b, s, k = where[i][0], where[i][1], feeds[i]
+        tokens[b, s : s + k] = completion_ids[i, :k]
+        span[b, s : s + k] = i
+        start_of[b, s : s + k] = s
+        index[i, 1 : k + 1] = u + b * cap + s + np.arange(k)
+    real = width - prompt_padding[rows]
+    positions[:] = real[:, None] + np.arange(cap)[None] - start_of
+    q = np.arange(cap)
+    own = (span[:, :, None] == span[:, None, :]) & (q[:, None] >= q[None, :])
+    prompt = np.arange(width)[None, None] >= prompt_padding[rows][:, None, None]
+    prompt = np.broadcast_to(prompt, (r, cap, width))
+    mask = np.concatenate([prompt, own], axis=2)[:, None]
+    arrays = dict(tokens=tokens, rows=rows, positions=positions, mask=mask, index=index)
+    return {k: mx.array(v.astype(np.int32) if v.dtype != bool else v) for k, v in arrays.items()}
 
 
 def _head(model: nn.Module) -> tuple[Callable | None, bool]:
@@ -166,6 +231,7 @@ def completion_logprobs(
     ref_hidden: mx.array | None = None,  # (N, T, D) for the exact KL
     no_grad: bool = False,
     groups: tuple[mx.array, mx.array] | None = None,  # prompt_groups of the rows
+    packing: dict[str, mx.array] | None = None,  # from `pack`
 ) -> Scores:
     """Log-probs (with gradient), entropy and optionally the exact KL per token.
 
@@ -173,7 +239,7 @@ def completion_logprobs(
     With `no_grad` (pi_old, reference) only the log-probs are computed, now,
     one chunk after another; entropy is then None.
     """
-    hidden = completion_hidden(model, prompt_tokens, padding, completion_ids, groups)
+    hidden = completion_hidden(model, prompt_tokens, padding, completion_ids, groups, packing)
     head, frozen = _head(model)
     if head is not None and ref_hidden is None:
         if no_grad:

@@ -285,6 +285,82 @@ class PrefixCache:
         """A cache whose row i is this cache's row rows[i]."""
         return PrefixCache(self.left_padding[rows], self.keys[rows], self.values[rows], self.length)
 
+    def packed(self, rows: mx.array, positions: mx.array, mask: mx.array) -> PackedCache:
+        """A cache for packed rows: row i continues this cache's row rows[i]."""
+        kv = (self.keys[rows], self.values[rows])
+        return PackedCache(self.left_padding[rows], positions, *kv, self.length, mask)
+
+    def arrays(self) -> list[mx.array]:
+        """Its arrays, in the order `rebuilt` takes them."""
+        return [self.left_padding] + ([] if self.keys is None else [self.keys, self.values])
+
+    @classmethod
+    def rebuilt(cls, arrays: list[mx.array], length: int) -> PrefixCache:
+        return cls(*arrays, length=length)
+
+
+class PackedCache(PrefixCache):
+    """A PrefixCache whose rows each hold several completions of one prompt, one after
+    another: each token has its own RoPE position (`TokenRoPE`), and the mask keeps
+    each completion to its prompt and itself (see `logprobs.pack`)."""
+
+    def __init__(
+        self,
+        left_padding: mx.array,  # (R,)
+        positions: mx.array,  # (R, L) RoPE position of each packed token
+        keys: mx.array | None = None,
+        values: mx.array | None = None,
+        length: int = 0,
+        mask: mx.array | None = None,  # (R, 1, L, length + L)
+    ):
+        super().__init__(left_padding, keys, values, length)
+        self.positions, self.mask, self.offset = positions, mask, positions
+
+    def make_mask(self, n: int, **_kwargs) -> mx.array:
+        return self.mask
+
+    def hold(self, keys: mx.array, values: mx.array) -> None:
+        self.keys, self.values, self.length = keys, values, keys.shape[2]
+
+    def arrays(self) -> list[mx.array]:
+        return [self.left_padding, self.positions] + super().arrays()[1:]
+
+
+class TokenRoPE(nn.Module):
+    """A RoPE that also takes one position per token: an offset of shape (B, L)."""
+
+    def __init__(self, rope: nn.Module):
+        super().__init__()
+        self.inner = rope
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        if not (isinstance(offset, mx.array) and offset.ndim == 2):
+            return self.inner(x, offset=offset)
+        # each token its own sequence of one, at its own offset
+        b, h, n, d = x.shape
+        flat = x.transpose(0, 2, 1, 3).reshape(b * n, h, 1, d)
+        out = self.inner(flat, offset=offset.reshape(-1))
+        return out.reshape(b, n, h, d).transpose(0, 2, 1, 3)
+
+
+def takes_token_positions(model: nn.Module) -> bool:
+    """Whether `allow_token_positions` was applied to the model."""
+    return isinstance(getattr(getattr(model.layers[0], "self_attn", None), "rope", None), TokenRoPE)
+
+
+def allow_token_positions(model: nn.Module) -> bool:
+    """Let every attention's RoPE take one position per token (packed rows, in place).
+
+    False, and nothing changed, where a block has no `self_attn.rope`.
+    """
+    attentions = [getattr(layer, "self_attn", None) for layer in model.layers]
+    if not all(isinstance(getattr(a, "rope", None), nn.Module) for a in attentions):
+        return False
+    for a in attentions:
+        if not isinstance(a.rope, TokenRoPE):
+            a.rope = TokenRoPE(a.rope)
+    return True
+
 
 class RolloutCache(BatchKVCache):
     """mlx-lm's batched KV cache with a mask that is safe for padding rows."""
@@ -372,17 +448,15 @@ def recompute_activations(model: nn.Module) -> None:
         # weights alive). The backward pass calls `inner` again, on the inputs.
         masked = isinstance(mask, mx.array)
         fixed_mask = None if masked else mask  # "causal" or None
-        state = [] if cache is None else [cache.left_padding]
-        if cache is not None and cache.keys is not None:
-            state += [cache.keys, cache.values]
-        length, cached = (0, False) if cache is None else (cache.length, True)
+        state = [] if cache is None else cache.arrays()
+        kind, length = type(cache), 0 if cache is None else cache.length
 
         def inner(params, h, *arrays):
             self.update(params)
             m, arrays = (arrays[0], arrays[1:]) if masked else (fixed_mask, arrays)
-            if not cached:
+            if kind is type(None):
                 return (plain(self, h, m, None, **kwargs),)
-            c = PrefixCache(*arrays, length=length)
+            c = kind.rebuilt(list(arrays), length)
             return plain(self, h, m, c, **kwargs), c.keys, c.values
 
         outs = mx.checkpoint(inner)(

@@ -27,7 +27,7 @@ from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter, load_adapte
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.distributed import Peers
 from mlx_grpo.core.lora import apply_lora, parse_layers, total_count, trainable_count
-from mlx_grpo.core.models import LoadedModel, recompute_activations
+from mlx_grpo.core.models import LoadedModel, allow_token_positions, recompute_activations
 from mlx_grpo.core.reporting import CONFIG_FILE, check_logs, rewrite_logs
 from mlx_grpo.core.runfolder import LOCK_FILE, RunLock
 from mlx_grpo.core.state import RunState
@@ -231,6 +231,7 @@ def _load_model(cfg: TrainConfig) -> tuple[LoadedModel, list[str]]:
         )
     if cfg.grad_checkpoint:
         recompute_activations(lm.model)
+    allow_token_positions(lm.model)  # the update packs completions where it can
     mx.eval(lm.model.parameters())
     return lm, paths
 

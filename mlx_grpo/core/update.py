@@ -29,8 +29,15 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.distributed import Peers
-from mlx_grpo.core.logprobs import Scores, completion_hidden, completion_logprobs, prompt_groups
+from mlx_grpo.core.logprobs import (
+    Scores,
+    completion_hidden,
+    completion_logprobs,
+    pack,
+    prompt_groups,
+)
 from mlx_grpo.core.lora import adapters_disabled
+from mlx_grpo.core.models import takes_token_positions
 from mlx_grpo.core.objective import LossSettings, Normalizer, grpo_loss, k3_kl
 from mlx_grpo.core.rollout import RolloutBatch
 
@@ -49,6 +56,7 @@ class MicroBatch:
     group_rows: int | mx.array  # rows of the micro-batch this chunk belongs to (the loss's unit)
     group_tokens: float | mx.array  # completion tokens of that micro-batch
     groups: tuple[mx.array, mx.array] | None = None  # the rows' prompt_groups
+    packing: dict[str, mx.array] | None = None  # completions packed several to a row
 
 
 @dataclass
@@ -103,8 +111,7 @@ def micro_batches(
         group = (size, float(lengths[start : start + size].sum()))
         for rows in _chunks(lengths[start : start + size], width, max_tokens, buckets):
             rows = rows + start
-            length = max(1, int(lengths[rows].max()))
-            out.append(_micro_batch(model, batch, advantages, cfg, rows, length, group))
+            out.append(_micro_batch(model, batch, advantages, cfg, rows, lengths[rows], group))
     return out
 
 
@@ -137,12 +144,13 @@ def _micro_batch(
     advantages: mx.array,
     cfg: TrainConfig,
     rows: np.ndarray,
-    length: int,
+    lengths: np.ndarray,
     group: tuple[int, float],
 ) -> MicroBatch:
-    """The rollout's `rows`, trimmed to their own padding and to `length` (their longest
-    completion), with pi_old and the reference."""
-    sl = mx.array(rows)
+    """The rollout's `rows` (completions of `lengths`), trimmed to their own padding and
+    their longest completion, packed where the model allows, with pi_old and the
+    reference."""
+    sl, length = mx.array(rows), max(1, int(lengths.max()))
     pad = batch.prompt_padding[sl]
     trim_left = int(pad.min().item())
     mb = MicroBatch(
@@ -157,6 +165,10 @@ def _micro_batch(
         group_tokens=group[1],
     )
     mb.groups = prompt_groups(mb.prompt_tokens, mb.padding)
+    if takes_token_positions(model):
+        owner, first = (np.array(a) for a in mb.groups)
+        ids, width = np.array(mb.completion_ids), mb.prompt_tokens.shape[1]
+        mb.packing = pack(ids, lengths, owner, np.array(mb.padding)[first], width)
     if cfg.num_iterations > 1:
         if computes_in_float32(model):
             mb.old_logp = batch.sampled_logprobs[sl, :length]
@@ -166,7 +178,7 @@ def _micro_batch(
         with adapters_disabled(model):
             if cfg.kl_estimator == "exact":
                 mb.ref = completion_hidden(
-                    model, mb.prompt_tokens, mb.padding, mb.completion_ids, mb.groups
+                    model, mb.prompt_tokens, mb.padding, mb.completion_ids, mb.groups, mb.packing
                 )
             else:
                 mb.ref = _score(model, mb, cfg, no_grad=True).logp
@@ -194,6 +206,7 @@ def _score(
         ref_hidden=ref_hidden,
         no_grad=no_grad,
         groups=mb.groups,
+        packing=mb.packing,
     )
 
 
@@ -279,6 +292,7 @@ ARRAYS = (
     "old_logp",
     "ref",
     "groups",
+    "packing",
 )
 MAX_TRACES = 64
 
