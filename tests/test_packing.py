@@ -135,6 +135,9 @@ def test_the_packed_update_gives_the_padded_updates_loss_and_gradient(
         return loss.item(), stats, dict(tree_flatten(grads))
 
     for a, b in zip(packed, padded):
+        if cfg.kl_estimator == "k3" and cfg.beta:  # reference log-probs, scored packed
+            real = np.array(b.mask) > 0
+            np.testing.assert_allclose(np.array(a.ref)[real], np.array(b.ref)[real], atol=1e-5)
         fed = a.packing["tokens"].size
         assert fed < b.completion_ids.shape[0] * (b.completion_ids.shape[1] - 1)
         loss_a, stats_a, grads_a = loss_and_grads(a)

@@ -37,6 +37,7 @@ def completion_hidden(
     completion_ids: mx.array,
     groups: tuple[mx.array, mx.array] | None = None,
     packing: dict[str, mx.array] | None = None,
+    real_only: bool = False,
 ) -> mx.array:
     """(N, T, D) hidden states whose head output predicts each completion token.
 
@@ -45,7 +46,8 @@ def completion_hidden(
     group, and only the completions run per row. For models whose head
     cannot be split off these are the logits (N, T, V). `groups` are the
     rows' `prompt_groups`, when known; with `packing` (from `pack`) the
-    completions run packed several to a row, without padding.
+    completions run packed several to a row, without padding, and
+    `real_only` gives (M, D): the completions' own M tokens, in row order.
     """
     body = body_of(model)
     owner, first = groups or prompt_groups(prompt_tokens, padding)
@@ -55,7 +57,7 @@ def completion_hidden(
         rows, positions, mask = packing["rows"], packing["positions"], packing["mask"]
         rest = body(packing["tokens"], cache=[c.packed(rows, positions, mask) for c in caches])
         flat = mx.concatenate([prompt_hidden[:, -1], rest.reshape(-1, rest.shape[-1])])
-        return flat[packing["index"]]  # (N, T, D)
+        return flat[packing["real" if real_only else "index"]]
     caches = [c.select(owner) for c in caches]
     last = prompt_hidden[owner, -1:]  # (N, 1, D) predicts completion token 0
     if completion_ids.shape[1] == 1:
@@ -95,25 +97,17 @@ def pack(
     before it in its own completion. The unused end of a packed row is one
     more span that sees its prompt and itself (no empty softmax row).
     `index` maps each (row, position) to its hidden state in [prompts' last
-    states; packed states]; padding positions point at the prompt's.
+    states; packed states]; padding positions point at the prompt's. `real`
+    and `targets` are the index and token of each real position, in row
+    order, and `back` maps (row, position) to that order (padding: past it).
     """
     n, t = completion_ids.shape
     feeds = np.maximum(lengths - 1, 0)
     cap = int(feeds.max(initial=0))
-    bins: list[list[int]] = []  # per packed row: [prompt, used, rows...]
-    where = np.zeros((n, 2), dtype=np.int64)  # packed row and start of each row's span
-    for i in sorted(range(n), key=lambda i: -feeds[i]):
-        if feeds[i] == 0:
-            continue
-        b = next((b for b in bins if b[0] == owner[i] and b[1] + feeds[i] <= cap), None)
-        if b is None:
-            bins.append(b := [int(owner[i]), 0])
-        where[i] = (bins.index(b), b[1])
-        b[1] += int(feeds[i])
-    if not bins or len(bins) * cap >= n * (t - 1):  # the unpacked pass feeds n x (t - 1)
+    rows, where = _first_fit(feeds, owner, cap)
+    if not len(rows) or len(rows) * cap >= n * (t - 1):  # the unpacked pass feeds n x (t - 1)
         return None
-    r, u = len(bins), len(prompt_padding)
-    rows = np.array([b[0] for b in bins])
+    r, u = len(rows), len(prompt_padding)
     tokens = np.zeros((r, cap), dtype=np.int32)
     span = np.full((r, cap), -1)  # which row's completion each packed token is (-1: unused)
     positions = np.zeros((r, cap), dtype=np.int32)
@@ -132,8 +126,33 @@ def pack(
     prompt = np.arange(width)[None, None] >= prompt_padding[rows][:, None, None]
     prompt = np.broadcast_to(prompt, (r, cap, width))
     mask = np.concatenate([prompt, own], axis=2)[:, None]
-    arrays = dict(tokens=tokens, rows=rows, positions=positions, mask=mask, index=index)
+    real = np.arange(t)[None] < lengths[:, None]
+    back = np.full((n, t), real.sum())  # padding -> one past the real tokens
+    back[real] = np.arange(real.sum())
+    arrays = dict(tokens=tokens, rows=rows, positions=positions, mask=mask, index=index, back=back)
+    arrays |= dict(real=index[real], targets=completion_ids[real])
     return {k: mx.array(v.astype(np.int32) if v.dtype != bool else v) for k, v in arrays.items()}
+
+
+def _first_fit(feeds: np.ndarray, owner: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt of each packed row, (packed row, start) of each row's span): spans of one
+    prompt share packed rows of `cap` tokens, first fit, longest first."""
+    bins: list[list[int]] = []  # per packed row: [prompt, tokens used]
+    where = np.zeros((len(feeds), 2), dtype=np.int64)
+    for i in sorted(range(len(feeds)), key=lambda i: -feeds[i]):
+        if feeds[i] == 0:
+            continue
+        b = next((b for b in bins if b[0] == owner[i] and b[1] + feeds[i] <= cap), None)
+        if b is None:
+            bins.append(b := [int(owner[i]), 0])
+        where[i] = (bins.index(b), b[1])
+        b[1] += int(feeds[i])
+    return np.array([b[0] for b in bins], dtype=np.int64), where
+
+
+def _spread(values: mx.array, back: mx.array) -> mx.array:
+    """(N, T) from the real tokens' (M,) values: zero at padding."""
+    return mx.concatenate([values, mx.zeros((1,), values.dtype)])[back]
 
 
 def _head(model: nn.Module) -> tuple[Callable | None, bool]:
@@ -239,8 +258,16 @@ def completion_logprobs(
     With `no_grad` (pi_old, reference) only the log-probs are computed, now,
     one chunk after another; entropy is then None.
     """
-    hidden = completion_hidden(model, prompt_tokens, padding, completion_ids, groups, packing)
     head, frozen = _head(model)
+    if packing is not None and head is not None and ref_hidden is None and (frozen or no_grad):
+        # the head runs on the completions' own tokens only
+        h = completion_hidden(model, prompt_tokens, padding, completion_ids, groups, packing, True)
+        if no_grad:
+            logp = _logprobs_now(head, h, packing["targets"], temperature, chunk_size).logp
+            return Scores(_spread(logp, packing["back"]), None, None)
+        logp, entropy = head_logprobs(head, h, packing["targets"], temperature, chunk_size)
+        return Scores(_spread(logp, packing["back"]), _spread(entropy, packing["back"]), None)
+    hidden = completion_hidden(model, prompt_tokens, padding, completion_ids, groups, packing)
     if head is not None and ref_hidden is None:
         if no_grad:
             return _logprobs_now(head, hidden, completion_ids, temperature, chunk_size)

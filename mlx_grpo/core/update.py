@@ -1,9 +1,10 @@
 """Policy optimisation on one rollout: micro-batches, the loss, mu AdamW updates.
 
 The rollout is split into `gradient_accumulation_steps` micro-batches, each
-cut into chunks of rows of similar length (and within the memory plan's
-token budget), each chunk trimmed to its own padding and longest
-completion. Reference inputs (beta != 0) are computed once per chunk,
+cut into chunks within the memory plan's token budget, each chunk trimmed
+to its own padding and longest completion, its completions packed several
+to a row where the model allows (else the chunks hold rows of similar
+length). Reference inputs (beta != 0) are computed once per chunk,
 before the first update; each of the mu passes sums the chunks' gradients
 (from `LossAndGrad`, compiled once per run), clips their global norm and
 makes one AdamW step.
@@ -96,12 +97,16 @@ def micro_batches(
     """Split the rollout for accumulation; add pi_old and reference inputs.
 
     The rollout splits into `gradient_accumulation_steps` micro-batches, the
-    objective's unit. With `buckets`, each one's rows are taken longest
-    first and cut into chunks of similar length, so that padding costs
-    little; with `max_tokens` (the memory plan's), no chunk's rows x (prompt
-    + longest completion) exceed it. A chunk's loss is normalised by its
-    micro-batch, so the chunks' gradients add up to the micro-batch's.
+    objective's unit. A model that takes token positions gets its
+    completions packed (no padding in the layers or the head), so longer
+    chunks only save passes over the prompts; otherwise, with `buckets`,
+    each micro-batch's rows are taken longest first and cut into chunks of
+    similar length, so that padding costs little. With `max_tokens` (the
+    memory plan's), no chunk's rows x (prompt + longest completion) exceed
+    it. A chunk's loss is normalised by its micro-batch, so the chunks'
+    gradients add up to the micro-batch's.
     """
+    buckets = buckets and not takes_token_positions(model)
     n = batch.completion_ids.shape[0]
     size = n // cfg.gradient_accumulation_steps
     lengths = np.array(batch.lengths)
