@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -287,18 +287,8 @@ def _compiled_loss(model: nn.Module, cfg: TrainConfig) -> Callable:
     return mx.compile(mx.value_and_grad(loss), inputs=state, outputs=state)
 
 
-# MicroBatch fields that are arrays (or a pair of them) or None
-ARRAYS = (
-    "prompt_tokens",
-    "padding",
-    "completion_ids",
-    "mask",
-    "advantages",
-    "old_logp",
-    "ref",
-    "groups",
-    "packing",
-)
+# MicroBatch fields that are arrays (or trees of them) or None; the others are counts
+ARRAYS = tuple(f.name for f in fields(MicroBatch) if f.name not in ("group_rows", "group_tokens"))
 MAX_TRACES = 64
 
 
