@@ -16,9 +16,10 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_grpo.core import update as update_mod
+from mlx_grpo.core.caches import recompute_activations
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.lora import apply_lora
-from mlx_grpo.core.models import load_model, recompute_activations
+from mlx_grpo.core.models import load_model
 from mlx_grpo.core.objective import Normalizer
 from mlx_grpo.core.rollout import Noise, rollout
 from mlx_grpo.core.update import LossAndGrad, micro_batches, micro_loss

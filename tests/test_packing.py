@@ -14,16 +14,15 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_grpo.core import update as update_mod
-from mlx_grpo.core.config import TrainConfig
-from mlx_grpo.core.logprobs import completion_hidden, pack, prompt_groups
-from mlx_grpo.core.lora import apply_lora
-from mlx_grpo.core.models import (
+from mlx_grpo.core.caches import (
     allow_token_positions,
-    left_pad,
-    load_model,
     recompute_activations,
     takes_token_positions,
 )
+from mlx_grpo.core.config import TrainConfig
+from mlx_grpo.core.logprobs import completion_hidden, pack, prompt_groups
+from mlx_grpo.core.lora import apply_lora
+from mlx_grpo.core.models import left_pad, load_model
 from mlx_grpo.core.objective import Normalizer
 from mlx_grpo.core.rollout import Noise, rollout
 from mlx_grpo.core.update import micro_batches, micro_loss

@@ -19,7 +19,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_grpo.core.models import PrefixCache, body_and_head, body_of
+from mlx_grpo.core.caches import PrefixCache
+from mlx_grpo.core.models import body_and_head, body_of
 from mlx_grpo.core.objective import exact_kl, logprob_stats, token_logprobs
 
 

@@ -28,9 +28,10 @@ import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from mlx_grpo.core.backend import blas_threads, cpu_only
+from mlx_grpo.core.caches import RolloutCache
 from mlx_grpo.core.config import SamplingSettings
 from mlx_grpo.core.lora import SMALL_MATMUL_ROWS, split_matmul, split_small_matmuls
-from mlx_grpo.core.models import RolloutCache, body_and_head, left_pad
+from mlx_grpo.core.models import body_and_head, left_pad
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,11 @@ from mlx_grpo.core import __version__, checkpoint, memory, models, outputs, runf
 from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import rewards as rewards_mod
 from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter, load_adapted
+from mlx_grpo.core.caches import allow_token_positions, recompute_activations
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.distributed import Peers
 from mlx_grpo.core.lora import apply_lora, parse_layers, total_count, trainable_count
-from mlx_grpo.core.models import LoadedModel, allow_token_positions, recompute_activations
+from mlx_grpo.core.models import LoadedModel
 from mlx_grpo.core.reporting import CONFIG_FILE, check_logs, rewrite_logs
 from mlx_grpo.core.runfolder import LOCK_FILE, RunLock
 from mlx_grpo.core.state import RunState

@@ -28,6 +28,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from mlx_grpo.core.caches import takes_token_positions
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.distributed import Peers
 from mlx_grpo.core.logprobs import (
@@ -38,7 +39,6 @@ from mlx_grpo.core.logprobs import (
     prompt_groups,
 )
 from mlx_grpo.core.lora import adapters_disabled
-from mlx_grpo.core.models import takes_token_positions
 from mlx_grpo.core.objective import LossSettings, Normalizer, grpo_loss, k3_kl
 from mlx_grpo.core.rollout import RolloutBatch
 
