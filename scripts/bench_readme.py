@@ -67,7 +67,11 @@ def section(report: dict[str, Any]) -> str:
         f"{probes['gemm_flops'] / 1e9:.0f} GFLOP/s, bandwidth {probes['bandwidth'] / 1e9:.1f} "
         f"GB/s; "
         + (f"{PEER} {', '.join(sorted(peers))}; " if peers else "no peer; ")
-        + f"medians of {run['steps']} steps after {run['warmup']} warm-up.",
+        + (
+            f"one measured step after {run['warmup']} warm-up."
+            if run["steps"] == 1
+            else f"medians of {run['steps']} steps after {run['warmup']} warm-up."
+        ),
         "",
         _row(["config", "side", *PHASES, "rollout tok/s", "peak memory"]),
         _row(["---"] * 8),

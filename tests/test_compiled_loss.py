@@ -16,13 +16,14 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_grpo.core import update as update_mod
+from mlx_grpo.core.batches import micro_batches
 from mlx_grpo.core.caches import recompute_activations
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.lora import apply_lora
 from mlx_grpo.core.models import load_model
 from mlx_grpo.core.objective import Normalizer
 from mlx_grpo.core.rollout import Noise, rollout
-from mlx_grpo.core.update import LossAndGrad, micro_batches, micro_loss
+from mlx_grpo.core.update import LossAndGrad, micro_loss
 from mlx_grpo.tasks.toy import build_tiny_qwen3
 
 PROMPTS = [[10, 20, 30], [5, 6, 7, 8, 9, 11, 12], [40, 41, 42, 43, 44]]
@@ -60,7 +61,8 @@ def plain(model, mb, cfg, normalizer):
 
 
 def shape(mb):
-    return mb.prompt_tokens.shape, mb.completion_ids.shape
+    """What sets a chunk's trace: its rows, prompt width, completion length, prompt count."""
+    return mb.prompt_tokens.shape, mb.completion_ids.shape, mb.groups[1].shape
 
 
 def flat(result):
@@ -75,6 +77,9 @@ def flat(result):
         dict(loss_type="dapo", beta=0.0, epsilon_high=0.28),
         dict(loss_type="bnpo", beta=0.1, kl_estimator="exact", gradient_accumulation_steps=2),
         dict(loss_type="dr_grpo", beta=0.0, importance_sampling_level="sequence"),
+        dict(loss_type="cispo", epsilon_high=5.0, entropy_coef=0.05, top_entropy_quantile=0.5),
+        dict(loss_type="vespo", beta=0.04, use_adaptive_entropy=True, entropy_coef=0.02),
+        dict(loss_type="sapo", entropy_coef=-0.01, mask_truncated_completions=True),
     ],
 )
 def test_compiled_loss_and_gradient_equal_the_plain_function(model_dir, settings):
@@ -88,7 +93,9 @@ def test_compiled_loss_and_gradient_equal_the_plain_function(model_dir, settings
     lm.model.train()
     compiled = LossAndGrad(lm.model, cfg)
     for tokens in (37.0, 41.0):  # a new count, no new trace: the value is an input
-        normalizer = Normalizer(cfg.gradient_accumulation_steps, tokens)
+        normalizer = Normalizer(
+            cfg.gradient_accumulation_steps, tokens, entropy_coef=cfg.entropy_coef
+        )
         for mb in micro:
             want = flat(plain(lm.model, mb, cfg, normalizer))
             got = flat(compiled(mb, normalizer))

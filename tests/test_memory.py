@@ -18,6 +18,7 @@ from conftest import assert_refused, cli_flags, run_cli
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_grpo.core import memory
+from mlx_grpo.core.batches import micro_batches
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.models import load_model
 from mlx_grpo.core.objective import Normalizer
@@ -25,7 +26,7 @@ from mlx_grpo.core.rollout import Noise, decode_chunks, rollout
 from mlx_grpo.core.settings import resolve
 from mlx_grpo.core.setup import memory_shapes, memory_work, setup
 from mlx_grpo.core.trainer import train, train_step
-from mlx_grpo.core.update import micro_batches, micro_loss
+from mlx_grpo.core.update import micro_loss
 from mlx_grpo.tasks.toy import QWEN3_0_6B, build_tiny_qwen3
 
 PROMPTS = [[10, 20, 30], [5, 6, 7, 8, 9, 11, 12], [40, 41, 42, 43, 44]]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_grpo.core import update as update_mod
+from mlx_grpo.core import batches as batches_mod
+from mlx_grpo.core.batches import micro_batches
 from mlx_grpo.core.caches import (
     allow_token_positions,
     recompute_activations,
@@ -25,7 +26,7 @@ from mlx_grpo.core.lora import apply_lora
 from mlx_grpo.core.models import left_pad, load_model
 from mlx_grpo.core.objective import Normalizer
 from mlx_grpo.core.rollout import Noise, rollout
-from mlx_grpo.core.update import micro_batches, micro_loss
+from mlx_grpo.core.update import micro_loss
 from mlx_grpo.tasks.toy import build_tiny_qwen3
 
 PROMPTS = [[10, 20, 30], [5, 6, 7, 8, 9, 11, 12], [40, 41, 42, 43, 44]]
@@ -118,7 +119,7 @@ def test_the_packed_update_gives_the_padded_updates_loss_and_gradient(
     assert len(set(batch.lengths)) > 3
     adv = mx.array(np.random.default_rng(1).normal(size=len(PROMPTS) * G).astype(np.float32))
     packed = micro_batches(lm.model, batch, adv, cfg, buckets=False)
-    monkeypatch.setattr(update_mod, "takes_token_positions", lambda model: False)
+    monkeypatch.setattr(batches_mod, "takes_token_positions", lambda model: False)
     padded = micro_batches(lm.model, batch, adv, cfg, buckets=False)
     assert all(mb.packing is not None for mb in packed)
     assert all(mb.packing is None for mb in padded)

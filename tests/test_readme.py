@@ -252,3 +252,26 @@ def test_the_performance_table_is_the_recorded_bench_run():
     report = json.loads(bench_readme.RECORD.read_text())
     assert not report["run"]["quick"] and set(report["configs"]) == {"A", "B", "C"}
     assert bench_readme.section(report) in readme
+
+
+def test_the_trl_field_table_names_every_grpo_config_field_and_real_flags():
+    trl = pytest.importorskip("trl")
+    import click
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### TRL's GRPOConfig, field by field", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (.+) \|$", section, re.M)
+    # the fields GRPOConfig itself declares (TrainingArguments' are in the text after)
+    declared = set(trl.GRPOConfig.__annotations__)
+    assert [name for name, _ in rows if name not in declared] == []
+    assert declared - {name for name, _ in rows} == set()
+    commands = {name: main.get_command(None, name) for name in ("train", "eval")}
+    flags = {
+        opt
+        for command in commands.values()
+        for param in command.params
+        if isinstance(param, click.Option)
+        for opt in param.opts + param.secondary_opts
+    }
+    named = set(re.findall(r"`(--[a-z0-9-]+)", section))
+    assert named - flags == set() and len(named) > 30

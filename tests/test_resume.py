@@ -104,6 +104,30 @@ def test_run_stopped_and_resumed_equals_uninterrupted_run(settings, reference_ru
     assert_same_run(reference_run, out)
 
 
+def test_adaptive_entropy_control_resumes_where_it_stopped(settings, tmp_path):
+    """The coefficient and the last update's entropy travel in the checkpoint: a resumed
+    run applies and moves the coefficient as the uninterrupted one does."""
+    adaptive = {
+        **settings,
+        "use_adaptive_entropy": True,
+        "entropy_coef": 0.01,
+        "entropy_coef_delta": 0.02,
+        "entropy_target": 100.0,  # above the tiny model's entropy: the coefficient rises
+        "top_entropy_quantile": 0.5,
+    }
+    whole = tmp_path / "whole"
+    train(**{**adaptive, "output_dir": str(whole), "max_steps": 5})
+    resumed = tmp_path / "resumed"
+    train(**{**adaptive, "output_dir": str(resumed), "max_steps": 3})
+    train(resume=resumed, max_steps=5, show_progress=False)
+    assert_same_run(whole, resumed)
+    steps = steady_metrics(whole)
+    assert [m["entropy_coef"] for m in steps] == pytest.approx([0.03, 0.05, 0.07, 0.09, 0.11])
+    # applied from the second update on (none before it to measure the entropy)
+    assert steps[0]["policy_loss"] == pytest.approx(steps[0]["loss"], abs=1e-9)
+    assert all(abs(m["policy_loss"] - m["loss"]) > 1e-6 for m in steps[1:])
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(settings, reference_run, tmp_path):
     out = tmp_path / "killed"
     proc = spawn(cli_args(settings, output_dir=out, max_steps=8), tmp_path)

@@ -93,6 +93,39 @@ def test_head_logprobs_values_and_gradient_match_numpy(chunk):
     np.testing.assert_allclose(np.array(grad), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_head_entropy_gradient_matches_numpy_for_an_entropy_bonus(chunk):
+    """d/dh of sum(a logp + b H), with dH/dz = -p (log p + H), against NumPy in float64."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(40, 8)).astype(np.float32)
+    h = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    y = rng.integers(0, 40, size=(2, 3))
+    a, b = (rng.normal(size=(2, 3)).astype(np.float32) for _ in range(2))
+    temp = 0.8
+    head = lambda x: x @ mx.array(w).T  # noqa: E731
+
+    def f(hidden, entropy_grad=True):
+        logp, entropy = head_logprobs(head, hidden, mx.array(y), temp, chunk, entropy_grad)
+        return (logp * mx.array(a) + entropy * mx.array(b)).sum()
+
+    grad = np.array(mx.grad(f)(mx.array(h)))
+    z = (h.astype(np.float64) @ w.T) / temp
+    log_p = (
+        z
+        - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - z.max(-1, keepdims=True)
+    )
+    p = np.exp(log_p)
+    entropy = -(p * log_p).sum(-1, keepdims=True)
+    dz = (np.eye(40)[y] - p) * a[..., None] - p * (log_p + entropy) * b[..., None]
+    np.testing.assert_allclose(grad, (dz / temp) @ w, atol=1e-5)
+    # Without entropy_grad the entropy is a metric: only the log-prob term's gradient.
+    metric_only = np.array(mx.grad(lambda x: f(x, False))(mx.array(h)))
+    np.testing.assert_allclose(
+        metric_only, (((np.eye(40)[y] - p) * a[..., None]) / temp) @ w, atol=1e-5
+    )
+
+
 def test_lora_gradients_through_the_chunked_head_equal_plain_autodiff(lm):
     tokens, padding, completions = padded_batch(lm)
     weights = mx.array([[1.0, -2.0, 0.5, 3.0, -1.0]] * 3) * mx.array([[1.0], [0.3], [-0.7]])

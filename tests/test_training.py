@@ -7,6 +7,7 @@ import pytest
 import yaml
 from mlx.utils import tree_flatten
 
+from mlx_grpo.core import batches as batches_mod
 from mlx_grpo.core import update as update_mod
 from mlx_grpo.core.lora import adapters_disabled
 from mlx_grpo.core.settings import resolve
@@ -115,13 +116,13 @@ def test_run_writes_an_adapter_mlx_lm_loads_and_trl_named_metrics(quick_settings
 
 def test_reference_pass_only_when_beta_is_nonzero(quick_settings, monkeypatch):
     calls = []
-    real = update_mod.adapters_disabled
+    real = batches_mod.adapters_disabled
 
     def counting(model):
         calls.append(1)
         return real(model)
 
-    monkeypatch.setattr(update_mod, "adapters_disabled", counting)
+    monkeypatch.setattr(batches_mod, "adapters_disabled", counting)
     train(**{**quick_settings, "max_steps": 1}, show_progress=False)
     assert calls == []
 
@@ -146,13 +147,13 @@ def test_pi_old_is_the_rollouts_log_probs_without_another_forward_pass(
     cfg = resolve(None, **{**quick_settings, "num_iterations": 2})
     run = setup(cfg, [])
     calls, seen = [], []
-    real_score, real_micro = update_mod._score, update_mod.micro_batches
+    real_score, real_micro = update_mod.score, batches_mod.micro_batches
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real_score(*args, **kwargs)
 
-    monkeypatch.setattr(update_mod, "_score", counting)
+    monkeypatch.setattr(update_mod, "score", counting)
 
     def micro(model, batch, advantages, cfg, max_tokens=None):
         out = real_micro(model, batch, advantages, cfg, max_tokens)
@@ -160,7 +161,6 @@ def test_pi_old_is_the_rollouts_log_probs_without_another_forward_pass(
         seen.append((out[0].old_logp, fresh, out[0].mask))
         return out
 
-    monkeypatch.setattr(update_mod, "micro_batches", micro)
     monkeypatch.setattr("mlx_grpo.core.trainer.micro_batches", micro)
     train_step(run, 0)
     assert len(calls) == 2  # the two update passes only

@@ -22,15 +22,16 @@ from typing import Any
 
 import yaml
 
+from mlx_grpo.core.advantages import MULTI_OBJECTIVE, SCALE_REWARDS
 from mlx_grpo.core.lora import LORA_TARGETS, lora_scale
 from mlx_grpo.core.memory import parse_size
 from mlx_grpo.core.objective import (
     IMPORTANCE_SAMPLING_LEVELS,
     KL_ESTIMATORS,
     LOSS_TYPES,
-    SCALE_REWARDS,
     LossSettings,
 )
+from mlx_grpo.core.trackers import TRACKERS, missing
 from mlx_grpo.core.values import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -153,7 +154,13 @@ class TrainConfig:
     min_p: float = _opt(0.0, "Min-p sampling (0 = off).", allowed=SHARE)
 
     # Objective
-    loss_type: str = _opt("dapo", "Loss aggregation.", choices=LOSS_TYPES)
+    loss_type: str = _opt(
+        "dapo",
+        "Loss: grpo, bnpo, dr_grpo, dapo (clipped surrogate, four normalisations); cispo "
+        "(clipped weights, set epsilon_high e.g. 5); sapo (soft gate); luspo (sequence sums, "
+        "with sequence ratios); vespo (Gamma weights, with token ratios).",
+        choices=LOSS_TYPES,
+    )
     beta: float = _opt(0.0, "KL penalty weight (0 = no reference pass).", allowed=AT_LEAST_0)
     kl_estimator: str = _opt(
         "k3", "KL per token: k3 estimator or exact full-vocabulary KL.", choices=KL_ESTIMATORS
@@ -165,11 +172,69 @@ class TrainConfig:
     epsilon_high: float | None = _opt(
         None, "Upper clipping range (default: epsilon).", allowed=POSITIVE
     )
+    delta: float | None = _opt(
+        None,
+        "Two-sided clipping: cap the ratio at delta in the clipped losses (> 1 + epsilon_high).",
+        allowed=POSITIVE,
+    )
+    sapo_temperature_pos: float = _opt(1.0, "sapo: gate temperature where A > 0.", allowed=POSITIVE)
+    sapo_temperature_neg: float = _opt(
+        1.05, "sapo: gate temperature where A <= 0.", allowed=POSITIVE
+    )
+    vespo_k_pos: float = _opt(2.0, "vespo: power k where A >= 0.", allowed=AT_LEAST_0)
+    vespo_lambda_pos: float = _opt(3.0, "vespo: decay lambda where A >= 0.", allowed=AT_LEAST_0)
+    vespo_k_neg: float = _opt(3.0, "vespo: power k where A < 0.", allowed=AT_LEAST_0)
+    vespo_lambda_neg: float = _opt(2.0, "vespo: decay lambda where A < 0.", allowed=AT_LEAST_0)
+    off_policy_mask_threshold: float | None = _opt(
+        None,
+        "Drop from the policy term the rows with A < 0 whose mean log(pi_old / pi) per token "
+        "exceeds this (off by default; matters when num_iterations > 1).",
+        allowed=AT_LEAST_0,
+    )
+    top_entropy_quantile: float = _opt(
+        1.0,
+        "Keep in the policy term only the tokens whose entropy is in this top share of the "
+        "micro-batch's (0.2 in the 80/20 paper; 1 = every token).",
+        allowed=Range(0, 1),
+    )
+    entropy_coef: float = _opt(
+        0.0,
+        "Entropy bonus: subtract this x the mean token entropy from the loss (adaptive: the "
+        "starting value).",
+        allowed=Range(-FLOAT32_MAX, FLOAT32_MAX),
+    )
+    use_adaptive_entropy: bool = _opt(
+        False,
+        "Skywork-OR1's control: after each update, raise entropy_coef by entropy_coef_delta "
+        "while the entropy is at or below entropy_target, else lower it; applied only then.",
+    )
+    entropy_coef_min: float = _opt(0.0, "Adaptive entropy: lowest coefficient.", allowed=AT_LEAST_0)
+    entropy_coef_max: float = _opt(1.0, "Adaptive entropy: top coefficient.", allowed=AT_LEAST_0)
+    entropy_coef_delta: float = _opt(
+        0.005, "Adaptive entropy: change per update.", allowed=AT_LEAST_0
+    )
+    entropy_target: float = _opt(
+        0.2,
+        "Adaptive entropy: target mean entropy per token (nats; language models start at 2-10).",
+        allowed=AT_LEAST_0,
+    )
+    mask_truncated_completions: bool = _opt(
+        False,
+        "Leave completions cut at max_completion_length out of the loss and the token count "
+        "(their rewards still count in the advantages).",
+    )
     num_iterations: int = _opt(1, "mu: optimisation passes per rollout.", allowed=AT_LEAST_1)
     importance_sampling_level: str = _opt(
         "token", "token (GRPO) or sequence (GSPO) ratios.", choices=IMPORTANCE_SAMPLING_LEVELS
     )
     scale_rewards: str = _opt("group", "Advantage scaling by std.", choices=SCALE_REWARDS)
+    multi_objective_aggregation: str = _opt(
+        "sum_then_normalize",
+        "Several reward functions: normalise their weighted sum (scale_rewards applies), or "
+        "normalize_then_sum: each function within its group, then the weighted sum over the "
+        "batch (GDPO).",
+        choices=MULTI_OBJECTIVE,
+    )
 
     # Optimisation
     learning_rate: float = _opt(1e-5, "Peak learning rate of AdamW.", allowed=POSITIVE)
@@ -213,6 +278,11 @@ class TrainConfig:
     # Reporting
     logging_steps: int = _opt(
         1, "Print a sample of completions every this many steps.", allowed=AT_LEAST_1
+    )
+    report_to: list[str] = _opt(
+        [],
+        "Also send the metrics to: tensorboard (the run folder's tensorboard/), wandb "
+        "(WANDB_PROJECT, default mlx-grpo). Each needs its package.",
     )
     save_steps: int = _opt(
         50,
@@ -271,6 +341,16 @@ class TrainConfig:
             use_bias_correction_kl=self.use_bias_correction_kl,
             max_completion_length=self.max_completion_length,
             kl_estimator=self.kl_estimator,
+            delta=self.delta,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos,
+            vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
+            top_entropy_quantile=self.top_entropy_quantile,
+            entropy_bonus=self.entropy_coef != 0.0 or self.use_adaptive_entropy,
         )
 
     def validate(self) -> None:
@@ -285,6 +365,12 @@ class TrainConfig:
                 ("epsilon_high", "epsilon"),
                 f"epsilon_high ({self.epsilon_high:g}) must be >= epsilon ({self.epsilon:g}): "
                 "the upper clipping range cannot be narrower than the lower one",
+            )
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise SettingError(
+                ("entropy_coef_min", "entropy_coef_max"),
+                f"entropy_coef_min ({self.entropy_coef_min:g}) must be <= entropy_coef_max "
+                f"({self.entropy_coef_max:g})",
             )
         n = self.num_generations * self.prompts_per_step
         if n % self.gradient_accumulation_steps:
@@ -311,6 +397,17 @@ class TrainConfig:
                 raise SettingError(
                     ("max_memory",), "must be a size such as 12GB, 8GiB or 900MB", self.max_memory
                 ) from None
+        unknown = [t for t in self.report_to if t not in TRACKERS]
+        if unknown:
+            raise SettingError(
+                ("report_to",), f"must name trackers among {', '.join(TRACKERS)}", self.report_to
+            )
+        if missing(self.report_to):
+            raise SettingError(
+                ("report_to",),
+                f"needs a package that is not installed: {'; '.join(missing(self.report_to))}",
+                self.report_to,
+            )
         for name in ("prompt_column", "output_dir"):
             if not getattr(self, name).strip():
                 raise SettingError((name,), "must not be empty", getattr(self, name))
@@ -361,9 +458,26 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "use_bias_correction_kl",
         "epsilon",
         "epsilon_high",
+        "delta",
+        "sapo_temperature_pos",
+        "sapo_temperature_neg",
+        "vespo_k_pos",
+        "vespo_lambda_pos",
+        "vespo_k_neg",
+        "vespo_lambda_neg",
+        "off_policy_mask_threshold",
+        "top_entropy_quantile",
+        "entropy_coef",
+        "use_adaptive_entropy",
+        "entropy_coef_min",
+        "entropy_coef_max",
+        "entropy_coef_delta",
+        "entropy_target",
+        "mask_truncated_completions",
         "num_iterations",
         "importance_sampling_level",
         "scale_rewards",
+        "multi_objective_aggregation",
     ),
     "Sampling": ("max_completion_length", "temperature", "top_p", "top_k", "min_p"),
     "LoRA": (
@@ -393,6 +507,7 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "max_steps",
         "max_minutes",
         "logging_steps",
+        "report_to",
         "save_steps",
         "save_total_limit",
         "distributed_timeout",

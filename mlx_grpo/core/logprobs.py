@@ -21,13 +21,13 @@ from mlx.utils import tree_flatten
 
 from mlx_grpo.core.caches import PrefixCache
 from mlx_grpo.core.models import body_and_head, body_of
-from mlx_grpo.core.objective import exact_kl, logprob_stats, token_logprobs
+from mlx_grpo.core.objective import exact_kl, logprob_stats
 
 
 @dataclass
 class Scores:
     logp: mx.array  # (N, T) log-prob of each completion token, at temperature
-    entropy: mx.array | None  # (N, T) policy entropy (metric, no gradient)
+    entropy: mx.array | None  # (N, T) policy entropy (a gradient only for a bonus)
     kl: mx.array | None  # (N, T) exact KL to the reference, when reference hidden given
 
 
@@ -181,13 +181,15 @@ def head_logprobs(
     targets: mx.array,  # (...) int
     temperature: float,
     chunk_size: int,
+    entropy_grad: bool = False,
 ) -> tuple[mx.array, mx.array]:
     """(logp, entropy) of `targets` under softmax(head(hidden) / temperature).
 
     Rows are processed `chunk_size` at a time. The backward pass gives the
     gradient with respect to `hidden` only (the head must be frozen); the
-    entropy is a metric and carries no gradient. For one row with logits
-    x / T = z and target y: d logp / d z = onehot(y) - softmax(z).
+    entropy carries a gradient only with `entropy_grad`. For one row with
+    logits x / T = z, p = softmax(z), target y and entropy H:
+    d logp / d z = onehot(y) - p and d H / d z = -p (log p + H).
     """
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -209,11 +211,16 @@ def head_logprobs(
     @scored.vjp
     def scored_vjp(primals, cotangents, outputs):
         h, t = primals
-        d_logp, lse = cotangents[0], outputs[2]
+        d_logp, d_entropy = cotangents[0], cotangents[1]
+        entropy, lse = outputs[1], outputs[2]
         grads = []
         for sl in spans:
             z = logits_of(_after(h[sl], grads))
-            g = -mx.exp(z - lse[sl, None]) * d_logp[sl, None]  # -softmax * upstream
+            log_p = z - lse[sl, None]
+            p = mx.exp(log_p)
+            g = -p * d_logp[sl, None]  # -softmax * upstream
+            if entropy_grad:
+                g = g - p * (log_p + entropy[sl, None]) * d_entropy[sl, None]
             g = mx.put_along_axis(
                 g,
                 t[sl, None],
@@ -224,21 +231,31 @@ def head_logprobs(
         return mx.concatenate(grads), mx.zeros_like(t)
 
     logp, entropy, _ = scored(h, t)
-    return logp.reshape(shape), mx.stop_gradient(entropy).reshape(shape)
+    entropy = entropy if entropy_grad else mx.stop_gradient(entropy)
+    return logp.reshape(shape), entropy.reshape(shape)
 
 
 def _logprobs_now(
-    head: Callable, hidden: mx.array, targets: mx.array, temperature: float, chunk_size: int
+    head: Callable,
+    hidden: mx.array,
+    targets: mx.array,
+    temperature: float,
+    chunk_size: int,
+    entropy: bool,
 ) -> Scores:
+    """Log-probs (and with `entropy` the entropies), computed now, one chunk after
+    another, without gradient."""
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).astype(mx.int32)
     mx.eval(h)
     parts = []
     for i in range(0, t.shape[0], chunk_size):
         sl = slice(i, i + chunk_size)
-        parts.append(logprob_stats(head(h[sl]), t[sl], temperature)[0])
+        logp, ent, _ = logprob_stats(head(h[sl]), t[sl], temperature)
+        parts.append((logp, ent) if entropy else (logp,))
         mx.eval(parts[-1])
-    return Scores(mx.concatenate(parts).reshape(targets.shape), None, None)
+    cols = [mx.concatenate(col).reshape(targets.shape) for col in zip(*parts)]
+    return Scores(cols[0], cols[1] if entropy else None, None)
 
 
 def completion_logprobs(
@@ -252,37 +269,56 @@ def completion_logprobs(
     no_grad: bool = False,
     groups: tuple[mx.array, mx.array] | None = None,  # prompt_groups of the rows
     packing: dict[str, mx.array] | None = None,  # from `pack`
+    entropy: bool = False,
 ) -> Scores:
     """Log-probs (with gradient), entropy and optionally the exact KL per token.
 
     `chunk_size` counts completion tokens (rows x positions) per LM-head chunk.
-    With `no_grad` (pi_old, reference) only the log-probs are computed, now,
-    one chunk after another; entropy is then None.
+    With `no_grad` (pi_old, reference) the log-probs are computed now, one
+    chunk after another, and the entropy only with `entropy`. Otherwise
+    `entropy` gives the entropy a gradient (an entropy bonus); without it the
+    entropy is a metric.
     """
     head, frozen = _head(model)
     if packing is not None and head is not None and ref_hidden is None and (frozen or no_grad):
         # the head runs on the completions' own tokens only
         h = completion_hidden(model, prompt_tokens, padding, completion_ids, groups, packing, True)
+        back = packing["back"]
         if no_grad:
-            logp = _logprobs_now(head, h, packing["targets"], temperature, chunk_size).logp
-            return Scores(_spread(logp, packing["back"]), None, None)
-        logp, entropy = head_logprobs(head, h, packing["targets"], temperature, chunk_size)
-        return Scores(_spread(logp, packing["back"]), _spread(entropy, packing["back"]), None)
+            now = _logprobs_now(head, h, packing["targets"], temperature, chunk_size, entropy)
+            spread = None if now.entropy is None else _spread(now.entropy, back)
+            return Scores(_spread(now.logp, back), spread, None)
+        logp, ent = head_logprobs(head, h, packing["targets"], temperature, chunk_size, entropy)
+        return Scores(_spread(logp, back), _spread(ent, back), None)
     hidden = completion_hidden(model, prompt_tokens, padding, completion_ids, groups, packing)
     if head is not None and ref_hidden is None:
         if no_grad:
-            return _logprobs_now(head, hidden, completion_ids, temperature, chunk_size)
+            return _logprobs_now(head, hidden, completion_ids, temperature, chunk_size, entropy)
         if frozen:
-            logp, entropy = head_logprobs(head, hidden, completion_ids, temperature, chunk_size)
-            return Scores(logp, entropy, None)
+            scored = head_logprobs(head, hidden, completion_ids, temperature, chunk_size, entropy)
+            return Scores(*scored, None)
+    return _checkpointed(head, hidden, completion_ids, temperature, chunk_size, ref_hidden, entropy)
+
+
+def _checkpointed(
+    head: Callable | None,
+    hidden: mx.array,  # (N, T, D)
+    completion_ids: mx.array,  # (N, T)
+    temperature: float,
+    chunk_size: int,
+    ref_hidden: mx.array | None,
+    entropy_grad: bool,
+) -> Scores:
+    """The exact KL needs both full distributions per position, and a head with
+    trainable weights needs autodiff: chunks of positions, recomputed in the
+    backward pass."""
     head = head or (lambda h: h)  # models whose logits cannot be split: hidden are the logits
 
-    # The exact KL needs both full distributions per position, and a head
-    # with trainable weights needs autodiff: chunks of positions, recomputed
-    # in the backward pass.
     def chunk_fn(h: mx.array, targets: mx.array, *ref: mx.array) -> tuple[mx.array, ...]:
         logits = head(h)
-        logp, entropy = token_logprobs(logits, mx.stop_gradient(targets), temperature)
+        logp, entropy, _ = logprob_stats(
+            logits, mx.stop_gradient(targets), temperature, entropy_grad
+        )
         if not ref:
             return logp, entropy
         kl = exact_kl(logits, mx.stop_gradient(head(ref[0])), temperature)

@@ -80,7 +80,7 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
     try:
         model, tokenizer, config = mlx_lm.load(
             str(local) if local.exists() else path_or_id,
-            model_config=_rope_fix(local),
+            model_config=rope_config(local),
             return_config=True,
         )
     except Exception as e:  # mlx-lm raises many kinds; wrap them with context
@@ -91,7 +91,7 @@ def load_model(path_or_id: str, dtype: str = "auto") -> LoadedModel:
         raise ValueError(
             f"could not load model '{path_or_id}': {type(e).__name__}: {e}. Check {where}."
         ) from e
-    target = _dtype(dtype)
+    target = compute_dtype(dtype)
     if target is not None:
         model.set_dtype(target)
     mx.eval(model.parameters())
@@ -188,7 +188,7 @@ def converted_gguf(gguf: Path) -> Path:
     return target
 
 
-def _rope_fix(path: Path) -> dict:
+def rope_config(path: Path) -> dict:
     """rope_theta lifted to the top level of the config, where mlx-lm reads it.
 
     transformers 5 writes it only inside `rope_parameters`, and some mlx-lm
@@ -204,7 +204,8 @@ def _rope_fix(path: Path) -> dict:
     return {"rope_theta": theta}
 
 
-def _dtype(name: str) -> mx.Dtype | None:
+def compute_dtype(name: str) -> mx.Dtype | None:
+    """The dtype a model is cast to for `name` (--dtype); None: keep its own."""
     if name == "auto":
         # CPU matmuls are only fast in float32 (bf16/fp16 run far slower there).
         return mx.float32 if cpu_only() else None

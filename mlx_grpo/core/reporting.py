@@ -13,10 +13,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlx_grpo.core.advantages import Advantages, nanstd
 from mlx_grpo.core.files import read_text
-from mlx_grpo.core.objective import Advantages, nanstd
 from mlx_grpo.core.progress import Progress
 from mlx_grpo.core.runfolder import disk_full, is_disk_full, open_append, open_new, refuse_symlinks
+from mlx_grpo.core.trackers import Tracker, scalars
 
 METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"
@@ -138,6 +139,7 @@ class Reporter:
         mode: str = "auto",
         every: int = 1,
         enabled: bool = True,
+        trackers: list[Tracker] | None = None,
     ):
         # First, so a bad mode is refused before any file is opened.
         self.progress = Progress(
@@ -147,6 +149,7 @@ class Reporter:
         self.enabled = enabled
         self.metrics_file = open_append(output_dir / METRICS_FILE) if enabled else None
         self.samples_file = open_append(output_dir / COMPLETIONS_FILE) if enabled else None
+        self.trackers = trackers or []  # TensorBoard, W&B (trackers.py)
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -155,6 +158,9 @@ class Reporter:
         with self._writing(f"the metrics of step {metrics.get('step')}", METRICS_FILE):
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
+        if "step" in record:
+            for tracker in self.trackers:
+                tracker.log(scalars(record), int(record["step"]))
         self.progress.update(metrics.get("step"), metrics.get("time/step"), metrics.get("reward"))
 
     def samples(self, step: int, rows: list[dict[str, Any]], show: int = 1) -> None:
@@ -192,6 +198,8 @@ class Reporter:
 
     def close(self) -> None:
         self.progress.close()
+        for tracker in self.trackers:
+            tracker.close()
         if self.enabled:
             for f in (self.metrics_file, self.samples_file):
                 try:

@@ -1,10 +1,12 @@
 """Reward functions: the built-ins, and loading user functions from their specs.
 
-A spec is a built-in name (BUILTIN_REWARDS), `package.module:function` or
-`path/to/file.py:function`. Loading imports the function and refuses one that
-TRL's keyword call could never satisfy; `check_arguments` then checks each
-function's parameters against the dataset's columns before anything is
-written. Reward functions are called as TRL calls them, by keyword:
+A spec is a built-in name (BUILTIN_REWARDS), `package.module:function`,
+`path/to/file.py:function`, or `hf:folder` for a Hugging Face
+sequence-classification reward model (reward_model.py). Loading imports the
+function and refuses one that TRL's keyword call could never satisfy;
+`check_arguments` then checks each function's parameters against the
+dataset's columns before anything is written. Reward functions are called
+as TRL calls them, by keyword:
 
     f(prompts=..., completions=..., completion_ids=..., trainer_state=...,
       log_extra=..., log_metric=..., **dataset_columns) -> list[float | None]
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_grpo.core import reward_model
 from mlx_grpo.core.builtin_rewards import (
     arithmetic,
     equation_format,
@@ -88,9 +91,10 @@ MOVED_MODULES = {"mlx_grpo.toy": "mlx_grpo.tasks.toy"}
 def load_reward(spec: str) -> tuple[str, RewardFn]:
     """Resolve a reward spec to (name, function).
 
-    `spec` is a built-in name (see BUILTIN_REWARDS), `package.module:function` or
-    `path/to/file.py:function` (relative to the current directory, or absolute).
-    The name is the built-in name or the function's `__name__`.
+    `spec` is a built-in name (see BUILTIN_REWARDS), `package.module:function`,
+    `path/to/file.py:function` (relative to the current directory, or absolute)
+    or `hf:path/to/reward-model` (reward_model.py). The name is the built-in
+    name, the function's `__name__` or the reward model folder's name.
 
     Example:
         >>> load_reward("math_answer")[0]
@@ -99,6 +103,12 @@ def load_reward(spec: str) -> tuple[str, RewardFn]:
     """
     if spec in BUILTIN_REWARDS:
         return spec, BUILTIN_REWARDS[spec]
+    if spec.startswith(reward_model.PREFIX):
+        try:
+            model = reward_model.RewardModel(spec[len(reward_model.PREFIX) :])
+        except reward_model.RewardModelError as e:
+            raise RewardSpecError(str(e)) from None
+        return model.__name__, model
     if ":" not in spec:
         close = difflib.get_close_matches(spec, list(BUILTIN_REWARDS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -24,6 +24,7 @@ from mlx_grpo.core import __version__, checkpoint, memory, models, outputs, runf
 from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import rewards as rewards_mod
 from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter, load_adapted
+from mlx_grpo.core.batches import computes_in_float32
 from mlx_grpo.core.caches import allow_token_positions, recompute_activations
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.distributed import Peers
@@ -32,7 +33,7 @@ from mlx_grpo.core.models import LoadedModel
 from mlx_grpo.core.reporting import CONFIG_FILE, check_logs, rewrite_logs
 from mlx_grpo.core.runfolder import LOCK_FILE, RunLock
 from mlx_grpo.core.state import RunState
-from mlx_grpo.core.update import LossAndGrad, computes_in_float32
+from mlx_grpo.core.update import LossAndGrad
 
 
 @dataclass
@@ -94,7 +95,7 @@ def restore(run: Run, saved: checkpoint.Loaded) -> None:
     run.lm.model.update(tree_unflatten(list(weights.items())))
     run.optimizer.state = tree_unflatten(list(saved.optimizer.items()))
     mx.eval(run.lm.model.parameters(), run.optimizer.state)
-    run.state = RunState.from_json(state)
+    run.state = RunState.from_json(state, run.cfg.entropy_coef)
     run.saved_step = run.state.step
     run.resume_notes = [f"not used: {why}" for why in saved.skipped]
     before = state.get("processes", 1)
@@ -205,7 +206,8 @@ def _load(
         bias_correction=True,  # as torch.optim.AdamW
     )
     optimizer.init(lm.model.trainable_parameters())  # so a checkpoint before step 1 has it
-    run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, RunState.start(cfg.seed))
+    state = RunState.start(cfg.seed, cfg.entropy_coef)
+    run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, state)
     run.model_fingerprint, run.data_fingerprint, run.peers = model_sha256, data, peers
     run.plan, run.loss_and_grad = plan, LossAndGrad(lm.model, cfg)
     peers.check_same(

@@ -10,6 +10,15 @@ import numpy as np
 
 
 @dataclass
+class EntropyControl:
+    """The entropy bonus's coefficient and, for adaptive control, the mean entropy of the
+    tokens the last update counted (None before the first: above any target)."""
+
+    coef: float
+    last_entropy: float | None = None
+
+
+@dataclass
 class RunState:
     """The run's position: steps done, data order, counters and logged metrics.
 
@@ -24,10 +33,11 @@ class RunState:
     num_tokens: int = 0  # prompt and completion tokens of every step so far
     bad_updates: int = 0  # updates skipped in a row for non-finite values
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics, JSON-ready
+    entropy: EntropyControl = field(default_factory=lambda: EntropyControl(0.0))
 
     @classmethod
-    def start(cls, seed: int) -> RunState:
-        return cls(order=np.random.default_rng(seed))
+    def start(cls, seed: int, entropy_coef: float = 0.0) -> RunState:
+        return cls(order=np.random.default_rng(seed), entropy=EntropyControl(entropy_coef))
 
     def take_prompts(self, n_rows: int, count: int) -> list[int]:
         """Indices of the next `count` prompts of a seeded shuffle, reshuffled every epoch."""
@@ -59,11 +69,17 @@ class RunState:
             "num_tokens": self.num_tokens,
             "bad_updates": self.bad_updates,
             "metrics": list(self.history),
+            "entropy_coef": self.entropy.coef,
+            "last_entropy": self.entropy.last_entropy,
         }
 
     @classmethod
-    def from_json(cls, saved: dict[str, Any]) -> RunState:
-        """The state `to_json` wrote; sets the global MLX random key back too."""
+    def from_json(cls, saved: dict[str, Any], entropy_coef: float = 0.0) -> RunState:
+        """The state `to_json` wrote; sets the global MLX random key back too.
+
+        `entropy_coef` is the setting, for a checkpoint written before the
+        coefficient was saved.
+        """
         order = np.random.default_rng()
         order.bit_generator.state = saved["order"]
         key = saved["rng"]
@@ -76,4 +92,7 @@ class RunState:
             num_tokens=saved["num_tokens"],
             bad_updates=saved["bad_updates"],
             history=list(saved["metrics"]),
+            entropy=EntropyControl(
+                saved.get("entropy_coef", entropy_coef), saved.get("last_entropy")
+            ),
         )

@@ -2,12 +2,12 @@
 
 Each step takes B prompts, samples G completions of each in one batch
 (rollout.py), scores them with the reward functions (step_rewards.py),
-turns the rewards into group advantages (objective.py) and updates the
-adapter (update.py): mu passes over the rollout, each accumulating the
-micro-batches' gradients into one AdamW step, with pi_old from the rollout
-and the reference log-probs (adapters off) only when beta != 0. Setting a
-run up and restoring a checkpoint is setup.py's work; data-parallel runs
-over several processes are described in distributed.py.
+turns the rewards into group advantages (advantages.py) and updates the
+adapter: mu passes over the rollout (update.py), each accumulating the
+gradients of its micro-batches (batches.py) into one AdamW step, with pi_old
+from the rollout and the reference log-probs (adapters off) only when
+beta != 0. Setting a run up and restoring a checkpoint is setup.py's work;
+data-parallel runs over several processes are described in distributed.py.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import mlx.core as mx
 
 from mlx_grpo.core import checkpoint, memory
 from mlx_grpo.core.adapters import Adapter
+from mlx_grpo.core.advantages import Advantages, group_advantages
+from mlx_grpo.core.batches import micro_batches
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.data import PromptRow
 from mlx_grpo.core.distributed import PeerLost, connect
 from mlx_grpo.core.interrupts import Interrupted, finishing, stop_on_signals
-from mlx_grpo.core.objective import Advantages, group_advantages
 from mlx_grpo.core.reporting import (
     PhaseTimer,
     Reporter,
@@ -41,7 +42,8 @@ from mlx_grpo.core.settings import resolve
 from mlx_grpo.core.setup import Run, resume_command, setup, snapshot, summary
 from mlx_grpo.core.step_rewards import StepRewards, logged_metrics, score_rollout, trainer_state
 from mlx_grpo.core.supervise import report_plan
-from mlx_grpo.core.update import Update, lr_at, micro_batches, optimise
+from mlx_grpo.core.trackers import open_trackers
+from mlx_grpo.core.update import Update, lr_at, optimise
 
 
 @dataclass
@@ -133,6 +135,9 @@ def _reporter(run: Run, show_progress: bool | str) -> Reporter:
         mode={True: "auto", False: "off"}.get(show_progress, show_progress),
         every=cfg.logging_steps,
         enabled=run.peers.main,
+        trackers=open_trackers(cfg.report_to, run.output_dir, cfg.to_dict())
+        if run.peers.main
+        else [],
     )
 
 
@@ -251,13 +256,17 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     with timer.phase("rollout"):
         batch = _rollout(run, rows, Noise.fresh(mine.start, len(every_row) * g))
     scored = score_rollout(run, step, rows, batch, state)
-    adv = group_advantages(scored.per_func, scored.weights, g, cfg.scale_rewards)
+    adv = group_advantages(
+        scored.per_func, scored.weights, g, cfg.scale_rewards, cfg.multi_objective_aggregation
+    )
     with timer.phase("reference"):
         tokens = run.plan.update_tokens
         micro = micro_batches(model, batch, mx.array(adv.advantages[mine]), cfg, tokens)
     with timer.phase("update"):
         lr = lr_at(step, cfg)
-        update = optimise(model, run.optimizer, micro, cfg, lr, peers, run.loss_and_grad)
+        update = optimise(
+            model, run.optimizer, micro, cfg, lr, peers, run.loss_and_grad, run.state.entropy
+        )
     return _record(run, step, every_row, scored, adv, update, timer)
 
 

@@ -24,9 +24,9 @@ from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import reward_calls
 from mlx_grpo.core import rewards as rewards_mod
 from mlx_grpo.core.adapters import load_adapted
+from mlx_grpo.core.advantages import weighted_rewards
 from mlx_grpo.core.config import DEFAULTS, SamplingSettings
 from mlx_grpo.core.models import check_completion_length
-from mlx_grpo.core.objective import weighted_rewards
 from mlx_grpo.core.rollout import rollout
 from mlx_grpo.core.settings import check_settings
 from mlx_grpo.core.values import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option

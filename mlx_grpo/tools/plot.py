@@ -74,6 +74,7 @@ _PANELS = [
             ("clip_ratio/low_mean", "low: r < 1-eps, A < 0"),
             ("clip_ratio/high_mean", "high: r > 1+eps, A > 0"),
             ("clip_ratio/region_mean", "region: either"),
+            ("cispo_clip_ratio", "cispo: r > eps_high, A > 0"),
         ],
     ),
     _Panel("entropy", "entropy (nats / token)", "nats / token", [("entropy", "entropy")]),
