@@ -297,7 +297,8 @@ def grpo_loss(
     The ratio metrics (METRICS) are sums over tokens, or over sequences where
     their arrays are per sequence; `tokens` counts the mask and kl is a sum
     over it. With an entropy mask, `entropy_kept` sums the kept tokens'
-    entropy and `tokens_kept` counts them.
+    entropy and `tokens_kept` counts them; with an entropy bonus,
+    `policy_loss` is the loss before it.
     """
     s, n = settings, normalizer
     old_logp = mx.stop_gradient(logp) if old_logp is None else old_logp
