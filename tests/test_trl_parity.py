@@ -180,27 +180,32 @@ def assert_same(theirs, ours):
         assert o_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+OPTIONS = [
+    {"epsilon_high": 0.28},
+    {"delta": 1.3},
+    {"off_policy_mask_threshold": 0.05},
+    {"top_entropy_quantile": 0.3},
+    {"entropy_coef": 0.05},
+    {"top_entropy_quantile": 0.6, "entropy_coef": -0.02, "delta": 1.3, "beta": 0.0},
+]
+# Every loss type and ratio level, on and off policy, with and without the KL term; each
+# option on top, off policy (where ratios differ from 1) with the KL term (unless it says).
 CASES = [
-    dict(loss_type=loss, importance_sampling_level=level, beta=beta, **extra)
-    for loss, level, beta, extra in itertools.product(
-        LOSS_TYPES,
-        ["token", "sequence"],
-        [0.0, 0.04],
-        [
-            {},
-            {"epsilon_high": 0.28},
-            {"delta": 1.3},
-            {"off_policy_mask_threshold": 0.05},
-            {"top_entropy_quantile": 0.3},
-            {"entropy_coef": 0.05},
-            {"top_entropy_quantile": 0.6, "entropy_coef": -0.02, "delta": 1.3},
-        ],
+    (dict(loss_type=loss, importance_sampling_level=level, beta=beta), off_policy)
+    for loss, level, beta, off_policy in itertools.product(
+        LOSS_TYPES, ["token", "sequence"], [0.0, 0.04], [True, False]
     )
+] + [
+    ({"loss_type": loss, "importance_sampling_level": level, "beta": 0.04, **option}, True)
+    for loss, level, option in itertools.product(LOSS_TYPES, ["token", "sequence"], OPTIONS)
 ]
 
 
-@pytest.mark.parametrize("settings", CASES, ids=lambda s: "-".join(map(str, s.values())))
-@pytest.mark.parametrize("off_policy", [True, False], ids=["mu>1", "mu=1"])
+@pytest.mark.parametrize(
+    "settings,off_policy",
+    CASES,
+    ids=lambda case: "-".join(map(str, case.values())) if isinstance(case, dict) else str(case),
+)
 def test_loss_gradient_and_metrics_equal_trl(settings, off_policy, tmp_path):
     if settings["loss_type"] == "cispo":  # CISPO's epsilon_high is a cap on the ratio itself
         settings = {**settings, "epsilon_high": 1.25}
