@@ -24,7 +24,7 @@ from mlx_grpo.core.objective import (
     exact_kl,
     grpo_loss,
     k3_kl,
-    token_logprobs,
+    logprob_stats,
 )
 
 
@@ -316,6 +316,11 @@ def test_group_advantages_rejects_unknown_scale():
 # ---------------------------------------------------------------------------
 # 4. Token log-probs, entropy and KL
 # ---------------------------------------------------------------------------
+
+
+def token_logprobs(logits, targets, temperature):
+    """(logp, entropy) of `logprob_stats`."""
+    return logprob_stats(logits, targets, temperature)[:2]
 
 
 def test_token_logprobs_and_entropy_match_numpy_at_temperature():

@@ -36,22 +36,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 
-def token_logprobs(
-    logits: mx.array, targets: mx.array, temperature: float = 1.0
-) -> tuple[mx.array, mx.array]:
-    """Log-prob of each target and the entropy, at `temperature`.
-
-    logits (..., V), targets (...) -> (logp (...), entropy (...)); the
-    entropy is a metric and carries no gradient.
-    """
-    logp, entropy, _ = logprob_stats(logits, targets, temperature)
-    return logp, entropy
-
-
 def logprob_stats(
     logits: mx.array, targets: mx.array, temperature: float = 1.0, entropy_grad: bool = False
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """`token_logprobs` plus the log-normaliser lse (...), from one exp pass over V.
+    """Log-prob of each target, the entropy and the log-normaliser lse at `temperature`,
+    from one exp pass over V: logits (..., V), targets (...) -> three (...) arrays.
 
     The entropy carries a gradient only with `entropy_grad` (an entropy bonus).
     """
