@@ -128,6 +128,34 @@ def test_adaptive_entropy_control_resumes_where_it_stopped(settings, tmp_path):
     assert all(abs(m["policy_loss"] - m["loss"]) > 1e-6 for m in steps[1:])
 
 
+def test_a_run_with_several_updates_per_rollout_resumes_exactly(settings, tmp_path):
+    """The rollout's shuffle and each update's learning rate depend only on the step."""
+    several = {
+        **settings,
+        "gradient_accumulation_steps": 2,
+        "steps_per_generation": 4,
+        "warmup_steps": 3,  # the rate changes at every update, across the stop
+    }
+    whole = tmp_path / "whole"
+    train(**{**several, "output_dir": str(whole), "max_steps": 4})
+    resumed = tmp_path / "resumed"
+    train(**{**several, "output_dir": str(resumed), "max_steps": 2})
+    train(resume=resumed, max_steps=4, show_progress=False)
+    assert_same_run(whole, resumed)
+
+
+def test_a_run_with_dynamic_sampling_resumes_exactly(settings, tmp_path):
+    """Its extra rollout rounds draw prompts and noise from the checkpointed state."""
+    dynamic = {**settings, "rewards": ["test_dynamic_sampling:mixed"], "dynamic_sampling": True}
+    whole = tmp_path / "whole"
+    steps = train(**{**dynamic, "output_dir": str(whole), "max_steps": 4}).metrics
+    assert max(m["dynamic_sampling/rounds"] for m in steps) > 1
+    resumed = tmp_path / "resumed"
+    train(**{**dynamic, "output_dir": str(resumed), "max_steps": 2})
+    train(resume=resumed, max_steps=4, show_progress=False)
+    assert_same_run(whole, resumed)
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(settings, reference_run, tmp_path):
     out = tmp_path / "killed"
     proc = spawn(cli_args(settings, output_dir=out, max_steps=8), tmp_path)

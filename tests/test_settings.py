@@ -105,6 +105,27 @@ def test_settings_that_contradict_each_other_name_both_and_their_origins(quick_s
     assert not Path(quick_settings["output_dir"]).exists()
 
 
+@pytest.mark.parametrize(
+    "changes, phrases",
+    [
+        (
+            {"gradient_accumulation_steps": 2, "steps_per_generation": 3},
+            ["steps_per_generation=3 must be a multiple of gradient_accumulation_steps=2",
+             "raise prompts_per_step instead", "from the flag --steps-per-generation"],
+        ),
+        (
+            {"steps_per_generation": 16},  # 2 prompts x 4 completions
+            ["steps_per_generation=16 must divide prompts_per_step x num_generations = 8"],
+        ),
+    ],
+    ids=["not-a-multiple", "more-slices-than-rows"],
+)  # fmt: skip
+def test_a_rollout_that_cannot_be_cut_into_updates_is_refused(quick_settings, changes, phrases):
+    result = run_cli("train", *cli_flags({**quick_settings, **changes}))
+    assert_refused(result, *phrases)
+    assert not Path(quick_settings["output_dir"]).exists()
+
+
 def test_a_lora_rank_beyond_the_adapted_modules_dimensions_is_refused(quick_settings):
     # The tiny model's k_proj and v_proj map 64 -> 48 features.
     result = run_cli("train", *cli_flags({**quick_settings, "lora_rank": 49}))

@@ -141,10 +141,13 @@ def uncompiled():
     mx.enable_compile()
 
 
+@pytest.mark.parametrize(
+    "reuse", [{"num_iterations": 2}, {"steps_per_generation": 2}], ids=["mu=2", "2-updates"]
+)
 def test_pi_old_is_the_rollouts_log_probs_without_another_forward_pass(
-    quick_settings, monkeypatch, uncompiled
+    quick_settings, monkeypatch, uncompiled, reuse
 ):
-    cfg = resolve(None, **{**quick_settings, "num_iterations": 2})
+    cfg = resolve(None, **{**quick_settings, **reuse})
     run = setup(cfg, [])
     calls, seen = [], []
     real_score, real_micro = update_mod.score, batches_mod.micro_batches
@@ -155,16 +158,18 @@ def test_pi_old_is_the_rollouts_log_probs_without_another_forward_pass(
 
     monkeypatch.setattr(update_mod, "score", counting)
 
-    def micro(model, batch, advantages, cfg, max_tokens=None):
-        out = real_micro(model, batch, advantages, cfg, max_tokens)
+    def micro(model, batch, advantages, cfg, max_tokens=None, **kwargs):
+        out = real_micro(model, batch, advantages, cfg, max_tokens, **kwargs)
         fresh = real_score(model, out[0], cfg).logp  # what TRL's extra forward pass gives
         seen.append((out[0].old_logp, fresh, out[0].mask))
         return out
 
     monkeypatch.setattr("mlx_grpo.core.trainer.micro_batches", micro)
     train_step(run, 0)
-    assert len(calls) == 2  # the two update passes only
+    assert len(calls) == 2  # the two updates only
+    assert run.optimizer.step.item() == 2
     old, fresh, mask = seen[0]
+    assert old is not None
     np.testing.assert_allclose(np.array(old * mask), np.array(fresh * mask), atol=1e-4)
 
 

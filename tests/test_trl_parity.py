@@ -28,10 +28,11 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from mlx_grpo.core.advantages import group_advantages  # noqa: E402
 from mlx_grpo.core.config import TrainConfig  # noqa: E402
 from mlx_grpo.core.objective import METRICS, Normalizer, grpo_loss, k3_kl  # noqa: E402
+from mlx_grpo.core.update import tokens_per_update  # noqa: E402
 
 N, T = 6, 7
 GA = 2  # gradient accumulation steps: TRL's normaliser for grpo, bnpo, dr_grpo, sapo, luspo
-TOKENS_IN_BATCH = 60.0  # dapo, cispo, vespo: completion tokens of the whole update
+TOKENS_IN_BATCH = 60.0  # dapo, cispo, vespo: completion tokens of the whole generation
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 
 
@@ -135,7 +136,8 @@ def our_side(cfg: TrainConfig, x: dict, off_policy: bool, entropy_coef=None):
     adv, mask, ref = mx.array(x["adv"]), mx.array(x["mask"]), mx.array(x["ref"])
     old = mx.array(x["old"]) if off_policy else None
     coef = cfg.entropy_coef if entropy_coef is None else entropy_coef
-    normalizer = Normalizer(GA, TOKENS_IN_BATCH, entropy_coef=coef)
+    tokens = tokens_per_update(TOKENS_IN_BATCH, cfg)
+    normalizer = Normalizer(cfg.gradient_accumulation_steps, tokens, entropy_coef=coef)
     out = {}
 
     def loss_fn(lp, entropy):
@@ -166,7 +168,8 @@ def configs(tmp_path, **settings) -> tuple[GRPOConfig, TrainConfig]:
         bf16=False,
         **settings,
     )
-    return trl_args, TrainConfig(max_completion_length=T, **settings)
+    ours = TrainConfig(max_completion_length=T, gradient_accumulation_steps=GA, **settings)
+    return trl_args, ours
 
 
 def assert_same(theirs, ours):
@@ -187,6 +190,7 @@ OPTIONS = [
     {"top_entropy_quantile": 0.3},
     {"entropy_coef": 0.05},
     {"top_entropy_quantile": 0.6, "entropy_coef": -0.02, "delta": 1.3, "beta": 0.0},
+    {"steps_per_generation": 2 * GA},  # one generation feeds two optimizer steps
 ]
 # Every loss type and ratio level, on and off policy, with and without the KL term; each
 # option on top, off policy (where ratios differ from 1) with the KL term (unless it says).

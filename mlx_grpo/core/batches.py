@@ -1,17 +1,20 @@
 """The rollout cut into micro-batches for the update.
 
-The rollout is split into `gradient_accumulation_steps` micro-batches, each
-cut into chunks within the memory plan's token budget, each chunk trimmed
-to its own padding and longest completion, its completions packed several
-to a row where the model allows (else the chunks hold rows of similar
-length). Reference inputs (beta != 0) are computed once per chunk, before
-the first update.
+The rollout is split into `steps_per_generation` micro-batches (by default
+`gradient_accumulation_steps`: one optimizer update takes the whole
+rollout), each cut into chunks within the memory plan's token budget, each
+chunk trimmed to its own padding and longest completion, its completions
+packed several to a row where the model allows (else the chunks hold rows
+of similar length). Where one rollout feeds several updates, its rows are
+shuffled first (seeded by the step), as TRL shuffles its generation batch.
+Reference inputs (beta != 0) are computed once per chunk, before the first
+update.
 
-pi_old log-probs (mu > 1) are the ones the rollout sampled with: the same
-weights, so they equal a fresh forward pass up to float32 rounding (TRL
-recomputes them with one more forward pass). A model that computes in
-16-bit floats rounds decode and training passes differently, so there the
-forward pass is run.
+pi_old log-probs (more than one update per rollout) are the ones the
+rollout sampled with: the same weights, so they equal a fresh forward pass
+up to float32 rounding (TRL recomputes them with one more forward pass). A
+model that computes in 16-bit floats rounds decode and training passes
+differently, so there the forward pass is run.
 """
 
 from __future__ import annotations
@@ -70,11 +73,13 @@ def micro_batches(
     cfg: TrainConfig,
     max_tokens: int | None = None,
     buckets: bool = True,
+    order: np.ndarray | None = None,
 ) -> list[MicroBatch]:
     """Split the rollout for accumulation; add pi_old and reference inputs.
 
-    The rollout splits into `gradient_accumulation_steps` micro-batches, the
-    objective's unit. A model that takes token positions gets its
+    The rollout's rows, taken in `order` (`row_order`; default as they
+    are), split into `cfg.slices` micro-batches, the objective's unit; each
+    chunk's `index` says which. A model that takes token positions gets its
     completions packed (no padding in the layers or the head), so longer
     chunks only save passes over the prompts; otherwise, with `buckets`,
     each micro-batch's rows are taken longest first and cut into chunks of
@@ -91,17 +96,32 @@ def micro_batches(
         batch = replace(batch, completion_mask=batch.completion_mask * kept)
     buckets = buckets and not takes_token_positions(model)
     n = batch.completion_ids.shape[0]
-    size = n // cfg.gradient_accumulation_steps
+    order = np.arange(n) if order is None else np.asarray(order)
+    size = n // cfg.slices
     lengths = np.array(batch.lengths)
     width = batch.prompt_tokens.shape[1]
     out = []
     for start in range(0, n, size):
-        group = (size, batch.completion_mask[start : start + size].sum().item())
-        for rows in _chunks(lengths[start : start + size], width, max_tokens, buckets):
-            rows = rows + start
+        part = order[start : start + size]
+        group = (size, batch.completion_mask[mx.array(part)].sum().item())
+        for rows in _chunks(lengths[part], width, max_tokens, buckets):
+            rows = part[rows]
             out.append(_micro_batch(model, batch, advantages, cfg, rows, lengths[rows], group))
             out[-1].index = start // size
     return out
+
+
+def row_order(n: int, cfg: TrainConfig, step: int) -> np.ndarray:
+    """The order in which a rollout's `n` rows are cut into micro-batches: as they are when
+    one update takes them all (its gradient sums every micro-batch's, and a group's rows
+    keep sharing their prompt's pass), else shuffled, the same way whenever step `step`
+    runs, so that each update sees rows of every group."""
+    if cfg.updates_per_step == cfg.num_iterations:
+        return np.arange(n)
+    return np.random.default_rng([cfg.seed, step, ROW_ORDER_STREAM]).permutation(n)
+
+
+ROW_ORDER_STREAM = 0x0DE5  # keeps this shuffle's random stream apart from the data's
 
 
 def _chunks(
@@ -158,7 +178,7 @@ def _micro_batch(
         owner, first = (np.array(a) for a in mb.groups)
         ids, width = np.array(mb.completion_ids), mb.prompt_tokens.shape[1]
         mb.packing = pack(ids, lengths, owner, np.array(mb.padding)[first], width)
-    if cfg.num_iterations > 1:
+    if cfg.updates_per_step > 1:
         if computes_in_float32(model):
             mb.old_logp = batch.sampled_logprobs[sl, :length]
         else:

@@ -224,6 +224,17 @@ class TrainConfig:
         "(their rewards still count in the advantages).",
     )
     num_iterations: int = _opt(1, "mu: optimisation passes per rollout.", allowed=AT_LEAST_1)
+    dynamic_sampling: bool = _opt(
+        False,
+        "DAPO's dynamic sampling: drop groups whose rewards are all equal and roll out more "
+        "prompts until the step has prompts_per_step groups that differ.",
+    )
+    max_resample_rounds: int = _opt(
+        3,
+        "Dynamic sampling: rollouts after the first at most; then the step is filled up with "
+        "groups of equal rewards.",
+        allowed=AT_LEAST_0,
+    )
     importance_sampling_level: str = _opt(
         "token", "token (GRPO) or sequence (GSPO) ratios.", choices=IMPORTANCE_SAMPLING_LEVELS
     )
@@ -251,7 +262,14 @@ class TrainConfig:
     )
     gradient_accumulation_steps: int = _opt(
         1,
-        "Micro-batches the B x G sequences are split into per update.",
+        "Micro-batches per optimizer update.",
+        allowed=AT_LEAST_1,
+    )
+    steps_per_generation: int | None = _opt(
+        None,
+        "Micro-batches the B x G sequences of a rollout are split into (default: "
+        "gradient_accumulation_steps); a multiple of it makes one rollout feed several "
+        "optimizer updates, each of gradient_accumulation_steps micro-batches.",
         allowed=AT_LEAST_1,
     )
     max_steps: int = _opt(100, "Optimisation steps (rollouts) to run.", allowed=AT_LEAST_1)
@@ -321,6 +339,16 @@ class TrainConfig:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     @property
+    def slices(self) -> int:
+        """Micro-batches a rollout is split into: steps_per_generation."""
+        return self.steps_per_generation or self.gradient_accumulation_steps
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates one rollout feeds: mu x its slices / the accumulation steps."""
+        return self.num_iterations * self.slices // self.gradient_accumulation_steps
+
+    @property
     def lora_scale(self) -> float:
         return lora_scale(self.lora_alpha, self.lora_rank, self.use_rslora)
 
@@ -372,13 +400,7 @@ class TrainConfig:
                 f"entropy_coef_min ({self.entropy_coef_min:g}) must be <= entropy_coef_max "
                 f"({self.entropy_coef_max:g})",
             )
-        n = self.num_generations * self.prompts_per_step
-        if n % self.gradient_accumulation_steps:
-            raise SettingError(
-                ("gradient_accumulation_steps", "num_generations", "prompts_per_step"),
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps} must divide "
-                f"prompts_per_step x num_generations = {n}",
-            )
+        self._check_slices()
         if not self.lora_targets:
             raise SettingError(("lora_targets",), "must name at least one module, e.g. q_proj", [])
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
@@ -412,6 +434,26 @@ class TrainConfig:
             if not getattr(self, name).strip():
                 raise SettingError((name,), "must not be empty", getattr(self, name))
         # The weight count is checked where the rewards are known (Python callables count too).
+
+    def _check_slices(self) -> None:
+        n, ga = self.num_generations * self.prompts_per_step, self.gradient_accumulation_steps
+        name = "steps_per_generation"
+        if not self.steps_per_generation:
+            name = "gradient_accumulation_steps"
+        if self.slices % ga:
+            raise SettingError(
+                ("steps_per_generation", "gradient_accumulation_steps"),
+                f"steps_per_generation={self.slices} must be a multiple of "
+                f"gradient_accumulation_steps={ga}: every optimizer update takes {ga} "
+                "micro-batches of one rollout (for fewer updates per rollout, raise "
+                "prompts_per_step instead)",
+            )
+        if n % self.slices:
+            raise SettingError(
+                (name, "num_generations", "prompts_per_step"),
+                f"{name}={self.slices} must divide prompts_per_step x num_generations = {n} "
+                "(the rollout is split into that many micro-batches)",
+            )
 
     def prompt_limit(self, context: int | None, model: str) -> int | None:
         """The longest prompt (tokens) that leaves room for a whole completion.
@@ -475,6 +517,8 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "entropy_target",
         "mask_truncated_completions",
         "num_iterations",
+        "dynamic_sampling",
+        "max_resample_rounds",
         "importance_sampling_level",
         "scale_rewards",
         "multi_objective_aggregation",
@@ -498,6 +542,7 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "adam_epsilon",
         "max_grad_norm",
         "gradient_accumulation_steps",
+        "steps_per_generation",
         "max_nonfinite_updates",
     ),
     "Run and checkpoints": (

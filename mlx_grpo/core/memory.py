@@ -116,7 +116,7 @@ class Work:
     generations: int
     prompt_tokens: int  # the longest prompt
     completion_tokens: int  # max_completion_length
-    micro_batches: int  # gradient_accumulation_steps
+    micro_batches: int  # the rollout's: steps_per_generation
     beta: bool  # a reference pass runs
 
     @property

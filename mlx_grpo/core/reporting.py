@@ -267,8 +267,11 @@ class PhaseTimer:
         mx.reset_peak_memory()  # so the peak is this phase's
         started = time.perf_counter()
         yield
-        self.times[f"time/{name}"] = time.perf_counter() - started
-        self.peaks[f"memory/{name}_gb"] = mx.get_peak_memory() / 1e9
+        # a phase that runs several times (rollout rounds) adds up, its peak the highest
+        key = f"time/{name}"
+        self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - started
+        key = f"memory/{name}_gb"
+        self.peaks[key] = max(self.peaks.get(key, 0.0), mx.get_peak_memory() / 1e9)
 
     def metrics(self, completion_tokens: int) -> dict[str, float]:
         """The step's timing and memory metrics; `time/step` includes any wait for other

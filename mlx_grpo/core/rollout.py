@@ -148,6 +148,34 @@ def _joined(parts: list[tuple[np.ndarray, ...]], pad_id: int) -> tuple[np.ndarra
     )
 
 
+def join_rollouts(parts: list[tuple[RolloutBatch, np.ndarray]], pad_id: int) -> RolloutBatch:
+    """The rows `rows` of each batch, in that order, in one batch: prompts left-padded to
+    the widest, completions right-padded to the longest."""
+    width = max(b.prompt_tokens.shape[1] for b, _ in parts)
+    length = max(b.completion_ids.shape[1] for b, _ in parts)
+    columns: dict[str, list[np.ndarray]] = {}
+    for b, rows in parts:
+        rows = np.asarray(rows)
+        tokens, widen = np.array(b.prompt_tokens)[rows], width - b.prompt_tokens.shape[1]
+        columns.setdefault("prompt_tokens", []).append(
+            np.pad(tokens, ((0, 0), (widen, 0)), constant_values=pad_id)
+        )
+        columns.setdefault("prompt_padding", []).append(np.array(b.prompt_padding)[rows] + widen)
+        for name, fill in (
+            ("completion_ids", pad_id),
+            ("completion_mask", 0),
+            ("sampled_logprobs", 0),
+        ):
+            a = np.array(getattr(b, name))[rows]
+            columns.setdefault(name, []).append(
+                np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=fill)
+            )
+        columns.setdefault("truncated", []).append(np.array(b.truncated, dtype=bool)[rows])
+    joined = {k: np.concatenate(v) for k, v in columns.items()}
+    truncated = joined.pop("truncated").tolist()
+    return RolloutBatch(**{k: mx.array(v) for k, v in joined.items()}, truncated=truncated)
+
+
 def decode_chunks(prompts: int, g: int, max_rows: int) -> list[tuple[int, int, int, int]]:
     """(first prompt, prompts, first row, copies of each) per decode chunk, in row order."""
     if max_rows >= prompts * g:

@@ -142,6 +142,12 @@ def setup(
     data position, RNG) to the others.
     """
     peers = peers or Peers()
+    if cfg.dynamic_sampling and peers.size > 1:
+        raise ValueError(
+            "dynamic_sampling is not available in distributed runs yet (each process would "
+            "need the others' completions); run it on one machine, or without "
+            "--dynamic-sampling."
+        )
     output_dir, lock, saved = Path(cfg.output_dir), None, None
     if peers.main:
         output_dir = check_output(cfg, resume)
@@ -389,7 +395,7 @@ def memory_work(cfg: TrainConfig, rows: list[data_mod.PromptRow]) -> memory.Work
         generations=cfg.num_generations,
         prompt_tokens=max(len(r.prompt_ids) for r in rows),
         completion_tokens=cfg.max_completion_length,
-        micro_batches=cfg.gradient_accumulation_steps,
+        micro_batches=cfg.slices,
         beta=cfg.beta != 0.0,
     )
 
@@ -402,6 +408,8 @@ def summary(run: Run) -> str:
         per_step = (
             f"{peers.size} processes x {per_step} = {peers.size * cfg.prompts_per_step} prompts"
         )
+    if cfg.updates_per_step > 1:
+        per_step += f", {cfg.updates_per_step} optimizer updates each"
     return (
         f"model {cfg.model} | LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on "
         f"{len(run.lora_paths)} modules\n"

@@ -4,14 +4,16 @@ Each step takes B prompts, samples G completions of each in one batch
 (rollout.py), scores them with the reward functions (step_rewards.py),
 turns the rewards into group advantages (advantages.py) and updates the
 adapter: mu passes over the rollout (update.py), each accumulating the
-gradients of its micro-batches (batches.py) into one AdamW step, with pi_old
-from the rollout and the reference log-probs (adapters off) only when
-beta != 0. Setting a run up and restoring a checkpoint is setup.py's work;
-data-parallel runs over several processes are described in distributed.py.
+gradients of its micro-batches (batches.py) into AdamW steps (one, or
+several with steps_per_generation), with pi_old from the rollout and the
+reference log-probs (adapters off) only when beta != 0. Setting a run up
+and restoring a checkpoint is setup.py's work; data-parallel runs over
+several processes are described in distributed.py.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,13 +22,14 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_grpo.core import checkpoint, memory
+from mlx_grpo.core import checkpoint, dynamic, memory
 from mlx_grpo.core.adapters import Adapter
 from mlx_grpo.core.advantages import Advantages, group_advantages
-from mlx_grpo.core.batches import micro_batches
+from mlx_grpo.core.batches import micro_batches, row_order
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.data import PromptRow
 from mlx_grpo.core.distributed import PeerLost, connect
+from mlx_grpo.core.dynamic import Round
 from mlx_grpo.core.interrupts import Interrupted, finishing, stop_on_signals
 from mlx_grpo.core.reporting import (
     PhaseTimer,
@@ -36,6 +39,7 @@ from mlx_grpo.core.reporting import (
     reward_metrics,
     sample_records,
 )
+from mlx_grpo.core.reward_calls import TrainerState
 from mlx_grpo.core.rollout import Noise, RolloutBatch, rollout
 from mlx_grpo.core.runfolder import DiskFull
 from mlx_grpo.core.settings import resolve
@@ -43,7 +47,7 @@ from mlx_grpo.core.setup import Run, resume_command, setup, snapshot, summary
 from mlx_grpo.core.step_rewards import StepRewards, logged_metrics, score_rollout, trainer_state
 from mlx_grpo.core.supervise import report_plan
 from mlx_grpo.core.trackers import open_trackers
-from mlx_grpo.core.update import Update, lr_at, optimise
+from mlx_grpo.core.update import Update, optimise
 
 
 @dataclass
@@ -249,25 +253,40 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
     """
     cfg, model, peers, g = run.cfg, run.lm.model, run.peers, run.cfg.num_generations
     state = trainer_state(run)  # what reward functions see: before this step's prompts
-    taken = run.state.take_prompts(len(run.rows), cfg.prompts_per_step * peers.size)
-    every_row = [run.rows[i] for i in taken]
-    rows, mine = every_row[peers.part(len(every_row))], peers.part(len(every_row) * g)
     timer = PhaseTimer()
-    with timer.phase("rollout"):
-        batch = _rollout(run, rows, Noise.fresh(mine.start, len(every_row) * g))
-    scored = score_rollout(run, step, rows, batch, state)
+    if cfg.dynamic_sampling:  # one process (setup refuses it in distributed runs)
+        draw = functools.partial(_draw, run, step, state, timer)
+        limits = cfg.max_resample_rounds, run.lm.pad_id
+        sampled, sampling_metrics = dynamic.sample(draw, cfg.prompts_per_step, g, *limits)
+        mine = slice(None)
+    else:
+        sampled, sampling_metrics = _draw(run, step, state, timer), {}
+        mine = peers.part(len(sampled.prompts) * g)
+    every_row, batch, scored = sampled.prompts, sampled.batch, sampled.scored
     adv = group_advantages(
         scored.per_func, scored.weights, g, cfg.scale_rewards, cfg.multi_objective_aggregation
     )
     with timer.phase("reference"):
-        tokens = run.plan.update_tokens
-        micro = micro_batches(model, batch, mx.array(adv.advantages[mine]), cfg, tokens)
+        tokens, order = run.plan.update_tokens, row_order(len(batch.lengths), cfg, step)
+        advantages = mx.array(adv.advantages[mine])
+        micro = micro_batches(model, batch, advantages, cfg, tokens, order=order)
     with timer.phase("update"):
-        lr = lr_at(step, cfg)
         update = optimise(
-            model, run.optimizer, micro, cfg, lr, peers, run.loss_and_grad, run.state.entropy
+            model, run.optimizer, micro, cfg, step, peers, run.loss_and_grad, run.state.entropy
         )
-    return _record(run, step, every_row, scored, adv, update, timer)
+    return _record(run, step, every_row, scored, adv, update, timer, sampling_metrics)
+
+
+def _draw(run: Run, step: int, state: TrainerState, timer: PhaseTimer) -> Round:
+    """The next B prompts of every process, this process's rollout of its share, and the
+    rewards of every process's completions."""
+    cfg, peers, g = run.cfg, run.peers, run.cfg.num_generations
+    taken = run.state.take_prompts(len(run.rows), cfg.prompts_per_step * peers.size)
+    every_row = [run.rows[i] for i in taken]
+    rows, mine = every_row[peers.part(len(every_row))], peers.part(len(every_row) * g)
+    with timer.phase("rollout"):
+        batch = _rollout(run, rows, Noise.fresh(mine.start, len(every_row) * g))
+    return Round(every_row, batch, score_rollout(run, step, rows, batch, state))
 
 
 def _rollout(run: Run, rows: list[PromptRow], noise: Noise) -> RolloutBatch:
@@ -287,6 +306,7 @@ def _record(
     adv: Advantages,
     update: Update,
     timer: PhaseTimer,
+    extra: dict[str, Any],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Move the run state past the step; its metrics, and its first group's completions."""
     g = run.cfg.num_generations
@@ -302,6 +322,7 @@ def _record(
         **update.metrics,
         "num_tokens": run.state.num_tokens,
         **timer.metrics(completion_tokens),
+        **extra,
     }
     metrics |= logged_metrics(run, scored.logged, metrics)
     run.state.step = step + 1

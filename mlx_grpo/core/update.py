@@ -1,8 +1,10 @@
-"""Policy optimisation on one rollout: the loss, mu AdamW updates.
+"""Policy optimisation on one rollout: the loss, its AdamW updates.
 
-Each of the mu passes sums the gradients of the micro-batches' chunks
-(batches.py; from `LossAndGrad`, compiled once per run), clips their global
-norm and makes one AdamW step. The entropy mask's threshold over a
+Each of the mu passes over the rollout makes steps_per_generation /
+gradient_accumulation_steps updates (`windows`); each update sums the
+gradients of its micro-batches' chunks (batches.py; from `LossAndGrad`,
+compiled once per run), clips their global norm and makes one AdamW step at
+the schedule's rate for that update. The entropy mask's threshold over a
 micro-batch cut into chunks, and the adaptive entropy bonus's coefficient,
 are set here between passes.
 """
@@ -41,8 +43,9 @@ class Update:
     applied: list[bool]  # False: a NaN/Inf loss or gradient skipped that pass
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of update `step` (0-based): linear warmup, then the schedule."""
+def lr_at(step: float, cfg: TrainConfig) -> float:
+    """Learning rate at `step` (0-based, counted in rollouts; the k-th of a rollout's U
+    updates is at step + k / U): linear warmup, then the schedule."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * step / max(1, cfg.warmup_steps)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
@@ -138,51 +141,71 @@ ARRAYS = tuple(f.name for f in fields(MicroBatch) if f.name not in (*COUNTS, "in
 MAX_TRACES = 64
 
 
+def windows(cfg: TrainConfig) -> list[range]:
+    """Per update of a rollout, in order: the micro-batches (`MicroBatch.index`) it takes.
+
+    mu passes, each over the rollout's steps_per_generation micro-batches,
+    gradient_accumulation_steps to an update (TRL's order: a pass over every
+    slice of the generation, then the next pass).
+    """
+    ga = cfg.gradient_accumulation_steps
+    one_pass = [range(start, start + ga) for start in range(0, cfg.slices, ga)]
+    return one_pass * cfg.num_iterations
+
+
+def tokens_per_update(tokens: float, cfg: TrainConfig) -> float:
+    """What dapo, cispo and vespo divide an update's loss by: the rollout's completion
+    `tokens` per update of a pass (TRL: its generation batch's, x gradient_accumulation_steps
+    / steps_per_generation)."""
+    return tokens * cfg.gradient_accumulation_steps / cfg.slices
+
+
 def optimise(
     model: nn.Module,
     optimizer: optim.Optimizer,
     micro: list[MicroBatch],
     cfg: TrainConfig,
-    lr: float,
+    step: int,
     peers: Peers | None = None,
     loss_and_grad: LossAndGrad | None = None,
     entropy: EntropyControl | None = None,
 ) -> Update:
-    """mu passes over the rollout, each one accumulated AdamW update at rate `lr`.
+    """The rollout's updates (`windows`) of step `step`, each an accumulated AdamW update.
 
-    A pass whose loss or gradient norm is not finite makes no update. With
+    An update whose loss or gradient norm is not finite is not applied. With
     `peers` (a data-parallel run), `micro` is this process's share: losses
     are divided for the micro-batches of all processes, and the gradients
     and metric sums are summed over them before the update. `entropy` (the
-    run's entropy bonus control) is adapted after each pass when adaptive.
+    run's entropy bonus control) is adapted after each update when adaptive.
     """
     peers = peers or Peers()
     control = entropy or EntropyControl(cfg.entropy_coef)
     model.train()
     local_tokens = mx.array(sum(mb.mask.sum().item() for mb in micro))
+    tokens = peers.sum({"tokens": local_tokens}, "the token count")["tokens"].item()
     normalizer = Normalizer(
         accumulation_steps=cfg.gradient_accumulation_steps * peers.size,
-        tokens_in_batch=peers.sum({"tokens": local_tokens}, "the token count")["tokens"].item(),
+        tokens_in_batch=tokens_per_update(tokens, cfg),
     )
     loss_and_grad = loss_and_grad or LossAndGrad(model, cfg)
     totals: dict[str, float] = {}
     losses, norms, finite = [], [], []
-    optimizer.learning_rate = lr
-    for _ in range(cfg.num_iterations):
+    updates = windows(cfg)
+    for k, window in enumerate(updates):
+        lr = lr_at(step + k / len(updates), cfg)
+        optimizer.learning_rate = lr
+        part = [mb for mb in micro if mb.index in window]
         if cfg.top_entropy_quantile < 1.0:
-            entropy_thresholds(model, micro, cfg)
+            entropy_thresholds(model, part, cfg)
         coef = applied_entropy_coef(control, cfg)
-        grads, sums = _pass(micro, replace(normalizer, entropy_coef=coef), loss_and_grad)
+        grads, sums = _pass(part, replace(normalizer, entropy_coef=coef), loss_and_grad)
         grads, sums = _summed(peers, grads, sums)
         loss_sum = sums.pop("loss").item()
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + v.item()
         if cfg.use_adaptive_entropy:
             adapt_entropy_coef(control, sums, cfg)
-        if cfg.max_grad_norm > 0:
-            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-        else:
-            norm = mx.sqrt(sum((v * v).sum() for _, v in tree_flatten(grads)))
+        grads, norm = _clipped(grads, cfg.max_grad_norm)
         losses.append(loss_sum)
         norms.append(norm.item())
         # A NaN or Inf anywhere in the gradients shows in its norm: skip the
@@ -197,10 +220,18 @@ def optimise(
     return Update(metrics, finite)
 
 
+def _clipped(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
+    """The gradients clipped to global norm `max_norm` (0: as they are), and their norm."""
+    if max_norm > 0:
+        return optim.clip_grad_norm(grads, max_norm)
+    return grads, mx.sqrt(sum((v * v).sum() for _, v in tree_flatten(grads)))
+
+
 def _pass(
     micro: list[MicroBatch], normalizer: Normalizer, loss_and_grad: LossAndGrad
 ) -> tuple[dict, dict[str, mx.array]]:
-    """The chunks' gradients and metric sums (with the loss and the rows), added up."""
+    """The chunks' gradients and metric sums (with the loss and the rows), added up: one
+    update's."""
     grads, sums = None, {}
     for mb in micro:
         (loss, stats), g = loss_and_grad(mb, normalizer)
