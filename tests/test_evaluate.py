@@ -7,8 +7,9 @@ from conftest import run_cli
 
 from mlx_grpo.cli import main
 from mlx_grpo.core.builtin_rewards import arithmetic, equation_format, exact_answer
+from mlx_grpo.core.evaluation import pass_at_k, summarize
 from mlx_grpo.tasks.arithmetic import ALL_KINDS, all_problems, make_split, write_split
-from mlx_grpo.tools.evaluate import EvalResult, compare_with, evaluate, pass_at_k, summarize
+from mlx_grpo.tools.evaluate import EvalResult, compare_with, evaluate
 from mlx_grpo.tools.generate import generate
 
 

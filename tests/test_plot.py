@@ -41,6 +41,9 @@ def rising_run(steps: int = 30, kl: bool = True) -> list[dict]:
         }
         if kl:
             record["kl"] = 0.001 * s
+        if s % 5 == 0:  # evaluated every 5 steps
+            record |= {"eval_reward": s / (2 * steps), "eval_accuracy": s / (4 * steps)}
+            record |= {"eval_pass@1": s / (4 * steps), "eval_pass@4": s / (3 * steps)}
         records.append(record)
     for r in records:
         if r["step"] == 10:
@@ -89,6 +92,7 @@ ALL_PANELS = {
     "learning rate",
     "loss",
     "grad norm (before clipping)",
+    "held-out evaluation (eval_data)",
 }
 
 
@@ -176,6 +180,18 @@ def test_a_lone_reward_function_equal_to_the_reward_is_not_drawn_twice():
     ax = axes_by_title(figure_for(records, "run"))["reward"]
 
     assert [ln.get_label() for ln in ax.get_lines()] == ["reward"]
+
+
+def test_eval_panel_joins_the_evaluated_steps_and_draws_pass_at_k():
+    records = rising_run()
+
+    ax = axes_by_title(figure_for(records, "run"))["held-out evaluation (eval_data)"]
+
+    evaluated = [r for r in records if "eval_reward" in r]
+    for label, key in [("reward", "eval_reward"), ("accuracy", "eval_accuracy"),
+                       ("pass@1", "eval_pass@1"), ("pass@4", "eval_pass@4")]:  # fmt: skip
+        np.testing.assert_array_equal(line(ax, label).get_xdata(), [5, 10, 15, 20, 25, 30])
+        np.testing.assert_allclose(line(ax, label).get_ydata(), [r[key] for r in evaluated])
 
 
 def test_kl_panel_plots_kl_when_logged():

@@ -81,6 +81,15 @@ def test_wandb_gets_each_step_under_its_step_and_the_run_settings(
         assert "train/step" not in metrics
 
 
+def test_eval_metrics_go_under_eval_and_the_rest_under_train():
+    record = {"step": 3, "reward": 0.5, "eval_reward": 0.25, "eval_pass@2": 1, "note": None}
+    assert trackers.scalars(record) == {
+        "train/reward": 0.5,
+        "eval/reward": 0.25,
+        "eval/pass@2": 1.0,
+    }
+
+
 def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_written(
     quick_settings, tmp_path, monkeypatch
 ):

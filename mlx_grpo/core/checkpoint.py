@@ -69,7 +69,8 @@ RESUMABLE = (
 
 
 # What a run writes into its output directory (besides the final adapter).
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, COMPLETIONS_FILE, REWARD_ERRORS_FILE, CHECKPOINTS)
+BEST = "best"  # keep_best: the adapter with the best eval metric so far
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, COMPLETIONS_FILE, REWARD_ERRORS_FILE, CHECKPOINTS, BEST)
 
 
 class CheckpointError(ValueError):

@@ -319,6 +319,35 @@ class TrainConfig:
         "or leave it unscored like a None reward (skip). Every failure is logged.",
         choices=("raise", "zero", "skip"),
     )
+    eval_data: str | None = _opt(
+        None,
+        "Held-out prompts (a JSONL file or folder, as data) scored during training with the "
+        "updated adapter; their figures are logged as eval_* metrics.",
+    )
+    eval_steps: int | None = _opt(
+        None,
+        "Evaluate after every this many steps (default: a tenth of max_steps).",
+        allowed=AT_LEAST_1,
+    )
+    eval_samples: int = _opt(
+        1,
+        "Completions per held-out prompt; more gives pass@k (needs eval_temperature > 0).",
+        allowed=AT_LEAST_1,
+    )
+    eval_temperature: float = _opt(
+        0.0, "Sampling temperature of the evaluation (0: greedy).", allowed=AT_LEAST_0
+    )
+    eval_limit: int | None = _opt(
+        None, "Evaluate only the first this many held-out prompts.", allowed=AT_LEAST_1
+    )
+    eval_success_threshold: float = _opt(
+        1.0, "A held-out completion is correct when its weighted reward reaches this."
+    )
+    keep_best: str | None = _opt(
+        None,
+        "An eval metric (eval_reward, eval_accuracy, eval_pass@k, eval_rewards/<name>/mean): "
+        "the adapter with its highest value so far is kept in the run's best/ folder.",
+    )
     max_nonfinite_updates: int = _opt(
         5,
         "Stop after this many updates in a row skipped for a NaN or Inf loss or gradient.",
@@ -401,6 +430,7 @@ class TrainConfig:
                 f"({self.entropy_coef_max:g})",
             )
         self._check_slices()
+        self._check_evaluation()
         if not self.lora_targets:
             raise SettingError(("lora_targets",), "must name at least one module, e.g. q_proj", [])
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
@@ -454,6 +484,30 @@ class TrainConfig:
                 f"{name}={self.slices} must divide prompts_per_step x num_generations = {n} "
                 "(the rollout is split into that many micro-batches)",
             )
+
+    def _check_evaluation(self) -> None:
+        if self.eval_samples > 1 and self.eval_temperature == 0:
+            raise SettingError(
+                ("eval_samples", "eval_temperature"),
+                f"eval_samples={self.eval_samples} needs sampling: set eval_temperature above 0 "
+                "(greedy decoding gives the same completion every time)",
+            )
+        if self.keep_best is not None and self.eval_data is None:
+            raise SettingError(
+                ("keep_best", "eval_data"),
+                "keep_best needs an evaluation: give eval_data (held-out prompts)",
+            )
+        if self.keep_best is not None and not self.keep_best.startswith("eval_"):
+            raise SettingError(
+                ("keep_best",),
+                "must name an eval metric such as eval_reward or eval_accuracy",
+                self.keep_best,
+            )
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between evaluations."""
+        return self.eval_steps or max(1, self.max_steps // 10)
 
     def prompt_limit(self, context: int | None, model: str) -> int | None:
         """The longest prompt (tokens) that leaves room for a whole completion.
@@ -556,6 +610,15 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "save_steps",
         "save_total_limit",
         "distributed_timeout",
+    ),
+    "Evaluation": (
+        "eval_data",
+        "eval_steps",
+        "eval_samples",
+        "eval_temperature",
+        "eval_limit",
+        "eval_success_threshold",
+        "keep_best",
     ),
     "Memory": ("max_memory", "grad_checkpoint", "logits_chunk_size"),
 }

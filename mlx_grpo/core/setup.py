@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_grpo.core import __version__, checkpoint, memory, models, outputs, runfolder
+from mlx_grpo.core import __version__, checkpoint, evaluation, memory, models, outputs, runfolder
 from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import rewards as rewards_mod
 from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter, load_adapted
@@ -58,6 +58,7 @@ class Run:
     unsaved_step: int = -1  # a step whose checkpoint failed for a full disk: not retried
     plan: memory.Plan | None = None  # decode batch and update chunks (set by setup)
     loss_and_grad: LossAndGrad | None = None  # the compiled loss, built once (set by setup)
+    eval_rows: list[data_mod.PromptRow] = field(default_factory=list)  # eval_data's prompts
 
     def release(self) -> None:
         """Free the run folder for another process (the end of `train`)."""
@@ -196,12 +197,14 @@ def _load(
         max_prompt,
     )
     data = data_mod.fingerprint(rows)
-    plan = memory_plan(cfg, lm, rows)  # refuses a budget no plan fits, before any writing
+    eval_rows = _eval_rows(cfg, lm, max_prompt)
+    plan = memory_plan(cfg, lm, rows + eval_rows)  # refuses a budget no plan fits, unwritten
     if saved is not None:
         checkpoint.check_compatible(saved, cfg, model_sha256, data)
         _check_adapter_fits(lm.model, saved)
     rewards = _load_rewards(cfg, reward_funcs)  # imports user code: after every other check
     rewards_mod.check_arguments(rewards, (k for r in rows for k in r.columns), cfg.data)
+    _check_evaluation(cfg, eval_rows, rewards)
     if saved is not None:
         checkpoint.check_rewards(saved, [r.name for r in rewards])
     optimizer = optim.AdamW(
@@ -216,6 +219,7 @@ def _load(
     run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, state)
     run.model_fingerprint, run.data_fingerprint, run.peers = model_sha256, data, peers
     run.plan, run.loss_and_grad = plan, LossAndGrad(lm.model, cfg)
+    run.eval_rows = eval_rows
     peers.check_same(
         {
             "versions": [mx.__version__, __version__],
@@ -225,6 +229,39 @@ def _load(
         }
     )
     return run
+
+
+def _eval_rows(
+    cfg: TrainConfig, lm: LoadedModel, max_prompt: int | None
+) -> list[data_mod.PromptRow]:
+    """eval_data's prompts (the first eval_limit), read as the training data is."""
+    if cfg.eval_data is None:
+        return []
+    rows = data_mod.load_prompts(
+        cfg.eval_data,
+        lm.tokenizer,
+        cfg.prompt_column,
+        cfg.system_prompt,
+        cfg.enable_thinking,
+        max_prompt,
+    )
+    return rows[: cfg.eval_limit]
+
+
+def _check_evaluation(
+    cfg: TrainConfig, rows: list[data_mod.PromptRow], rewards: list[rewards_mod.Reward]
+) -> None:
+    """The reward functions can score the held-out rows, and keep_best names a metric the
+    evaluation gives."""
+    if not rows:
+        return
+    rewards_mod.check_arguments(rewards, (k for r in rows for k in r.columns), cfg.eval_data)
+    names = evaluation.metric_names(cfg.eval_samples, rewards)
+    if cfg.keep_best is not None and cfg.keep_best not in names:
+        raise ValueError(
+            f"keep_best {cfg.keep_best!r} is not a metric the evaluation logs; name one of "
+            f"{', '.join(names)}."
+        )
 
 
 def _load_model(cfg: TrainConfig) -> tuple[LoadedModel, list[str]]:

@@ -34,6 +34,7 @@ class RunState:
     bad_updates: int = 0  # updates skipped in a row for non-finite values
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics, JSON-ready
     entropy: EntropyControl = field(default_factory=lambda: EntropyControl(0.0))
+    best: dict[str, Any] | None = None  # keep_best: {"metric", "step", "value"} of the best
 
     @classmethod
     def start(cls, seed: int, entropy_coef: float = 0.0) -> RunState:
@@ -71,6 +72,7 @@ class RunState:
             "metrics": list(self.history),
             "entropy_coef": self.entropy.coef,
             "last_entropy": self.entropy.last_entropy,
+            "best": self.best,
         }
 
     @classmethod
@@ -95,4 +97,5 @@ class RunState:
             entropy=EntropyControl(
                 saved.get("entropy_coef", entropy_coef), saved.get("last_entropy")
             ),
+            best=saved.get("best"),
         )

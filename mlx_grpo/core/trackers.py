@@ -4,8 +4,9 @@
 TensorBoard's framework-free `tensorboard.summary.Writer`; `--report-to
 wandb` logs to a Weights & Biases run (project from WANDB_PROJECT, default
 mlx-grpo; offline with WANDB_MODE=offline). Both get every numeric metric
-of metrics.jsonl under `train/<name>` at its step, as transformers'
-callbacks name TRL's. metrics.jsonl is written either way.
+of metrics.jsonl under `train/<name>` at its step (the evaluation's
+`eval_<name>` under `eval/<name>`), as transformers' callbacks name TRL's.
+metrics.jsonl is written either way.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def missing(names: list[str]) -> list[str]:
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """The record's finite numbers (not the step), under train/<name>."""
+    """The record's finite numbers (not the step), under train/<name> or eval/<name>."""
     return {
-        f"train/{k}": float(v)
+        f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}": float(v)
         for k, v in record.items()
         if k != "step"
         and isinstance(v, (int, float))

@@ -22,7 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_grpo.core import checkpoint, dynamic, memory
+from mlx_grpo.core import checkpoint, dynamic, heldout, memory
 from mlx_grpo.core.adapters import Adapter
 from mlx_grpo.core.advantages import Advantages, group_advantages
 from mlx_grpo.core.batches import micro_batches, row_order
@@ -274,7 +274,8 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         update = optimise(
             model, run.optimizer, micro, cfg, step, peers, run.loss_and_grad, run.state.entropy
         )
-    return _record(run, step, every_row, scored, adv, update, timer, sampling_metrics)
+    evaluated = heldout.evaluate_step(run, step, timer)  # with the updated adapter
+    return _record(run, step, every_row, scored, adv, update, timer, sampling_metrics | evaluated)
 
 
 def _draw(run: Run, step: int, state: TrainerState, timer: PhaseTimer) -> Round:

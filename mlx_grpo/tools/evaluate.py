@@ -1,33 +1,26 @@
 """Accuracy and mean reward of a model, with or without an adapter, on a held-out set.
 
 The prompts decode in batches (the same batched rollout as training); each
-gets `num_samples` completions, greedy (temperature 0) or sampled. A
-completion is correct when its weighted reward reaches `success_threshold`.
-With n samples per prompt of which c are correct, pass@k is the unbiased
-estimate 1 - C(n - c, k) / C(n, k), averaged over prompts.
+gets `num_samples` completions, greedy (temperature 0) or sampled, scored as
+core/evaluation.py says (accuracy against `success_threshold`, pass@k).
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 from tqdm import tqdm
 
 from mlx_grpo.core import data as data_mod
-from mlx_grpo.core import reward_calls
 from mlx_grpo.core import rewards as rewards_mod
 from mlx_grpo.core.adapters import load_adapted
-from mlx_grpo.core.advantages import weighted_rewards
 from mlx_grpo.core.config import DEFAULTS, SamplingSettings
+from mlx_grpo.core.evaluation import score_prompts, summarize
 from mlx_grpo.core.models import check_completion_length
-from mlx_grpo.core.rollout import rollout
 from mlx_grpo.core.settings import check_settings
 from mlx_grpo.core.values import AT_LEAST_0, AT_LEAST_1, MAX_SEED, Range, check_option
 
@@ -54,13 +47,6 @@ class EvalResult:
 
 def _cell(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k for n samples of which c are correct."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def evaluate(
@@ -125,15 +111,14 @@ def evaluate(
     check_completion_length(lm, max_completion_length, "--max-completion-length")
     sampling = SamplingSettings(temperature, top_p, top_k, min_p, max_completion_length)
     per_batch = max(1, batch_size // num_samples)
-    records = []
-    for start in tqdm(
-        range(0, len(rows), per_batch),
-        disable=None if show_progress else True,  # None: off when not a terminal
-        unit="batch",
-        desc="eval",
-    ):
-        chunk = rows[start : start + per_batch]
-        records += _score_chunk(lm, chunk, funcs, num_samples, sampling, success_threshold)
+
+    def progress(batches):
+        # None: off when not a terminal
+        return tqdm(batches, disable=None if show_progress else True, unit="batch", desc="eval")
+
+    records = score_prompts(
+        lm, rows, funcs, num_samples, sampling, success_threshold, per_batch, progress=progress
+    )
     if output is not None:
         partial = Path(output).with_name(f".{Path(output).name}.partial")
         partial.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -186,65 +171,6 @@ def _check_group_by(group_by: str | None, rows: list[data_mod.PromptRow], data: 
         f"--group-by {group_by!r}: no row of {data} has that column (it has "
         f"{', '.join(columns) or 'only the prompt column'}); name one of those columns."
     )
-
-
-def _score_chunk(lm, chunk, funcs, n, sampling, threshold) -> list[dict[str, Any]]:
-    batch = rollout(lm.model, [r.prompt_ids for r in chunk], n, sampling, lm.eos_ids, lm.pad_id)
-    ids = batch.completion_lists()
-    texts = [lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
-    # Evaluation is outside training: the state of a run that has not started.
-    per_func = reward_calls.score_groups(
-        funcs, chunk, n, texts, ids, state=reward_calls.TrainerState()
-    )
-    weights = np.array([f.weight for f in funcs])
-    totals = weighted_rewards(per_func, weights)  # NaN: no function scored it
-    out = []
-    for i, (text, row) in enumerate(zip(texts, data_mod.per_completion(chunk, n))):
-        out.append(
-            {
-                "source": row.source,
-                "prompt": row.prompt,
-                "sample": i % n,
-                "completion": text,
-                "rewards": {
-                    f.name: reward_calls.optional_float(per_func[i, k]) for k, f in enumerate(funcs)
-                },
-                "reward": reward_calls.optional_float(totals[i]),
-                "correct": bool(totals[i] >= threshold),  # False when unscored
-                "truncated": batch.truncated[i],
-                "columns": row.columns,
-            }
-        )
-    return out
-
-
-def summarize(records: list[dict], n: int, group_by: str | None) -> dict[str, dict[str, float]]:
-    """Figures over all records and, with `group_by`, per value of that column."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        groups["all"].append(r)
-        if group_by is not None:
-            groups[str(r["columns"].get(group_by))].append(r)
-    summary = {}
-    for name, items in groups.items():
-        by_prompt: dict[str, list[bool]] = defaultdict(list)
-        for r in items:
-            by_prompt[r["source"]].append(r["correct"])
-        figures: dict[str, Any] = {"prompts": len(by_prompt)}
-        figures["accuracy"] = float(np.mean([r["correct"] for r in items]))
-        scored = [r["reward"] for r in items if r["reward"] is not None]
-        figures["mean_reward"] = float(np.mean(scored)) if scored else float("nan")
-        for func in items[0]["rewards"]:  # each function's own mean beside the weighted one
-            values = [r["rewards"][func] for r in items if r["rewards"][func] is not None]
-            figures[func] = float(np.mean(values)) if values else float("nan")
-        if n > 1:
-            for k in sorted({1, n}):
-                figures[f"pass@{k}"] = float(
-                    np.mean([pass_at_k(len(v), sum(v), k) for v in by_prompt.values()])
-                )
-        figures["truncated"] = float(np.mean([r["truncated"] for r in items]))
-        summary[name] = figures
-    return summary
 
 
 def compare_with(result: EvalResult, before: str | Path) -> str:

@@ -82,7 +82,17 @@ _PANELS = [
         "frac_reward_zero_std",
         "groups with zero reward std (no signal)",
         "share of groups",
-        [("frac_reward_zero_std", "groups with zero reward std")],
+        [
+            ("frac_reward_zero_std", "trained on"),
+            ("dynamic_sampling/frac_reward_zero_std_before", "drawn (dynamic sampling)"),
+        ],
+    ),
+    _Panel(
+        "eval",
+        "held-out evaluation (eval_data)",
+        "share / reward",
+        [("eval_reward", "reward"), ("eval_accuracy", "accuracy")],
+        "no eval_data",
     ),
     _Panel("learning_rate", "learning rate", "learning rate", [("learning_rate", "lr")]),
     _Panel("loss", "loss", "loss", [("loss", "loss")]),
@@ -183,7 +193,7 @@ def figure_for(records: list[dict[str, Any]], title: str, *, heldout: dict | Non
         ax.sharex(reward)  # not the held-out panel: its x axis is the groups
         ax.set_title(panel.title)
         ax.set_ylabel(panel.ylabel)
-        draw = _length_panel if panel.name == "completions" else _lines_panel
+        draw = {"completions": _length_panel, "eval": _eval_panel}.get(panel.name, _lines_panel)
         draw(ax, steps, series, panel)
     if "learning_rate" in axes:
         axes["learning_rate"].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -388,6 +398,18 @@ def _lines_panel(ax: Axes, steps: np.ndarray, series: dict[str, np.ndarray], pan
         _line(ax, steps, series[key], label=label)
     if len(panel.keys) > 1:
         ax.legend(fontsize=8, loc="best")
+
+
+def _eval_panel(ax: Axes, steps: np.ndarray, series: dict[str, np.ndarray], panel: _Panel) -> None:
+    """The evaluations' figures, each point joined to the next (they come every eval_steps)."""
+    passes = sorted(k for k in series if k.startswith("eval_pass@"))
+    keys = [*panel.keys, *((k, k.removeprefix("eval_")) for k in passes)]
+    for key, label in keys:
+        if key in series:
+            y = series[key]
+            ok = np.isfinite(y)
+            ax.plot(steps[ok], y[ok], marker="o", markersize=3, label=label)
+    ax.legend(fontsize=8, loc="best")
 
 
 def _heldout_panel(ax: Axes, heldout: dict) -> None:
