@@ -121,23 +121,31 @@ def load_reward(spec: str) -> tuple[str, RewardFn]:
         raise RewardSpecError(
             f"reward spec {spec!r} must be 'module:function' or 'file.py:function'"
         )
-    looks_like_file = target.endswith(".py") or "/" in target or "\\" in target
     target = MOVED_MODULES.get(target, target)
-    module = _import_file(target, spec) if looks_like_file else _import_module(target, spec)
+    module = import_target(target, spec)
     fn = _get_function(module, attr, spec)
     return getattr(fn, "__name__", attr), fn
 
 
-def _import_file(target: str, spec: str) -> Any:
+def import_target(target: str, spec: str, what: str = "reward") -> Any:
+    """The module of a 'module:name' or 'path/to/file.py:name' spec (`what` names the
+    kind of thing in errors, which are RewardSpecError)."""
+    looks_like_file = target.endswith(".py") or "/" in target or "\\" in target
+    if looks_like_file:
+        return _import_file(target, spec, what)
+    return _import_module(target, spec, what)
+
+
+def _import_file(target: str, spec: str, what: str) -> Any:
     path = Path(target).expanduser()
     resolved = path if path.is_absolute() else Path.cwd() / path
     if not resolved.is_file():
         raise RewardSpecError(
-            f"reward file {target!r} (from {spec!r}) not found: looked at {resolved}. "
+            f"{what} file {target!r} (from {spec!r}) not found: looked at {resolved}. "
             f"Relative paths start at the current directory ({Path.cwd()}); "
             "check the path or give an absolute one."
         )
-    name = f"_mlx_grpo_reward_{abs(hash(str(resolved.resolve())))}"
+    name = f"_mlx_grpo_{what}_{abs(hash(str(resolved.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(name, resolved)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
@@ -149,13 +157,13 @@ def _import_file(target: str, spec: str) -> Any:
     except BaseException as exc:  # sys.exit() in the file too: it must not end the run silently
         del sys.modules[name]
         raise RewardSpecError(
-            f"reward file {resolved} (from {spec!r}) raised while being imported: "
+            f"{what} file {resolved} (from {spec!r}) raised while being imported: "
             f"{describe_failure(exc, str(resolved))}"
         ) from exc
     return module
 
 
-def _import_module(target: str, spec: str) -> Any:
+def _import_module(target: str, spec: str, what: str) -> Any:
     try:
         return importlib.import_module(target)
     except NOT_CAUGHT:
@@ -168,7 +176,7 @@ def _import_module(target: str, spec: str) -> Any:
                 f", or name the file: 'path/to/{target.split('.')[-1]}.py:{spec.split(':')[-1]}'."
             )
         raise RewardSpecError(
-            f"cannot import module {target!r} for reward {spec!r}: "
+            f"cannot import module {target!r} for {what} {spec!r}: "
             f"{describe_failure(exc, None)}.{hint}"
         ) from exc
 

@@ -62,6 +62,9 @@ class RolloutBatch:
     completion_mask: mx.array  # (N, T) float32, 1 up to and including the first EOS
     sampled_logprobs: mx.array  # (N, T) float32, log pi(token) while sampling, at temperature
     truncated: list[bool]  # no EOS within max_completion_length
+    # (N, T) float32, 0 on completion tokens the loss leaves out (an agent's tool results);
+    # None: the loss takes every completion token
+    loss_mask: mx.array | None = None
 
     @property
     def tokens(self) -> mx.array:

@@ -1,0 +1,247 @@
+"""Agent episodes: B x G conversations in which the model calls tools, decoded in one batch.
+
+Every episode starts as a rollout row (prompts prefilled once, caches
+repeated G times). The batch decodes until each row ends its turn (EOS) or
+its budget; a turn whose text holds tool calls (agent_tools.py) waits while
+the others finish theirs. Then the tools of every waiting row run at once
+(`ToolRunner`), and each row's results, rendered by the chat template as
+TRL renders them (`tool_suffix`), are prefilled into that row's own KV cache
+after its turn's EOS token: the prompt and the earlier turns never run
+again. The continuing rows are merged into one batch for their next turn.
+
+An episode ends with a turn without tool calls, after
+`max_tool_calling_iterations` rounds of tools, or at
+`max_completion_length` tokens, which count the whole episode with its
+tool results; a result that would not fit is rolled back and the episode
+ends after the turn that asked for it, as in TRL. Tool-result tokens are
+part of the sequence the update reads but not of its loss: `loss_mask` is 0
+on them, and so is their sampled log-prob.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_grpo.core.agent_tools import ToolCall, ToolRunner, parse_tool_calls
+from mlx_grpo.core.caches import RolloutCache
+from mlx_grpo.core.config import SamplingSettings
+from mlx_grpo.core.models import left_pad
+from mlx_grpo.core.rollout import Noise, RolloutBatch, _prefill, decode_step, make_draw
+
+
+@dataclass
+class Episode:
+    """One conversation's completion as it grows: tokens, which are the model's, messages."""
+
+    tools: dict[str, Callable]  # what this episode may call, by name
+    ids: list[int] = field(default_factory=list)  # every completion token, tool results too
+    trained: list[int] = field(default_factory=list)  # 1: the model's token, 0: a tool result's
+    logp: list[float] = field(default_factory=list)  # sampled log-probs (0 for tool results)
+    turn: int = 0  # where the current turn starts in ids
+    messages: list[dict[str, Any]] = field(default_factory=list)  # assistant and tool turns
+    rounds: int = 0  # rounds of tool calls made
+    calls: int = 0
+    failures: int = 0
+    truncated: bool = False  # stopped by max_completion_length mid-turn
+
+
+@dataclass
+class EpisodeBatch:
+    """The episodes as a rollout (with the loss mask) and what the rewards and metrics read."""
+
+    rollout: RolloutBatch
+    episodes: list[Episode]
+
+
+Pick = Callable[[mx.array, mx.array, np.ndarray], tuple[mx.array, mx.array]]
+
+
+def run_episodes(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    episodes: list[Episode],
+    sampling: SamplingSettings,
+    eos_ids: list[int],
+    pad_id: int,
+    runner: ToolRunner,
+    suffix: Callable[[list[dict[str, Any]]], list[int]],
+    max_rounds: int,
+    noise: Noise | None = None,
+    pick: Pick | None = None,
+) -> EpisodeBatch:
+    """Decode the episodes (G = len(episodes) / len(prompts) per prompt) to their ends.
+
+    `suffix(tool messages)` gives the tokens that follow a turn's EOS: the
+    tool results and the next assistant header. `pick(logits, u, rows)`
+    replaces sampling (tests force tokens with it).
+    """
+    g = len(episodes) // len(prompts)
+    tokens, padding = left_pad(prompts, pad_id)
+    logits, cache = _prefill(model, tokens, padding, g, sampling.max_completion_length)
+    draw = make_draw(sampling)
+    pick = pick or (lambda logits, u, rows: draw(logits, u))
+    decoder = _Decoder(model, tokenizer, episodes, sampling, eos_ids, noise or Noise.fresh())
+    live = np.arange(len(episodes))
+    while live.size:
+        waiting = decoder.turn(logits, cache, live, pick)
+        waiting = [w for w in waiting if episodes[w[0]].rounds < max_rounds]
+        budget = sampling.max_completion_length
+        live, logits, cache = _next_turn(model, episodes, waiting, runner, suffix, budget)
+    return EpisodeBatch(_as_rollout(tokens, padding, g, episodes, pad_id), episodes)
+
+
+class _Decoder:
+    """Decodes one turn of the live rows; the random stream goes on across turns."""
+
+    def __init__(self, model, tokenizer, episodes, sampling, eos_ids, noise):
+        self.model, self.tokenizer, self.episodes = model, tokenizer, episodes
+        self.budget, self.eos = sampling.max_completion_length, set(eos_ids)
+        self.key, self.noise = mx.random.key(noise.seed), noise
+        self.step = decode_step(model, None)
+
+    def turn(self, logits, cache, live, pick) -> list[tuple[int, list, int, list[ToolCall]]]:
+        """Sample until every live row ends its turn; the rows that called tools, each with
+        its cache (one KVCache per layer), its last token and its calls."""
+        waiting = []
+        rows = self.noise.total_rows or len(self.episodes)
+        while live.size:
+            self.key, sub = mx.random.split(self.key)
+            u = mx.random.uniform(shape=(rows, 1), key=sub)
+            first = self.noise.first_row
+            token, logp = pick(logits, u[mx.array(live + first)], live)
+            mx.eval(token, logp)
+            tokens, logps = np.array(token).tolist(), np.array(logp).tolist()
+            done = []
+            for i, row in enumerate(live):
+                ep = self.episodes[row]
+                ep.ids.append(tokens[i])
+                ep.trained.append(1)
+                ep.logp.append(logps[i])
+                ended, full = tokens[i] in self.eos, len(ep.ids) >= self.budget
+                if ended or full:
+                    done.append(i)
+                    calls = self._end_turn(ep, ended)
+                    if calls and not full:
+                        waiting.append((row, [c.extract(i) for c in cache], tokens[i], calls))
+            if done:
+                keep = np.setdiff1d(np.arange(live.size), done)
+                if keep.size:
+                    for c in cache:
+                        c.filter(mx.array(keep))
+                live, token = live[keep], token[mx.array(keep)] if keep.size else token
+            if live.size:
+                logits = self.step(token[:, None], cache)
+        return waiting
+
+    def _end_turn(self, ep: Episode, ended: bool) -> list[ToolCall]:
+        """Record the turn as an assistant message; its tool calls (none: the episode ends)."""
+        text = self.tokenizer.decode(ep.ids[ep.turn :], skip_special_tokens=True)
+        ep.truncated = not ended
+        calls = parse_tool_calls(text) if ended else []
+        message: dict[str, Any] = {"role": "assistant", "content": text.split("<tool_call>")[0]}
+        if calls:
+            message["content"] = message["content"].strip()
+            message["tool_calls"] = [
+                {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in calls
+            ]
+        ep.messages.append(message)
+        return calls
+
+
+def _next_turn(model, episodes, waiting, runner, suffix, budget):
+    """Run the waiting rows' tools, prefill each result into its row's cache, and merge the
+    rows that go on into one batch: (rows, their next-token logits, the batch's cache)."""
+    if not waiting:
+        return np.array([], dtype=int), None, None
+    results = runner.run([(calls, episodes[row].tools) for row, _, _, calls in waiting])
+    rows, caches, logits = [], [], []
+    for (row, cache, last, _), done in zip(waiting, results):
+        ep = episodes[row]
+        messages = [{"role": "tool", "name": r.name, "content": r.content} for r in done]
+        ep.calls += len(done)
+        ep.failures += sum(r.failed for r in done)
+        ep.rounds += 1
+        ids = suffix(messages)
+        if len(ep.ids) + len(ids) > budget:
+            continue  # the results do not fit: rolled back, the episode ends here
+        ep.messages += messages
+        ep.ids += ids
+        ep.trained += [0] * len(ids)
+        ep.logp += [0.0] * len(ids)
+        ep.turn = len(ep.ids)
+        out = model(mx.array([[last, *ids]]), cache=cache)
+        rows.append(row)
+        caches.append(cache)
+        logits.append(out[:, -1, :])
+    if not rows:
+        return np.array([], dtype=int), None, None
+    merged = [RolloutCache.merge([c[layer] for c in caches]) for layer in range(len(caches[0]))]
+    return np.array(rows), mx.concatenate(logits), merged
+
+
+def _as_rollout(tokens, padding, g, episodes, pad_id) -> RolloutBatch:
+    """The episodes as a RolloutBatch: completions right-padded, `loss_mask` 0 on tool
+    results."""
+    length = max(1, max(len(ep.ids) for ep in episodes))
+    n = len(episodes)
+    ids = np.full((n, length), pad_id, dtype=np.int32)
+    mask, trained, logp = (np.zeros((n, length), dtype=np.float32) for _ in range(3))
+    for i, ep in enumerate(episodes):
+        k = len(ep.ids)
+        ids[i, :k], mask[i, :k], trained[i, :k], logp[i, :k] = ep.ids, 1, ep.trained, ep.logp
+    return RolloutBatch(
+        prompt_tokens=mx.repeat(tokens, g, axis=0),
+        prompt_padding=mx.repeat(padding, g),
+        completion_ids=mx.array(ids),
+        completion_mask=mx.array(mask),
+        sampled_logprobs=mx.array(logp),
+        truncated=[ep.truncated for ep in episodes],
+        loss_mask=mx.array(trained),
+    )
+
+
+def tool_suffix(tokenizer: Any, template_kwargs: dict[str, Any] | None = None):
+    """`suffix(tool messages)`: the tokens a chat template puts after an assistant turn's EOS
+    for these tool results, up to and with the next assistant header (TRL's way: a dummy
+    conversation rendered with and without them)."""
+    kwargs = template_kwargs or {}
+    eos = tokenizer.eos_token_id
+
+    def suffix(messages: list[dict[str, Any]]) -> list[int]:
+        call = {"type": "function", "function": {"name": messages[0]["name"], "arguments": {}}}
+        head = [
+            {"role": "user", "content": "dummy"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+        ]
+        prefix = _ids(tokenizer.apply_chat_template(head, tokenize=True, **kwargs))
+        full = _ids(
+            tokenizer.apply_chat_template(
+                head + messages, tokenize=True, add_generation_prompt=True, **kwargs
+            )
+        )
+        ends = [i for i, t in enumerate(prefix) if t == eos]
+        if ends:
+            prefix = prefix[: ends[-1] + 1]
+        if full[: len(prefix)] != prefix:
+            raise ValueError(
+                "the chat template renders an assistant turn differently once tool results "
+                "follow it, so tool results cannot be appended to an episode; use a template "
+                "that keeps earlier turns as they are."
+            )
+        return full[len(prefix) :]
+
+    return suffix
+
+
+def _ids(rendered: Any) -> list[int]:
+    if isinstance(rendered, dict) or hasattr(rendered, "input_ids"):
+        rendered = rendered["input_ids"]
+    return list(rendered)
