@@ -14,6 +14,12 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory):
+    """The same tiny model with the chat template that shows tools (agent runs)."""
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3-tools"), init_std=0.3, tools=True)
+
+
+@pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     return write_toy_task(tmp_path_factory.mktemp("data") / "toy.jsonl", rows=16)
 

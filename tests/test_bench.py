@@ -116,3 +116,18 @@ def test_hardware_bound_adds_up_the_phases():
     alone = bench.hardware_bound(shapes, one, prompt_len=4, hw=hw)
     # Decoding [3, 1] is decoding one completion of 3: the second row left after its prefill.
     assert shorter["rollout"] == pytest.approx(alone["rollout"])
+
+
+def test_the_agent_benchmark_times_episodes_with_one_tool_round(tmp_path):
+    out = tmp_path / "agent.json"
+    script = SCRIPT.with_name("bench_agent.py")
+    command = [sys.executable, str(script), "--quick", "--steps", "1", "--generations", "4"]
+    proc = subprocess.run(
+        [*command, "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = json.loads(out.read_text())
+    assert figures["agent"]["tools/call_frequency"] == 1.0  # one round per episode
+    for side in ("plain", "agent"):
+        assert all(figures[side][f"time/{p}"] > 0 for p in ("rollout", "update", "step"))
+    assert "agent" in proc.stdout and "calls/ep" in proc.stdout

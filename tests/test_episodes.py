@@ -48,7 +48,9 @@ TOOLS = {"multiply": multiply, "explode": explode}
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    return load_model(str(build_tiny_qwen3(tmp_path_factory.mktemp("tiny-agent"), init_std=0.3)))
+    return load_model(
+        str(build_tiny_qwen3(tmp_path_factory.mktemp("tiny-agent"), init_std=0.3, tools=True))
+    )
 
 
 def call(name, **arguments):

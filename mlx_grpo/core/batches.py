@@ -94,6 +94,8 @@ def micro_batches(
     if cfg.mask_truncated_completions:
         kept = mx.array(~np.array(batch.truncated, dtype=bool))[:, None]
         batch = replace(batch, completion_mask=batch.completion_mask * kept)
+        if batch.loss_mask is not None:
+            batch = replace(batch, loss_mask=batch.loss_mask * kept)
     buckets = buckets and not takes_token_positions(model)
     n = batch.completion_ids.shape[0]
     order = np.arange(n) if order is None else np.asarray(order)
@@ -103,7 +105,7 @@ def micro_batches(
     out = []
     for start in range(0, n, size):
         part = order[start : start + size]
-        group = (size, batch.completion_mask[mx.array(part)].sum().item())
+        group = (size, batch.trained[mx.array(part)].sum().item())
         for rows in _chunks(lengths[part], width, max_tokens, buckets):
             rows = part[rows]
             out.append(_micro_batch(model, batch, advantages, cfg, rows, lengths[rows], group))
@@ -166,7 +168,7 @@ def _micro_batch(
         prompt_tokens=batch.prompt_tokens[sl, trim_left:],
         padding=pad - trim_left,
         completion_ids=batch.completion_ids[sl, :length],
-        mask=batch.completion_mask[sl, :length],
+        mask=batch.trained[sl, :length],  # tool results (an agent's) are read, not trained
         advantages=advantages[sl],
         old_logp=None,
         ref=None,

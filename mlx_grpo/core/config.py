@@ -319,6 +319,25 @@ class TrainConfig:
         "or leave it unscored like a None reward (skip). Every failure is logged.",
         choices=("raise", "zero", "skip"),
     )
+    tools: list[str] = _opt(
+        [],
+        "Agent tools the model may call: module:function or path/to/file.py:function (typed, "
+        "with a Google-style docstring; sync or async), as TRL's tools.",
+    )
+    environment: str | None = _opt(
+        None,
+        "An environment factory, module:Name or path/to/file.py:Name (TRL's "
+        "environment_factory): one instance per episode; its public methods are tools.",
+    )
+    max_tool_calling_iterations: int | None = _opt(
+        None, "Rounds of tool calls an episode may make (default: no limit).", allowed=AT_LEAST_0
+    )
+    tool_timeout: float = _opt(
+        30.0,
+        "Seconds a tool call may run; past it the model reads an error (the call counts as "
+        "failed) and the step goes on.",
+        allowed=POSITIVE,
+    )
     eval_data: str | None = _opt(
         None,
         "Held-out prompts (a JSONL file or folder, as data) scored during training with the "
@@ -611,6 +630,7 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "save_total_limit",
         "distributed_timeout",
     ),
+    "Agents": ("tools", "environment", "max_tool_calling_iterations", "tool_timeout"),
     "Evaluation": (
         "eval_data",
         "eval_steps",

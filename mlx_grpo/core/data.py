@@ -235,6 +235,7 @@ def encode_prompt(
     tokenizer: Any,
     system_prompt: str | None = None,
     enable_thinking: bool | None = None,
+    tools: list[dict] | None = None,
 ) -> list[int]:
     """Token ids for one prompt, through the tokenizer's chat template when it has one.
 
@@ -255,6 +256,8 @@ def encode_prompt(
         if system_prompt and not (messages and messages[0].get("role") == "system"):
             messages.insert(0, {"role": "system", "content": system_prompt})
         extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        if tools:  # an agent's: their schemas, which the template shows the model
+            extra["tools"] = tools
         text = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False, **extra
         )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlx_grpo.core.advantages import nanstd, weighted_rewards
+from mlx_grpo.core.agent import AgentRollout
 from mlx_grpo.core.data import PromptRow
 from mlx_grpo.core.reward_calls import RewardLogs
 from mlx_grpo.core.rollout import RolloutBatch, join_rollouts
@@ -31,6 +32,7 @@ class Round:
     prompts: list[PromptRow]
     batch: RolloutBatch
     scored: StepRewards
+    agent: AgentRollout | None = None  # an agent's episodes (not with dynamic sampling)
 
 
 def informative(scored: StepRewards, g: int) -> np.ndarray:

@@ -49,6 +49,7 @@ class Episode:
     calls: int = 0
     failures: int = 0
     truncated: bool = False  # stopped by max_completion_length mid-turn
+    failure: BaseException | None = None  # its environment's reset raised (on_reward_error)
 
 
 @dataclass
@@ -206,6 +207,31 @@ def _as_rollout(tokens, padding, g, episodes, pad_id) -> RolloutBatch:
         truncated=[ep.truncated for ep in episodes],
         loss_mask=mx.array(trained),
     )
+
+
+class FirstTurn:
+    """A `pick` that makes every episode's first turn `text` (then EOS), with the model's
+    own log-probs of those tokens, and samples the turns after it as usual. It shows the
+    mechanics on a model that does not call tools by itself (tests, the agent benchmark)."""
+
+    def __init__(self, tokenizer: Any, text: str, sampling: SamplingSettings, episodes: int):
+        self.script = list(tokenizer.encode(text)) + [tokenizer.eos_token_id]
+        self.draw, self.done = make_draw(sampling), [0] * episodes
+
+    def __call__(self, logits: mx.array, u: mx.array, rows: np.ndarray):
+        token, logp = self.draw(logits, u)
+        forced = [i for i, r in enumerate(rows) if self.done[r] < len(self.script)]
+        if forced:
+            tokens = np.array(token)
+            for i in forced:
+                tokens[i] = self.script[self.done[rows[i]]]
+            token = mx.array(tokens)
+            full = logits.astype(mx.float32)
+            full = full - mx.logsumexp(full, axis=-1, keepdims=True)
+            logp = mx.take_along_axis(full, token[:, None], axis=-1)[:, 0]
+        for r in rows:
+            self.done[r] += 1
+        return token, logp
 
 
 def tool_suffix(tokenizer: Any, template_kwargs: dict[str, Any] | None = None):

@@ -54,7 +54,9 @@ from mlx_grpo.core.rewards import (
 )
 
 # The keys of a completions.jsonl record, so log_extra columns cannot overwrite them.
-RESERVED_COLUMNS = ("step", "prompt", "completion", "rewards", "advantage")
+RESERVED_COLUMNS = (
+    "step", "prompt", "completion", "rewards", "advantage", "messages", "trained_spans"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -354,19 +356,22 @@ def score_groups(
     rewards: list[Reward],
     rows: list,
     g: int,
-    completions: list[str],
+    completions: list[str] | list[list[dict]],
     completion_ids: list[list[int]],
     on_error: str = "raise",
     log: Callable[[dict[str, Any]], None] | None = None,
     *,
     state: TrainerState | None = None,
     logs: RewardLogs | None = None,
+    extra: dict[str, list] | None = None,
 ) -> np.ndarray:
     """`score_completions` for G completions per row (rows b * G .. b * G + G - 1 are row b's).
 
     Each row's prompt, columns and source are repeated for its completions. A
     row whose prompt is chat messages gets its completions as TRL gives them:
-    `[{"role": "assistant", "content": text}]`.
+    `[{"role": "assistant", "content": text}]`; a completion given as messages
+    (an agent's episode) goes as it is. `extra` adds lists aligned with the
+    completions (an agent's `environments`).
     """
     names = sorted({k for r in rows for k in r.columns})
     each = per_completion(rows, g)
@@ -375,11 +380,13 @@ def score_groups(
         rewards,
         prompts,
         [
-            [{"role": "assistant", "content": c}] if isinstance(p, list) else c
+            [{"role": "assistant", "content": c}]
+            if isinstance(p, list) and isinstance(c, str)
+            else c
             for p, c in zip(prompts, completions)
         ],
         completion_ids,
-        {k: [r.columns.get(k) for r in each] for k in names},
+        {k: [r.columns.get(k) for r in each] for k in names} | (extra or {}),
         [r.source for r in each],
         on_error,
         log,

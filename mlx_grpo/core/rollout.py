@@ -75,6 +75,16 @@ class RolloutBatch:
     def lengths(self) -> list[int]:
         return self.completion_mask.sum(axis=1).astype(mx.int32).tolist()
 
+    @property
+    def trained(self) -> mx.array:
+        """(N, T) the completion tokens the loss takes: the mask, less any tool results."""
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
+
+    @property
+    def trained_lengths(self) -> list[int]:
+        """Each completion's tokens the model wrote (what TRL's length metrics count)."""
+        return self.trained.sum(axis=1).astype(mx.int32).tolist()
+
     def completion_lists(self) -> list[list[int]]:
         """Each completion's ids, EOS included, padding dropped."""
         ids = self.completion_ids.tolist()
@@ -168,14 +178,17 @@ def join_rollouts(parts: list[tuple[RolloutBatch, np.ndarray]], pad_id: int) -> 
             ("completion_ids", pad_id),
             ("completion_mask", 0),
             ("sampled_logprobs", 0),
+            ("loss_mask", 0),
         ):
-            a = np.array(getattr(b, name))[rows]
+            a = np.array(b.trained if name == "loss_mask" else getattr(b, name))[rows]
             columns.setdefault(name, []).append(
                 np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=fill)
             )
         columns.setdefault("truncated", []).append(np.array(b.truncated, dtype=bool)[rows])
     joined = {k: np.concatenate(v) for k, v in columns.items()}
     truncated = joined.pop("truncated").tolist()
+    if all(b.loss_mask is None for b, _ in parts):
+        del joined["loss_mask"]
     return RolloutBatch(**{k: mx.array(v) for k, v in joined.items()}, truncated=truncated)
 
 

@@ -24,6 +24,7 @@ from mlx_grpo.core import __version__, checkpoint, evaluation, memory, models, o
 from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import rewards as rewards_mod
 from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter, load_adapted
+from mlx_grpo.core.agent import Agent
 from mlx_grpo.core.batches import computes_in_float32
 from mlx_grpo.core.caches import allow_token_positions, recompute_activations
 from mlx_grpo.core.config import TrainConfig
@@ -59,6 +60,7 @@ class Run:
     plan: memory.Plan | None = None  # decode batch and update chunks (set by setup)
     loss_and_grad: LossAndGrad | None = None  # the compiled loss, built once (set by setup)
     eval_rows: list[data_mod.PromptRow] = field(default_factory=list)  # eval_data's prompts
+    agent: Agent | None = None  # tools and environments, when the run trains an agent
 
     def release(self) -> None:
         """Free the run folder for another process (the end of `train`)."""
@@ -131,6 +133,7 @@ def setup(
     reward_funcs: list[Callable],
     resume: bool = False,
     peers: Peers | None = None,
+    code: AgentCode | None = None,
 ) -> Run:
     """Lock the output directory, load and check every input, then prepare the directory.
 
@@ -140,9 +143,11 @@ def setup(
     check passed. The returned run holds the folder's lock: call
     `run.release()` when done. In a distributed run only process 0 locks and
     touches the output directory; it hands its state (adapter, optimizer,
-    data position, RNG) to the others.
+    data position, RNG) to the others. `code` holds the Python API's tools
+    and environment factory.
     """
     peers = peers or Peers()
+    _check_agent(cfg, peers, code)
     if cfg.dynamic_sampling and peers.size > 1:
         raise ValueError(
             "dynamic_sampling is not available in distributed runs yet (each process would "
@@ -162,7 +167,7 @@ def setup(
             if resume:
                 saved = checkpoint.latest(output_dir)
                 check_logs(output_dir)
-        run = _load(cfg, reward_funcs, peers, output_dir, saved)
+        run = _load(cfg, reward_funcs, peers, output_dir, saved, code or AgentCode())
         if saved is not None:
             restore(run, saved)
         elif peers.main:
@@ -176,14 +181,32 @@ def setup(
     return run
 
 
+def _check_agent(cfg: TrainConfig, peers: Peers, code: AgentCode | None) -> None:
+    """Refuse an agent run with what it cannot work with yet."""
+    if not (code is not None and code.given() or cfg.tools or cfg.environment):
+        return
+    if peers.size > 1:
+        raise ValueError(
+            "tools and environments are not available in distributed runs yet; train the agent "
+            "on one machine."
+        )
+    if cfg.dynamic_sampling:
+        raise ValueError(
+            "dynamic_sampling is not available with tools or environments yet; train the agent "
+            "without --dynamic-sampling."
+        )
+
+
 def _load(
     cfg: TrainConfig,
     reward_funcs: list[Callable],
     peers: Peers,
     output_dir: Path,
     saved: checkpoint.Loaded | None,
+    code: AgentCode,
 ) -> Run:
-    """Model, data and optimizer, checked against `saved`; then the rewards."""
+    """Model, data and optimizer, checked against `saved`; then the agent's tools and the
+    rewards."""
     mx.random.seed(cfg.seed)
     lm, paths = _load_model(cfg)
     model_sha256 = models.fingerprint(cfg.model)
@@ -202,8 +225,11 @@ def _load(
     if saved is not None:
         checkpoint.check_compatible(saved, cfg, model_sha256, data)
         _check_adapter_fits(lm.model, saved)
-    rewards = _load_rewards(cfg, reward_funcs)  # imports user code: after every other check
-    rewards_mod.check_arguments(rewards, (k for r in rows for k in r.columns), cfg.data)
+    # user code is imported after every other check: the tools, then the rewards
+    agent = Agent.build(cfg, code.tools, code.environment_factory, lm.tokenizer)
+    rewards = _load_rewards(cfg, reward_funcs, agent)
+    offered = [k for r in rows for k in r.columns] + (["environments"] if agent else [])
+    rewards_mod.check_arguments(rewards, offered, cfg.data)
     _check_evaluation(cfg, eval_rows, rewards)
     if saved is not None:
         checkpoint.check_rewards(saved, [r.name for r in rewards])
@@ -219,7 +245,7 @@ def _load(
     run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, state)
     run.model_fingerprint, run.data_fingerprint, run.peers = model_sha256, data, peers
     run.plan, run.loss_and_grad = plan, LossAndGrad(lm.model, cfg)
-    run.eval_rows = eval_rows
+    run.eval_rows, run.agent = eval_rows, agent
     peers.check_same(
         {
             "versions": [mx.__version__, __version__],
@@ -282,9 +308,26 @@ def _load_model(cfg: TrainConfig) -> tuple[LoadedModel, list[str]]:
     return lm, paths
 
 
-def _load_rewards(cfg: TrainConfig, reward_funcs: list[Callable]) -> list[rewards_mod.Reward]:
-    """The named rewards (imported here), then the callables, with their weights."""
-    return rewards_mod.load_rewards(cfg.rewards, cfg.reward_weights, reward_funcs)
+def _load_rewards(
+    cfg: TrainConfig, reward_funcs: list[Callable], agent: Agent | None
+) -> list[rewards_mod.Reward]:
+    """The named rewards (imported here), then the callables, with their weights; then the
+    environment's own reward (weight 1), which may be the only one."""
+    own = agent.rewards() if agent is not None else []
+    if own and not cfg.rewards and not reward_funcs:
+        return own
+    return rewards_mod.load_rewards(cfg.rewards, cfg.reward_weights, reward_funcs) + own
+
+
+@dataclass
+class AgentCode:
+    """The Python API's agent objects, which settings cannot hold (TRL's arguments)."""
+
+    tools: list[Callable] = field(default_factory=list)
+    environment_factory: Callable | dict[str, Callable] | None = None
+
+    def given(self) -> bool:
+        return bool(self.tools) or self.environment_factory is not None
 
 
 def _start_output(cfg: TrainConfig, output_dir: Path) -> RunLock:

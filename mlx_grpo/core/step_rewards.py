@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlx_grpo.core import reward_calls
+from mlx_grpo.core.agent import AgentRollout
 from mlx_grpo.core.data import PromptRow
 from mlx_grpo.core.reporting import REWARD_ERRORS_FILE
 from mlx_grpo.core.rewards import RewardError
@@ -55,30 +57,84 @@ def score_rollout(
     rows: list[PromptRow],
     batch: RolloutBatch,
     state: reward_calls.TrainerState,
+    agent: AgentRollout | None = None,
 ) -> StepRewards:
-    """Score this process's completions, then gather every process's rewards and lengths."""
+    """Score this process's completions, then gather every process's rewards and lengths.
+
+    An agent's completions are its episodes' conversations, and the reward
+    functions get its `environments` too (TRL's arguments); lengths count
+    the tokens the model wrote.
+    """
     ids = batch.completion_lists()
     texts = [run.lm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    completions: list = texts if agent is None else [ep.messages for ep in agent.episodes]
+    extra = {"environments": agent.environments} if agent and agent.environments else None
     errors: list[dict[str, Any]] = []
     logged = reward_calls.RewardLogs()
     per_func = reward_calls.score_groups(
         run.rewards,
         rows,
         run.cfg.num_generations,
-        texts,
+        completions,
         ids,
         run.cfg.on_reward_error,
         _error_log(run, step, errors),
         state=state,
         logs=logged,
+        extra=extra,
     )
+    if agent is not None:
+        _failed_resets(run, rows, agent, per_func, _error_log(run, step, errors))
     _write_errors(run, errors)
+    if agent is not None:  # completions.jsonl keeps each whole episode
+        logged.extra["messages"] = [ep.messages for ep in agent.episodes]
+        logged.extra["trained_spans"] = [trained_spans(ep.trained) for ep in agent.episodes]
     # Rewards, lengths and truncation of every process's rows, in rank order (exact bytes).
-    local = np.column_stack([per_func, batch.lengths, batch.truncated]).astype(np.float64)
+    lengths = batch.trained_lengths
+    local = np.column_stack([per_func, lengths, batch.truncated]).astype(np.float64)
     every = run.peers.gather(local, "the rewards")
     weights = np.array([r.weight for r in run.rewards], dtype=np.float32)
     truncated = every[:, -1].astype(bool)
     return StepRewards(every[:, :-2], weights, every[:, -2], truncated, texts, logged)
+
+
+def _failed_resets(
+    run: Run,
+    rows: list[PromptRow],
+    agent: AgentRollout,
+    per_func: np.ndarray,
+    log: Callable[[dict[str, Any]], None],
+) -> None:
+    """Episodes whose environment's reset raised: every reward 0 (on_reward_error zero) or
+    none (skip), logged as reward failures are."""
+    action = run.cfg.on_reward_error
+    for i, ep in enumerate(agent.episodes):
+        if ep.failure is None:
+            continue
+        per_func[i] = 0.0 if action == "zero" else np.nan
+        exc = ep.failure
+        log(
+            {
+                "function": f"{type(agent.environments[i]).__name__}.reset",
+                "row": rows[i // run.cfg.num_generations].source,
+                "completion": None,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                "action": action,
+            }
+        )
+
+
+def trained_spans(trained: list[int]) -> list[list[int]]:
+    """[start, end) of each run of tokens the model wrote (a completion's others are tool
+    results, which the loss leaves out)."""
+    spans: list[list[int]] = []
+    for i, on in enumerate(trained):
+        if on and (not spans or spans[-1][1] != i):
+            spans.append([i, i + 1])
+        elif on:
+            spans[-1][1] = i + 1
+    return spans
 
 
 def logged_metrics(

@@ -25,6 +25,7 @@ import mlx.core as mx
 from mlx_grpo.core import checkpoint, dynamic, heldout, memory
 from mlx_grpo.core.adapters import Adapter
 from mlx_grpo.core.advantages import Advantages, group_advantages
+from mlx_grpo.core.agent import tool_metrics
 from mlx_grpo.core.batches import micro_batches, row_order
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.data import PromptRow
@@ -43,7 +44,7 @@ from mlx_grpo.core.reward_calls import TrainerState
 from mlx_grpo.core.rollout import Noise, RolloutBatch, rollout
 from mlx_grpo.core.runfolder import DiskFull
 from mlx_grpo.core.settings import resolve
-from mlx_grpo.core.setup import Run, resume_command, setup, snapshot, summary
+from mlx_grpo.core.setup import AgentCode, Run, resume_command, setup, snapshot, summary
 from mlx_grpo.core.step_rewards import StepRewards, logged_metrics, score_rollout, trainer_state
 from mlx_grpo.core.supervise import report_plan
 from mlx_grpo.core.trackers import open_trackers
@@ -73,6 +74,8 @@ def train(
     config: TrainConfig | str | Path | None = None,
     *,
     reward_funcs: list[Callable] | None = None,
+    tools: list[Callable | str] | None = None,
+    environment_factory: Callable | dict[str, Callable] | None = None,
     show_progress: bool | str = True,
     resume: str | Path | None = None,
     **overrides: Any,
@@ -81,18 +84,20 @@ def train(
 
     `config` is a TrainConfig or a YAML path; keyword overrides win over it.
     `reward_funcs` adds Python callables (TRL signature) after the named
-    rewards; `reward_weights` then covers both, in that order. Given alone
-    (no `rewards`, no config), the callables are the only rewards.
+    rewards (`reward_weights` covers both, in order); given alone, they are
+    the only rewards. `tools` (functions, or 'module:function' specs as
+    --tools) and `environment_factory` (a class or function making an
+    environment, or a dict of them chosen by an `environment` column) train
+    an agent, as TRL's arguments of those names do; an environment's
+    `get_reward` may be the only reward. Give the callables again to resume.
 
     `show_progress`: True shows a progress bar on a terminal and one plain
     line per `logging_steps` steps elsewhere, "lines" always the lines, False
-    nothing (the files are written all the same).
-
-    `resume` continues the run in that output directory from its newest
-    checkpoint, with the settings it started with (`overrides` may change
-    only `checkpoint.RESUMABLE` ones, e.g. max_steps). The result equals an
-    uninterrupted run's. Ctrl-C or SIGTERM saves a checkpoint and raises
-    TrainingInterrupted; any other error saves one too before propagating.
+    nothing (the files are written all the same). `resume` continues the run
+    in that output directory from its newest checkpoint, with its settings
+    (`overrides` may change only `checkpoint.RESUMABLE` ones, e.g.
+    max_steps), as if never stopped. Ctrl-C or SIGTERM saves a checkpoint
+    and raises TrainingInterrupted; any other error saves one too.
 
     Example:
         >>> import mlx_grpo
@@ -101,22 +106,20 @@ def train(
         >>> result = mlx_grpo.train(model="Qwen/Qwen3-0.6B", data="train.jsonl",
         ...                         rewards=["math_answer"], reward_funcs=[short],
         ...                         max_steps=50, output_dir="runs/demo")
-        >>> result.metrics[-1]["reward"]
         >>> mlx_grpo.train(resume="runs/demo", max_steps=100)  # 50 more steps
     """
     peers = connect()  # several processes when started by mlx.launch
-    settings = None
+    code = _agent_code(tools, environment_factory, overrides)
+    settings, own = None, bool(reward_funcs) or environment_factory is not None
     if peers.main:  # the others take process 0's settings: a resumed run's are on its disk
-        settings = _settings(config, reward_funcs, resume, overrides).to_dict()
+        settings = _settings(config, own, resume, overrides).to_dict()
     cfg = resolve(None, **peers.broadcast_json(settings, "the settings"))
     peers.timeout = cfg.distributed_timeout
-    run = setup(cfg, reward_funcs or [], resume=resume is not None, peers=peers)
+    run = setup(cfg, reward_funcs or [], resume=resume is not None, peers=peers, code=code)
     report_plan(run.plan.peak)  # for an --auto-resume supervisor, should memory run out
     try:  # the run folder stays locked until here
         reporter = _reporter(run, show_progress)
-        reporter.write(summary(run))
-        if resume is not None:
-            reporter.write(_resumed(run))
+        reporter.write(summary(run) + ("" if resume is None else "\n" + _resumed(run)))
         try:
             with stop_on_signals(), memory.limits(run.plan):
                 _loop(run, reporter)
@@ -145,16 +148,33 @@ def _reporter(run: Run, show_progress: bool | str) -> Reporter:
     )
 
 
+def _agent_code(
+    tools: list[Callable | str] | None,
+    environment_factory: Callable | dict[str, Callable] | None,
+    overrides: dict[str, Any],
+) -> AgentCode:
+    """The API's tool callables and environment factory; tool specs (text) join the
+    `tools` setting in `overrides`."""
+    specs = [t for t in tools or [] if isinstance(t, str)]
+    if specs:
+        overrides["tools"] = [*overrides.get("tools", []), *specs]
+    callables = [t for t in tools or [] if not isinstance(t, str)]
+    return AgentCode(callables, environment_factory)
+
+
 def _settings(
     config: TrainConfig | str | Path | None,
-    reward_funcs: list[Callable] | None,
+    own_rewards: bool,
     resume: str | Path | None,
     overrides: dict[str, Any],
 ) -> TrainConfig:
+    """The run's settings; reward callables or an environment given without `rewards`
+    replace the default math_answer."""
     if resume is not None:
         return checkpoint.resume_settings(resume, config, overrides)
-    if reward_funcs and config is None and "rewards" not in overrides:
-        overrides["rewards"] = []  # callables alone, not the default math_answer too
+    own_rewards = own_rewards or bool(overrides.get("environment"))
+    if own_rewards and config is None and "rewards" not in overrides:
+        overrides["rewards"] = []
     if isinstance(config, TrainConfig):
         return resolve(None, **{**config.to_dict(), **overrides})
     return resolve(config, **overrides)
@@ -261,6 +281,8 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]
         mine = slice(None)
     else:
         sampled, sampling_metrics = _draw(run, step, state, timer), {}
+        if sampled.agent is not None:
+            sampling_metrics = tool_metrics(sampled.agent.episodes)
         mine = peers.part(len(sampled.prompts) * g)
     every_row, batch, scored = sampled.prompts, sampled.batch, sampled.scored
     adv = group_advantages(
@@ -285,9 +307,17 @@ def _draw(run: Run, step: int, state: TrainerState, timer: PhaseTimer) -> Round:
     taken = run.state.take_prompts(len(run.rows), cfg.prompts_per_step * peers.size)
     every_row = [run.rows[i] for i in taken]
     rows, mine = every_row[peers.part(len(every_row))], peers.part(len(every_row) * g)
+    noise, agent = Noise.fresh(mine.start, len(every_row) * g), None
     with timer.phase("rollout"):
-        batch = _rollout(run, rows, Noise.fresh(mine.start, len(every_row) * g))
-    return Round(every_row, batch, score_rollout(run, step, rows, batch, state))
+        if run.agent is None:
+            batch = _rollout(run, rows, noise)
+        else:
+            run.lm.model.eval()
+            lm, sampling = run.lm, cfg.sampling()
+            agent = run.agent.rollout(lm.model, rows, sampling, lm.eos_ids, lm.pad_id, noise)
+            batch = agent.batch
+    scored = score_rollout(run, step, rows, batch, state, agent)
+    return Round(every_row, batch, scored, agent)
 
 
 def _rollout(run: Run, rows: list[PromptRow], noise: Noise) -> RolloutBatch:

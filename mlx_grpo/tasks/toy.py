@@ -3,7 +3,8 @@
 They let the tests, the demo and the benchmark run on a machine that reaches
 no model hub. The tokenizer is a byte-level BPE with no merges (one token per
 byte) plus the Qwen3 special tokens, and a ChatML chat template that honours
-`enable_thinking` as Qwen3's does.
+`enable_thinking` as Qwen3's does (with `tools=True`, one that also shows
+tools, tool calls and tool results in Qwen3's form).
 
 Example:
     >>> from mlx_grpo.tasks.toy import build_tiny_qwen3
@@ -23,10 +24,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # As in Qwen3, the think tags are added tokens that decoding keeps.
 THINK_TOKENS = ["<think>", "</think>"]
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
+# The assistant header after the conversation; Qwen3's empty thinking block when it is off.
+GENERATION_PROMPT = (
     "{%- if add_generation_prompt %}"
     "{{- '<|im_start|>assistant\\n' }}"
     "{%- if enable_thinking is defined and enable_thinking is false %}"
@@ -34,6 +33,43 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
     "{%- endif %}"
 )
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+) + GENERATION_PROMPT
+
+# The same, also showing tools (briefly), tool calls and tool results in Qwen3's form.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- 'Tools you may call:\\n<tools>\\n' }}"
+    # each tool as name(arguments): the byte tokenizer makes every character a token
+    "{%- for tool in tools %}{{- tool['function']['name'] + '(' }}"
+    "{{- tool['function']['parameters']['properties'] | list | join(', ') }}{{- ')\\n' }}"
+    "{%- endfor %}"
+    '{{- \'</tools>\\nCall one with <tool_call>{\\"name\\": ..., \\"arguments\\": {...}}'
+    "</tool_call>.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and tools %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + "
+    "'\\n</tool_response><|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{- '<|im_start|>assistant\\n' + message['content'] }}"
+    "{%- for call in message['tool_calls'] %}"
+    "{{- '<tool_call>' + ({'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson) + '</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+) + GENERATION_PROMPT
 
 # Qwen3-0.6B's shapes (REFERENCE section 3).
 QWEN3_0_6B = dict(
@@ -67,7 +103,9 @@ def _byte_vocab() -> dict[str, int]:
     return {ch: i for i, ch in enumerate(alphabet)}
 
 
-def save_byte_tokenizer(path: str | Path, eos_token: str = "<|im_end|>") -> dict[str, int]:
+def save_byte_tokenizer(
+    path: str | Path, eos_token: str = "<|im_end|>", chat_template: str = CHAT_TEMPLATE
+) -> dict[str, int]:
     """Write a byte-level tokenizer (tokenizer.json + config) into `path`.
 
     Returns the ids of the special tokens.
@@ -88,7 +126,7 @@ def save_byte_tokenizer(path: str | Path, eos_token: str = "<|im_end|>") -> dict
         "pad_token": "<|endoftext|>",
         "bos_token": None,
         "model_max_length": 4096,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (path / "special_tokens_map.json").write_text(
@@ -103,6 +141,7 @@ def build_tiny_qwen3(
     dtype: mx.Dtype = mx.float32,
     init_std: float = 0.02,
     model_type: str = "qwen3",
+    tools: bool = False,
     **overrides,
 ) -> Path:
     """Build a random-weight Qwen3 (or Llama) with the byte tokenizer, save it to `path`.
@@ -110,14 +149,16 @@ def build_tiny_qwen3(
     `overrides` change the shapes in TINY (for example `**QWEN3_0_6B`). The
     model's vocabulary is at least the tokenizer's. Matrices are drawn from
     N(0, init_std^2); a larger std gives peakier, less uniform next-token
-    distributions.
+    distributions. `tools` gives it the chat template that shows tools.
     """
     import importlib
 
     arch = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[model_type]
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     path = Path(path)
-    specials = save_byte_tokenizer(path)
+    specials = save_byte_tokenizer(
+        path, chat_template=TOOLS_CHAT_TEMPLATE if tools else CHAT_TEMPLATE
+    )
     shapes = {**TINY, **overrides}
     shapes["vocab_size"] = max(shapes["vocab_size"], max(specials.values()) + 1)
     config = dict(

@@ -1,0 +1,339 @@
+"""Training an agent: a TRL-style environment (reset, two tools, get_reward) and plain tools
+train unchanged on the tiny model, whose first turn is forced to call a tool; the loss
+leaves the tool results out; failing and hanging tools do not stop the run; a stopped run
+resumes to the same adapter; completions.jsonl keeps every episode."""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx.core; must come first)
+
+# isort: split
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import assert_refused, cli_flags, run_cli
+
+from mlx_grpo.core import agent as agent_mod
+from mlx_grpo.core.batches import micro_batches
+from mlx_grpo.core.episodes import FirstTurn
+from mlx_grpo.core.objective import Normalizer
+from mlx_grpo.core.rollout import Noise
+from mlx_grpo.core.settings import resolve
+from mlx_grpo.core.setup import AgentCode, setup
+from mlx_grpo.core.trainer import train
+from mlx_grpo.core.update import micro_loss
+
+
+class Arithmetic:
+    """A TRL-style environment: reset with the row, two tools, and its own reward."""
+
+    def reset(self, **row):
+        self.used = []
+        return " Use the tools."
+
+    def multiply(self, a: int, b: int) -> int:
+        """Multiply two integers.
+
+        Args:
+            a: The first factor.
+            b: The second factor.
+        """
+        self.used.append("multiply")
+        return a * b
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: The first term.
+            b: The second term.
+        """
+        self.used.append("add")
+        return a + b
+
+    def get_reward(self) -> float:
+        return float(len(self.used))
+
+
+def slow(seconds: float) -> str:
+    """Take a while.
+
+    Args:
+        seconds: How long.
+    """
+    time.sleep(seconds)
+    return "done"
+
+
+def boom(x: int) -> int:
+    """Fail.
+
+    Args:
+        x: Anything.
+    """
+    raise ValueError("boom")
+
+
+def length_reward(completions, **kwargs):
+    """The last message's length, so that groups differ."""
+    return [len(c[-1]["content"]) / 10 for c in completions]
+
+
+FIRST_TURN = '<tool_call>{"name": "multiply", "arguments": {"a": 6, "b": 7}}</tool_call>'
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Every episode's first turn is FIRST_TURN (the model's own log-probs of those tokens);
+    later turns are sampled as usual."""
+    real = agent_mod.run_episodes
+    turn = {"text": FIRST_TURN}
+
+    def with_first_turn(model, tokenizer, prompts, episodes, sampling, *args, **kwargs):
+        pick = FirstTurn(tokenizer, turn["text"], sampling, len(episodes))
+        return real(model, tokenizer, prompts, episodes, sampling, *args, **kwargs, pick=pick)
+
+    monkeypatch.setattr(agent_mod, "run_episodes", with_first_turn)
+    return turn
+
+
+@pytest.fixture
+def agent_settings(quick_settings, tool_model_dir):
+    return {
+        **quick_settings,
+        "model": str(tool_model_dir),
+        "max_completion_length": 170,  # the forced call, its result, a short second turn
+        "rewards": [],
+        "max_steps": 3,
+        "show_progress": False,
+        "lora_dropout": 0.1,
+        "save_steps": 2,
+    }
+
+
+def records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_a_trl_environment_trains_unchanged_and_owns_the_reward(agent_settings, forced):
+    out = Path(agent_settings["output_dir"])
+    steps = train(**agent_settings, environment_factory=Arithmetic).metrics
+    for m in steps:
+        assert m["tools/call_frequency"] >= 1.0 and m["tools/failure_frequency"] == 0.0
+        assert m["rewards/Arithmetic/mean"] >= 1.0  # each episode multiplied at least once
+    (sample, *_) = [r for r in records(out / "completions.jsonl") if r["step"] == 1]
+    roles = [m["role"] for m in sample["messages"]]
+    assert roles[:2] == ["assistant", "tool"] and sample["messages"][1]["content"] == "42"
+    assert sample["messages"][0]["tool_calls"][0]["function"]["arguments"] == {"a": 6, "b": 7}
+    spans = sample["trained_spans"]
+    assert spans[0][0] == 0 and len(spans) == 2  # the first turn, then (after the result) the next
+    assert "42" in sample["completion"]
+
+
+def test_the_loss_leaves_tool_results_out(agent_settings, forced):
+    settings = {k: v for k, v in agent_settings.items() if k != "show_progress"}
+    cfg = resolve(None, **{**settings, "tools": ["test_agent_training:boom"]})
+    run = setup(cfg, [length_reward], code=AgentCode(environment_factory=Arithmetic))
+    lm = run.lm
+    rows = run.rows[:2]
+    out = run.agent.rollout(lm.model, rows, cfg.sampling(), lm.eos_ids, lm.pad_id, Noise(3))
+    batch = out.batch
+    trained, extent = np.array(batch.loss_mask), np.array(batch.completion_mask)
+    assert (trained <= extent).all() and (trained < extent).any()  # tool results are read only
+    adv = mx.array(np.linspace(-1, 1, batch.completion_ids.shape[0]).astype(np.float32))
+    (mb,) = micro_batches(lm.model, batch, adv, cfg)
+    np.testing.assert_array_equal(np.array(mb.mask), trained[:, : mb.mask.shape[1]])
+    # pi_old off the current policy, so ratios are not 1 and the clip acts
+    rng = np.random.default_rng(0)
+    old = np.array(batch.sampled_logprobs)[:, : mb.mask.shape[1]]
+    mb.old_logp = mx.array(
+        (old + rng.normal(0, 0.3, old.shape) * trained[:, : old.shape[1]]).astype(np.float32)
+    )
+    loss, _ = micro_loss(
+        lm.model, mb, cfg, cfg.loss_settings(), Normalizer(1, float(trained.sum()))
+    )
+    # by hand: each sequence through the model in full, dapo's token mean over the mask
+    expected_sum = 0.0
+    lp_all = []
+    for i in range(batch.completion_ids.shape[0]):
+        pad = int(batch.prompt_padding[i].item())
+        n = int(extent[i].sum())
+        prompt = np.array(batch.prompt_tokens[i, pad:]).tolist()
+        ids = np.array(batch.completion_ids[i, :n]).tolist()
+        logits = lm.model(mx.array([prompt + ids]))[0, len(prompt) - 1 : -1].astype(mx.float32)
+        lp = np.array(logits - mx.logsumexp(logits, -1, keepdims=True))[np.arange(n), ids]
+        ratio = np.exp(lp - np.array(mb.old_logp[i, :n]))
+        a = float(adv[i])
+        per_token = -np.minimum(ratio * a, np.clip(ratio, 0.8, 1.2) * a)
+        expected_sum += float((per_token * trained[i, :n]).sum())
+        lp_all.append(lp)
+    assert float(loss) == pytest.approx(expected_sum / trained.sum(), rel=1e-4, abs=1e-6)
+    # counting the tool results too would give another loss
+    wrong = (
+        sum(
+            float(
+                (
+                    -np.minimum(
+                        np.exp(lp - np.array(mb.old_logp[i, : len(lp)])) * float(adv[i]),
+                        np.clip(np.exp(lp - np.array(mb.old_logp[i, : len(lp)])), 0.8, 1.2)
+                        * float(adv[i]),
+                    )
+                ).sum()
+            )
+            for i, lp in enumerate(lp_all)
+        )
+        / extent.sum()
+    )
+    assert abs(wrong - float(loss)) > 1e-4
+
+
+def test_failing_and_hanging_tools_give_errors_and_the_run_goes_on(agent_settings, forced):
+    forced["text"] = (
+        '<tool_call>{"name": "slow", "arguments": {"seconds": 60}}</tool_call>'
+        '<tool_call>{"name": "boom", "arguments": {"x": 1}}</tool_call>'
+        "<tool_call>{oops}</tool_call>"
+    )
+    settings = {
+        **agent_settings,
+        "tools": ["test_agent_training:slow", "test_agent_training:boom"],
+        "tool_timeout": 0.5,
+        "max_steps": 1,
+        "max_completion_length": 520,  # the forced turn is 160 tokens, the results 250
+        "max_tool_calling_iterations": 1,
+    }
+    start = time.perf_counter()
+    steps = train(**settings, reward_funcs=[length_reward]).metrics
+    assert time.perf_counter() - start < 30  # two steps, each waiting 0.5 s for the hung tool
+    for m in steps:
+        assert m["tools/call_frequency"] == 3.0 and m["tools/failure_frequency"] == 1.0
+    (sample, *_) = records(Path(settings["output_dir"]) / "completions.jsonl")
+    results = [m["content"] for m in sample["messages"] if m["role"] == "tool"]
+    assert results == [
+        "{'error': 'the tool did not finish within 0.5 s'}",
+        "{'error': 'boom'}",
+        results[2],
+    ]
+    assert "not valid JSON" in results[2]
+
+
+def test_a_stopped_agent_run_resumes_to_the_same_adapter(agent_settings, forced, tmp_path):
+    settings = {**agent_settings, "max_steps": 3, "save_steps": 1}
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(**{**settings, "output_dir": str(whole)}, environment_factory=Arithmetic)
+    train(
+        **{**settings, "output_dir": str(resumed), "max_steps": 1}, environment_factory=Arithmetic
+    )
+    train(resume=resumed, max_steps=3, show_progress=False, environment_factory=Arithmetic)
+    a = mx.load(str(whole / "adapters.safetensors"))
+    b = mx.load(str(resumed / "adapters.safetensors"))
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]))
+    volatile = ("time/", "memory/", "peak_memory_gb", "tokens_per_second")
+
+    def steady(path):
+        return [
+            {k: v for k, v in r.items() if not k.startswith(volatile)}
+            for r in records(path / "metrics.jsonl")
+            if "event" not in r
+        ]
+
+    assert steady(whole) == steady(resumed)
+
+
+def test_tools_on_the_command_line(agent_settings, tmp_path):
+    good = {**agent_settings, "tools": ["test_agent_training:slow"], "max_steps": 1}
+    good.pop("show_progress")
+    good["rewards"] = ["test_agent_training:length_reward"]
+    result = run_cli("train", *cli_flags(good))
+    assert result.exit_code == 0, result.output
+    bad = {**good, "tools": ["test_agent_training:nothing"], "output_dir": str(tmp_path / "b")}
+    assert_refused(run_cli("train", *cli_flags(bad)), "has no callable 'nothing'", "slow")
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_example_environment_runs_python_and_scores_the_submitted_answer(
+    agent_settings, forced, tmp_path
+):
+    from mlx_grpo.tasks.tool_arithmetic import write_task
+
+    data = write_task(tmp_path / "mult.jsonl", rows=1, seed=1)  # every prompt is this one
+    first = json.loads(data.read_text().splitlines()[0])
+    forced["text"] = (
+        '<tool_call>{"name": "python", "arguments": {"code": "print(2 * 21)"}}</tool_call>'
+        '<tool_call>{"name": "submit", "arguments": {"answer": ' + str(first["answer"]) + "}}"
+        "</tool_call>"
+    )
+    settings = {
+        **agent_settings,
+        "data": str(data),
+        "environment": "mlx_grpo.tasks.tool_arithmetic:PythonSandbox",
+        "max_completion_length": 320,
+        "max_steps": 1,
+        "max_tool_calling_iterations": 1,
+    }
+    steps = train(**settings).metrics
+    assert steps[0]["tools/call_frequency"] == 2.0 and steps[0]["tools/failure_frequency"] == 0
+    (sample, *_) = records(Path(settings["output_dir"]) / "completions.jsonl")
+    assert [m["content"] for m in sample["messages"] if m["role"] == "tool"] == [
+        "42\n",
+        "submitted",
+    ]
+    assert steps[0]["rewards/PythonSandbox/mean"] == 1.0  # the right product, submitted
+    for record in records(Path(settings["output_dir"]) / "completions.jsonl"):
+        a, b = map(int, re.search(r"What is (\d+) \* (\d+)", record["prompt"]).groups())
+        assert a * b == first["answer"] and record["rewards"]["PythonSandbox"] == 1.0
+
+
+class BrokenReset(Arithmetic):
+    """Its reset raises for prompts asking for digits."""
+
+    def reset(self, **row):
+        if "digits" in row["prompt"]:
+            raise KeyError("no such level")
+        return super().reset(**row)
+
+
+def test_a_reset_that_raises_is_handled_by_on_reward_error(agent_settings, forced):
+    action = "skip"
+    settings = {**agent_settings, "on_reward_error": action, "max_steps": 2, "prompts_per_step": 4}
+    steps = train(**settings, environment_factory=BrokenReset).metrics
+    errors = records(Path(settings["output_dir"]) / "reward_errors.jsonl")
+    assert errors and {e["function"] for e in errors} == {"BrokenReset.reset"}
+    assert all(e["action"] == action and "KeyError" in e["error"] for e in errors)
+    assert len(steps) == 2  # the run went on
+    # the broken episodes are unscored, the others scored by get_reward
+    for record in records(Path(settings["output_dir"]) / "completions.jsonl"):
+        broken = "digits" in record["prompt"]
+        assert (record["rewards"]["BrokenReset"] is None) == broken
+
+
+def test_a_reset_that_raises_stops_the_run_by_default(agent_settings, forced):
+    settings = {k: v for k, v in agent_settings.items() if k != "show_progress"}
+    result = run_cli(
+        "train", *cli_flags({**settings, "environment": "test_agent_training:BrokenReset"})
+    )
+    assert result.exit_code != 0
+    assert "BrokenReset.reset raised KeyError" in result.output
+    assert "--on-reward-error zero" in result.output
+
+
+def test_a_chat_template_that_does_not_show_tools_is_refused(agent_settings, tmp_path):
+    import shutil
+
+    model = tmp_path / "no-tools-model"
+    shutil.copytree(agent_settings["model"], model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+        "{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    settings = {k: v for k, v in agent_settings.items() if k != "show_progress"}
+    settings |= {"model": str(model), "tools": ["test_agent_training:slow"]}
+    settings["rewards"] = ["test_agent_training:length_reward"]
+    assert_refused(run_cli("train", *cli_flags(settings)), "does not show tools to the model")
+    assert not Path(settings["output_dir"]).exists()
