@@ -32,7 +32,7 @@ from mlx_grpo.core.agent_tools import ToolCall, ToolRunner, parse_tool_calls
 from mlx_grpo.core.caches import RolloutCache
 from mlx_grpo.core.config import SamplingSettings
 from mlx_grpo.core.models import left_pad
-from mlx_grpo.core.rollout import Noise, RolloutBatch, _prefill, decode_step, make_draw
+from mlx_grpo.core.rollout import Noise, RolloutBatch, decode_step, make_draw, prefill
 
 
 @dataclass
@@ -85,7 +85,7 @@ def run_episodes(
     """
     g = len(episodes) // len(prompts)
     tokens, padding = left_pad(prompts, pad_id)
-    logits, cache = _prefill(model, tokens, padding, g, sampling.max_completion_length)
+    logits, cache = prefill(model, tokens, padding, g, sampling.max_completion_length)
     draw = make_draw(sampling)
     pick = pick or (lambda logits, u, rows: draw(logits, u))
     decoder = _Decoder(model, tokenizer, episodes, sampling, eos_ids, noise or Noise.fresh())
@@ -198,15 +198,8 @@ def _as_rollout(tokens, padding, g, episodes, pad_id) -> RolloutBatch:
     for i, ep in enumerate(episodes):
         k = len(ep.ids)
         ids[i, :k], mask[i, :k], trained[i, :k], logp[i, :k] = ep.ids, 1, ep.trained, ep.logp
-    return RolloutBatch(
-        prompt_tokens=mx.repeat(tokens, g, axis=0),
-        prompt_padding=mx.repeat(padding, g),
-        completion_ids=mx.array(ids),
-        completion_mask=mx.array(mask),
-        sampled_logprobs=mx.array(logp),
-        truncated=[ep.truncated for ep in episodes],
-        loss_mask=mx.array(trained),
-    )
+    truncated = [ep.truncated for ep in episodes]
+    return RolloutBatch.of(tokens, padding, g, ids, mask, logp, truncated, loss_mask=trained)
 
 
 class FirstTurn:

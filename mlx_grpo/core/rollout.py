@@ -85,6 +85,29 @@ class RolloutBatch:
         """Each completion's tokens the model wrote (what TRL's length metrics count)."""
         return self.trained.sum(axis=1).astype(mx.int32).tolist()
 
+    @classmethod
+    def of(
+        cls,
+        tokens: mx.array,  # (B, P) the prompts, left-padded
+        padding: mx.array,  # (B,)
+        g: int,  # completions of each prompt
+        ids: np.ndarray,  # (B * G, T) completions, and their masks and log-probs
+        mask: np.ndarray,
+        logp: np.ndarray,
+        truncated: list[bool],
+        loss_mask: np.ndarray | None = None,
+    ) -> RolloutBatch:
+        """The batch of B prompts' G completions each (row b * G + j: prompt b's j-th)."""
+        return cls(
+            prompt_tokens=mx.repeat(tokens, g, axis=0),
+            prompt_padding=mx.repeat(padding, g),
+            completion_ids=mx.array(ids),
+            completion_mask=mx.array(mask),
+            sampled_logprobs=mx.array(logp),
+            truncated=truncated,
+            loss_mask=None if loss_mask is None else mx.array(loss_mask),
+        )
+
     def completion_lists(self) -> list[list[int]]:
         """Each completion's ids, EOS included, padding dropped."""
         ids = self.completion_ids.tolist()
@@ -123,7 +146,7 @@ def rollout(
     parts = []
     for first, count, row, copies in decode_chunks(len(prompts), g, max_rows or n):
         sl = slice(first, first + count)
-        logits, cache = _prefill(
+        logits, cache = prefill(
             model, tokens[sl], padding[sl], copies, sampling.max_completion_length
         )
         chunk_noise = replace(noise, first_row=noise.first_row + row, total_rows=total)
@@ -133,14 +156,7 @@ def rollout(
         truncated[going] = True
         parts.append((*_assemble(steps, count * copies, pad_id), truncated))
     ids, mask, logp, truncated = _joined(parts, pad_id)
-    return RolloutBatch(
-        prompt_tokens=mx.repeat(tokens, g, axis=0),
-        prompt_padding=mx.repeat(padding, g),
-        completion_ids=mx.array(ids),
-        completion_mask=mx.array(mask),
-        sampled_logprobs=mx.array(logp),
-        truncated=truncated.tolist(),
-    )
+    return RolloutBatch.of(tokens, padding, g, ids, mask, logp, truncated.tolist())
 
 
 def _joined(parts: list[tuple[np.ndarray, ...]], pad_id: int) -> tuple[np.ndarray, ...]:
@@ -254,7 +270,7 @@ def _assemble(steps: list[tuple], n: int, pad_id: int) -> tuple[np.ndarray, ...]
     return ids, mask, logp
 
 
-def _prefill(
+def prefill(
     model: nn.Module, tokens: mx.array, padding: mx.array, g: int, room: int
 ) -> tuple[mx.array, list[RolloutCache]]:
     """Run each prompt once; return its next-token logits and cache, each repeated G times."""
