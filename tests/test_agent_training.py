@@ -17,6 +17,7 @@ import pytest
 from conftest import assert_refused, cli_flags, run_cli
 
 from mlx_grpo.core import agent as agent_mod
+from mlx_grpo.core.agent_tools import ToolSpecError
 from mlx_grpo.core.batches import micro_batches
 from mlx_grpo.core.episodes import FirstTurn
 from mlx_grpo.core.objective import Normalizer
@@ -337,3 +338,50 @@ def test_a_chat_template_that_does_not_show_tools_is_refused(agent_settings, tmp
     settings["rewards"] = ["test_agent_training:length_reward"]
     assert_refused(run_cli("train", *cli_flags(settings)), "does not show tools to the model")
     assert not Path(settings["output_dir"]).exists()
+
+
+class Doubler:
+    """A second environment with a tool of its own and a reward of its own."""
+
+    def reset(self, **row):
+        self.doubled = 0
+
+    def double(self, x: int) -> int:
+        """Double a number.
+
+        Args:
+            x: The number.
+        """
+        self.doubled += 1
+        return 2 * x
+
+    def get_reward(self) -> float:
+        return 10.0 + self.doubled
+
+
+def test_a_dict_of_environments_is_chosen_by_each_rows_environment_column(
+    agent_settings, forced, tmp_path
+):
+    data = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": f"Task {i}.", "environment": ["calc", "dbl"][i % 2]} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = {**agent_settings, "data": str(data), "max_steps": 2, "logging_steps": 1}
+    factories = {"calc": Arithmetic, "dbl": Doubler}
+    steps = train(**settings, environment_factory=factories).metrics
+    # the forced call is to multiply: Arithmetic episodes run it, Doubler ones cannot
+    for record in records(Path(settings["output_dir"]) / "completions.jsonl"):
+        env = rows[int(record["prompt"].split()[1][:-1])]["environment"]
+        result = [m["content"] for m in record["messages"] if m["role"] == "tool"][0]
+        if env == "calc":
+            assert result == "42" and record["rewards"] == {"Arithmetic": 1.0, "Doubler": None}
+        else:
+            assert result == "{'error': 'Tool multiply not found.'}"
+            assert record["rewards"] == {"Arithmetic": None, "Doubler": 10.0}
+    failures = sum(m["tools/failure_frequency"] for m in steps) / len(steps)
+    assert 0 < failures < 1  # both kinds ran over the two steps (the whole data)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "environment": "nope"}) + "\n")
+    with pytest.raises(ToolSpecError, match="environment 'nope' is not one of"):
+        train(**{**settings, "data": str(bad), "output_dir": str(tmp_path / "b")},
+              environment_factory=factories)  # fmt: skip
+    assert not (tmp_path / "b").exists()  # refused before anything was written

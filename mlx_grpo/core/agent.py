@@ -198,6 +198,13 @@ class Agent:
                 "--on-reward-error zero (score such episodes 0) or skip (leave them unscored)."
             ) from exc
 
+    def check_rows(self, rows: list[PromptRow]) -> None:
+        """Refuse rows whose `environment` names no factory (a dict of factories)."""
+        if self.factories is None or None in self.factories:
+            return
+        for row in rows:
+            self._factory(row)
+
     def _factory(self, row: PromptRow) -> Factory:
         assert self.factories is not None
         if None in self.factories:

@@ -227,6 +227,8 @@ def _load(
         _check_adapter_fits(lm.model, saved)
     # user code is imported after every other check: the tools, then the rewards
     agent = Agent.build(cfg, code.tools, code.environment_factory, lm.tokenizer)
+    if agent is not None:
+        agent.check_rows(rows)
     rewards = _load_rewards(cfg, reward_funcs, agent)
     offered = [k for r in rows for k in r.columns] + (["environments"] if agent else [])
     rewards_mod.check_arguments(rewards, offered, cfg.data)
