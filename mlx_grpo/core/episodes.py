@@ -102,7 +102,7 @@ class _Decoder:
     """Decodes one turn of the live rows; the random stream goes on across turns."""
 
     def __init__(self, model, tokenizer, episodes, sampling, eos_ids, noise):
-        self.model, self.tokenizer, self.episodes = model, tokenizer, episodes
+        self.tokenizer, self.episodes = tokenizer, episodes
         self.budget, self.eos = sampling.max_completion_length, set(eos_ids)
         self.key, self.noise = mx.random.key(noise.seed), noise
         self.step = decode_step(model, None)
