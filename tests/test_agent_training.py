@@ -5,6 +5,7 @@ resumes to the same adapter; completions.jsonl keeps every episode."""
 
 import json
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -220,28 +221,42 @@ def test_failing_and_hanging_tools_give_errors_and_the_run_goes_on(agent_setting
     assert "not valid JSON" in results[2]
 
 
-def test_a_stopped_agent_run_resumes_to_the_same_adapter(agent_settings, forced, tmp_path):
-    settings = {**agent_settings, "max_steps": 3, "save_steps": 1}
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train(**{**settings, "output_dir": str(whole)}, environment_factory=Arithmetic)
-    train(
-        **{**settings, "output_dir": str(resumed), "max_steps": 1}, environment_factory=Arithmetic
-    )
-    train(resume=resumed, max_steps=3, show_progress=False, environment_factory=Arithmetic)
-    a = mx.load(str(whole / "adapters.safetensors"))
-    b = mx.load(str(resumed / "adapters.safetensors"))
-    for k in a:
-        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]))
-    volatile = ("time/", "memory/", "peak_memory_gb", "tokens_per_second")
+# The forced first turn, in a `mlx-grpo train` process of its own.
+FORCE_IN_CHILD = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_agent_training as t
+from mlx_grpo.core import agent as agent_mod
+from mlx_grpo.core.episodes import FirstTurn
+real = agent_mod.run_episodes
+def run(model, tokenizer, prompts, episodes, sampling, *args, **kwargs):
+    pick = FirstTurn(tokenizer, t.FIRST_TURN, sampling, len(episodes))
+    return real(model, tokenizer, prompts, episodes, sampling, *args, **kwargs, pick=pick)
+agent_mod.run_episodes = run
+"""
 
-    def steady(path):
-        return [
-            {k: v for k, v in r.items() if not k.startswith(volatile)}
-            for r in records(path / "metrics.jsonl")
-            if "event" not in r
-        ]
 
-    assert steady(whole) == steady(resumed)
+def test_an_agent_run_killed_mid_run_resumes_to_the_same_adapter(
+    agent_settings, forced, tmp_path
+):
+    from test_resume import assert_same_run, spawn, wait_for_steps
+
+    settings = {
+        **agent_settings,
+        "environment": "test_agent_training:Arithmetic",
+        "max_steps": 3,
+        "save_steps": 1,
+    }
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train(**{**settings, "output_dir": str(whole)})
+    proc = spawn(cli_flags({**settings, "output_dir": killed}), tmp_path, FORCE_IN_CHILD)
+    wait_for_steps(killed, 1, proc)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert len(records(killed / "metrics.jsonl")) < 3  # killed before the end
+    again = spawn(["--resume", str(killed)], tmp_path, FORCE_IN_CHILD)
+    assert again.wait(timeout=300) == 0, again.communicate()
+    assert_same_run(whole, killed)
 
 
 def test_tools_on_the_command_line(agent_settings, tmp_path):
