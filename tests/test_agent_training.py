@@ -236,9 +236,7 @@ agent_mod.run_episodes = run
 """
 
 
-def test_an_agent_run_killed_mid_run_resumes_to_the_same_adapter(
-    agent_settings, forced, tmp_path
-):
+def test_an_agent_run_killed_mid_run_resumes_to_the_same_adapter(agent_settings, forced, tmp_path):
     from test_resume import assert_same_run, spawn, wait_for_steps
 
     settings = {
