@@ -127,7 +127,10 @@ def test_the_agent_benchmark_times_episodes_with_one_tool_round(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     figures = json.loads(out.read_text())
-    assert figures["agent"]["tools/call_frequency"] == 1.0  # one round per episode
-    for side in ("plain", "agent"):
+    for schedule in ("pause", "rejoin"):
+        assert figures[schedule]["tools/call_frequency"] == 1.0  # one round per episode
+    # first turns of unequal lengths: rows that rejoin at once finish in fewer decode steps
+    assert figures["rejoin"]["decode_steps"] < figures["pause"]["decode_steps"]
+    for side in ("plain", "pause", "rejoin"):
         assert all(figures[side][f"time/{p}"] > 0 for p in ("rollout", "update", "step"))
-    assert "agent" in proc.stdout and "calls/ep" in proc.stdout
+    assert "rejoin" in proc.stdout and "decode steps" in proc.stdout

@@ -81,14 +81,14 @@ class Script:
         return token, mx.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-def episode_run(lm, turns, max_rounds=3, length=400, timeout=5.0):
+def episode_run(lm, turns, max_rounds=3, length=400, timeout=5.0, schedule="pause"):
     episodes = [Episode(dict(TOOLS)) for _ in range(len(PROMPTS) * G)]
     script = Script(lm, turns)
     sampling = dataclasses.replace(TrainConfig().sampling(), max_completion_length=length)
     suffix = tool_suffix(lm.tokenizer)
     out = run_episodes(
         lm.model, lm.tokenizer, PROMPTS, episodes, sampling, lm.eos_ids, lm.pad_id,
-        ToolRunner(timeout), suffix, max_rounds, Noise(0), pick=script,
+        ToolRunner(timeout), suffix, max_rounds, Noise(0), pick=script, schedule=schedule,
     )  # fmt: skip
     return out, script, suffix
 
@@ -155,7 +155,7 @@ def test_a_tool_call_runs_its_tool_and_the_result_is_in_the_sequence_but_not_the
 def test_the_cache_after_a_tool_result_is_a_fresh_prefill_of_the_whole_sequence(lm, monkeypatch):
     turns = [[call("multiply", a=2, b=3), "6"], ["x"], ["yy"], [call("multiply", a=1, b=1), "1"]]
     caught = []
-    real = episodes_mod._next_turn
+    real = episodes_mod._Turns.join
 
     def spy(*args):
         rows, logits, cache = real(*args)
@@ -175,7 +175,7 @@ def test_the_cache_after_a_tool_result_is_a_fresh_prefill_of_the_whole_sequence(
         caught.append((rows, np.array(logits), kept))
         return rows, logits, cache
 
-    monkeypatch.setattr(episodes_mod, "_next_turn", spy)
+    monkeypatch.setattr(episodes_mod._Turns, "join", spy)
     out, script, _ = episode_run(lm, turns)
     rows, logits, cache = caught[0]
     assert rows.tolist() == [0, 3]
@@ -221,3 +221,27 @@ def test_a_turn_cut_by_the_budget_is_truncated_and_calls_no_tool(lm):
     ep = out.episodes[0]
     assert len(ep.ids) == 10 and ep.truncated and ep.calls == 0
     assert out.rollout.truncated == [True, False, False, False]
+
+
+def test_rows_that_rejoin_at_once_get_the_same_episodes_in_fewer_decode_steps(lm):
+    # turns of unequal lengths: with "pause" every round waits for the longest turn
+    turns = [
+        [call("multiply", a=2, b=3), "six, the product of two and three, and a few more words"],
+        ["a long answer without any tool at all, longer than the first turn"],
+        [call("explode", reason="r") + " and many more words here", "x"],
+        ["short"],
+    ]
+    paused, pause_script, _ = episode_run(lm, turns, schedule="pause")
+    joined, join_script, _ = episode_run(lm, turns, schedule="rejoin")
+    assert len(join_script.seen) < len(pause_script.seen)  # decode steps
+    for a, b in zip(paused.episodes, joined.episodes):
+        assert (a.ids, a.trained, a.messages) == (b.ids, b.trained, b.messages)
+        np.testing.assert_allclose(a.logp, b.logp, atol=1e-4)
+    # each token's log-prob is the one a single pass over the whole sequence gives
+    for row, ep in enumerate(joined.episodes):
+        prompt = PROMPTS[row // G]
+        logits = lm.model(mx.array([prompt + ep.ids]))[0, len(prompt) - 1 : -1]
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        whole = np.array(mx.take_along_axis(logp, mx.array(ep.ids)[:, None], axis=-1)[:, 0])
+        trained = np.array(ep.trained) == 1
+        np.testing.assert_allclose(np.array(ep.logp)[trained], whole[trained], atol=1e-4)

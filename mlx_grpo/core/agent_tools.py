@@ -144,6 +144,12 @@ class ToolRunner:
 
     def run(self, jobs: list[tuple[list[ToolCall], dict[str, Callable]]]) -> list[list[ToolResult]]:
         """For each (calls, tools by name): the results, sync ones first, then async ones."""
+        return self.start(jobs)()
+
+    def start(
+        self, jobs: list[tuple[list[ToolCall], dict[str, Callable]]]
+    ) -> Callable[[], list[list[ToolResult]]]:
+        """Start the jobs' calls now; the function returned waits for `run`'s results."""
         out: list[list[ToolResult]] = [[] for _ in jobs]
         threads = [
             threading.Thread(target=self._episode, args=(calls, tools, out[i]), daemon=True)
@@ -151,9 +157,13 @@ class ToolRunner:
         ]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()  # each call is bounded by the timeout, so each episode is too
-        return out
+
+        def results() -> list[list[ToolResult]]:
+            for t in threads:
+                t.join()  # each call is bounded by the timeout, so each episode is too
+            return out
+
+        return results
 
     def _episode(self, calls: list[ToolCall], tools: dict[str, Callable], out: list) -> None:
         waiting = []

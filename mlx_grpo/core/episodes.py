@@ -76,12 +76,16 @@ def run_episodes(
     max_rounds: int,
     noise: Noise | None = None,
     pick: Pick | None = None,
+    schedule: str = "pause",
 ) -> EpisodeBatch:
     """Decode the episodes (G = len(episodes) / len(prompts) per prompt) to their ends.
 
     `suffix(tool messages)` gives the tokens that follow a turn's EOS: the
     tool results and the next assistant header. `pick(logits, u, rows)`
-    replaces sampling (tests force tokens with it).
+    replaces sampling (tests force tokens with it). A row's tools start the
+    moment its turn ends; with `schedule` "pause" the rows that called tools
+    go on together once no row is still in its turn, with "rejoin" each goes
+    on at the next decode step (the others do not wait for it).
     """
     g = len(episodes) // len(prompts)
     tokens, padding = left_pad(prompts, pad_id)
@@ -89,57 +93,66 @@ def run_episodes(
     draw = make_draw(sampling)
     pick = pick or (lambda logits, u, rows: draw(logits, u))
     decoder = _Decoder(model, tokenizer, episodes, sampling, eos_ids, noise or Noise.fresh())
-    live = np.arange(len(episodes))
-    while live.size:
-        waiting = decoder.turn(logits, cache, live, pick)
-        waiting = [w for w in waiting if episodes[w[0]].rounds < max_rounds]
-        budget = sampling.max_completion_length
-        live, logits, cache = _next_turn(model, episodes, waiting, runner, suffix, budget)
+    turns = _Turns(model, episodes, runner, suffix, max_rounds, sampling.max_completion_length)
+    live, waiting = np.arange(len(episodes)), []
+    while live.size or waiting:
+        if live.size:
+            live, logits, cache, started = decoder.step(logits, cache, live, pick, turns)
+            waiting += started
+        if waiting and (schedule == "rejoin" or not live.size):
+            rows, more, caches = turns.join(waiting)
+            waiting = []
+            if rows.size and live.size:  # the rows that go on join the batch at its end
+                for c, extra in zip(cache, caches):
+                    c.extend(extra)
+                live, logits = np.concatenate([live, rows]), mx.concatenate([logits, more])
+            elif rows.size:
+                live, logits, cache = rows, more, caches
     return EpisodeBatch(_as_rollout(tokens, padding, g, episodes, pad_id), episodes)
 
 
 class _Decoder:
-    """Decodes one turn of the live rows; the random stream goes on across turns."""
+    """Samples the live rows token by token; the random stream goes on across turns."""
 
     def __init__(self, model, tokenizer, episodes, sampling, eos_ids, noise):
         self.tokenizer, self.episodes = tokenizer, episodes
         self.budget, self.eos = sampling.max_completion_length, set(eos_ids)
         self.key, self.noise = mx.random.key(noise.seed), noise
-        self.step = decode_step(model, None)
+        self.rows = noise.total_rows or len(episodes)
+        self.decode = decode_step(model, None)
 
-    def turn(self, logits, cache, live, pick) -> list[tuple[int, list, int, list[ToolCall]]]:
-        """Sample until every live row ends its turn; the rows that called tools, each with
-        its cache (one KVCache per layer), its last token and its calls."""
-        waiting = []
-        rows = self.noise.total_rows or len(self.episodes)
-        while live.size:
-            self.key, sub = mx.random.split(self.key)
-            u = mx.random.uniform(shape=(rows, 1), key=sub)
-            first = self.noise.first_row
-            token, logp = pick(logits, u[mx.array(live + first)], live)
-            mx.eval(token, logp)
-            tokens, logps = np.array(token).tolist(), np.array(logp).tolist()
-            done = []
-            for i, row in enumerate(live):
-                ep = self.episodes[row]
-                ep.ids.append(tokens[i])
-                ep.trained.append(1)
-                ep.logp.append(logps[i])
-                ended, full = tokens[i] in self.eos, len(ep.ids) >= self.budget
-                if ended or full:
-                    done.append(i)
-                    calls = self._end_turn(ep, ended)
-                    if calls and not full:
-                        waiting.append((row, [c.extract(i) for c in cache], tokens[i], calls))
-            if done:
-                keep = np.setdiff1d(np.arange(live.size), done)
-                if keep.size:
-                    for c in cache:
-                        c.filter(mx.array(keep))
-                live, token = live[keep], token[mx.array(keep)] if keep.size else token
-            if live.size:
-                logits = self.step(token[:, None], cache)
-        return waiting
+    def step(self, logits, cache, live, pick, turns: _Turns):
+        """One token for each live row. The rows that end their turn leave the batch (those
+        that called tools start them): (live rows, their next logits, the cache, the rows
+        now waiting for their tools)."""
+        self.key, sub = mx.random.split(self.key)
+        u = mx.random.uniform(shape=(self.rows, 1), key=sub)
+        token, logp = pick(logits, u[mx.array(live + self.noise.first_row)], live)
+        mx.eval(token, logp)
+        tokens, logps = np.array(token).tolist(), np.array(logp).tolist()
+        done, started = [], []
+        for i, row in enumerate(live):
+            ep = self.episodes[row]
+            ep.ids.append(tokens[i])
+            ep.trained.append(1)
+            ep.logp.append(logps[i])
+            ended, full = tokens[i] in self.eos, len(ep.ids) >= self.budget
+            if ended or full:
+                done.append(i)
+                calls = self._end_turn(ep, ended)
+                if calls and not full and ep.rounds < turns.max_rounds:
+                    own = [c.extract(i) for c in cache]
+                    started.append(turns.start(row, own, tokens[i], calls))
+        if done:
+            keep = np.setdiff1d(np.arange(live.size), done)
+            if keep.size:
+                for c in cache:
+                    c.filter(mx.array(keep))
+            live, token = live[keep], token[mx.array(keep)] if keep.size else token
+        if live.size:
+            logits = self.decode(token[:, None], cache)
+            mx.async_eval(logits)  # while the tools just started run
+        return live, logits, cache, started
 
     def _end_turn(self, ep: Episode, ended: bool) -> list[ToolCall]:
         """Record the turn as an assistant message; its tool calls (none: the episode ends)."""
@@ -157,35 +170,48 @@ class _Decoder:
         return calls
 
 
-def _next_turn(model, episodes, waiting, runner, suffix, budget):
-    """Run the waiting rows' tools, prefill each result into its row's cache, and merge the
-    rows that go on into one batch: (rows, their next-token logits, the batch's cache)."""
-    if not waiting:
-        return np.array([], dtype=int), None, None
-    results = runner.run([(calls, episodes[row].tools) for row, _, _, calls in waiting])
-    rows, caches, logits = [], [], []
-    for (row, cache, last, _), done in zip(waiting, results):
-        ep = episodes[row]
-        messages = [{"role": "tool", "name": r.name, "content": r.content} for r in done]
-        ep.calls += len(done)
-        ep.failures += sum(r.failed for r in done)
-        ep.rounds += 1
-        ids = suffix(messages)
-        if len(ep.ids) + len(ids) > budget:
-            continue  # the results do not fit: rolled back, the episode ends here
-        ep.messages += messages
-        ep.ids += ids
-        ep.trained += [0] * len(ids)
-        ep.logp += [0.0] * len(ids)
-        ep.turn = len(ep.ids)
-        out = model(mx.array([[last, *ids]]), cache=cache)
-        rows.append(row)
-        caches.append(cache)
-        logits.append(out[:, -1, :])
-    if not rows:
-        return np.array([], dtype=int), None, None
-    merged = [RolloutCache.merge([c[layer] for c in caches]) for layer in range(len(caches[0]))]
-    return np.array(rows), mx.concatenate(logits), merged
+@dataclass
+class _Turns:
+    """The tools' side of the episodes: starts a row's calls, appends their results."""
+
+    model: nn.Module
+    episodes: list[Episode]
+    runner: ToolRunner
+    suffix: Callable[[list[dict[str, Any]]], list[int]]
+    max_rounds: int
+    budget: int
+
+    def start(self, row: int, cache: list, last: int, calls: list[ToolCall]) -> tuple:
+        """A row waiting for its tools: (row, its cache, its last token, its results)."""
+        return row, cache, last, self.runner.start([(calls, self.episodes[row].tools)])
+
+    def join(self, waiting: list[tuple]):
+        """Wait for the rows' tools, prefill each result into its row's cache, and merge the
+        rows that go on into one batch: (rows, their next-token logits, the batch's cache)."""
+        rows, caches, logits = [], [], []
+        for row, cache, last, results in waiting:
+            ep, done = self.episodes[row], results()[0]
+            messages = [{"role": "tool", "name": r.name, "content": r.content} for r in done]
+            ep.calls += len(done)
+            ep.failures += sum(r.failed for r in done)
+            ep.rounds += 1
+            ids = self.suffix(messages)
+            if len(ep.ids) + len(ids) > self.budget:
+                continue  # the results do not fit: rolled back, the episode ends here
+            ep.messages += messages
+            ep.ids += ids
+            ep.trained += [0] * len(ids)
+            ep.logp += [0.0] * len(ids)
+            ep.turn = len(ep.ids)
+            out = self.model(mx.array([[last, *ids]]), cache=cache)
+            rows.append(row)
+            caches.append(cache)
+            logits.append(out[:, -1, :])
+        if not rows:
+            return np.array([], dtype=int), None, None
+        layers = range(len(caches[0]))
+        merged = [RolloutCache.merge([c[layer] for c in caches]) for layer in layers]
+        return np.array(rows), mx.concatenate(logits), merged
 
 
 def _as_rollout(tokens, padding, g, episodes, pad_id) -> RolloutBatch:
@@ -205,19 +231,24 @@ def _as_rollout(tokens, padding, g, episodes, pad_id) -> RolloutBatch:
 class FirstTurn:
     """A `pick` that makes every episode's first turn `text` (then EOS), with the model's
     own log-probs of those tokens, and samples the turns after it as usual. It shows the
-    mechanics on a model that does not call tools by itself (tests, the agent benchmark)."""
+    mechanics on a model that does not call tools by itself (tests, the agent benchmark).
+    `text` may also be a list: episode i's first turn is text[i]."""
 
-    def __init__(self, tokenizer: Any, text: str, sampling: SamplingSettings, episodes: int):
-        self.script = list(tokenizer.encode(text)) + [tokenizer.eos_token_id]
+    def __init__(
+        self, tokenizer: Any, text: str | list[str], sampling: SamplingSettings, episodes: int
+    ):
+        texts = [text] * episodes if isinstance(text, str) else text
+        eos = tokenizer.eos_token_id
+        self.scripts = [list(tokenizer.encode(t)) + [eos] for t in texts]
         self.draw, self.done = make_draw(sampling), [0] * episodes
 
     def __call__(self, logits: mx.array, u: mx.array, rows: np.ndarray):
         token, logp = self.draw(logits, u)
-        forced = [i for i, r in enumerate(rows) if self.done[r] < len(self.script)]
+        forced = [i for i, r in enumerate(rows) if self.done[r] < len(self.scripts[r])]
         if forced:
             tokens = np.array(token)
             for i in forced:
-                tokens[i] = self.script[self.done[rows[i]]]
+                tokens[i] = self.scripts[rows[i]][self.done[rows[i]]]
             token = mx.array(tokens)
             full = logits.astype(mx.float32)
             full = full - mx.logsumexp(full, axis=-1, keepdims=True)
