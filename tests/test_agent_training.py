@@ -398,3 +398,39 @@ def test_a_dict_of_environments_is_chosen_by_each_rows_environment_column(
         train(**{**settings, "data": str(bad), "output_dir": str(tmp_path / "b")},
               environment_factory=factories)  # fmt: skip
     assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def test_a_chatml_model_without_tools_gets_a_template_that_shows_them(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from mlx_grpo.core.agent import Agent
+    from mlx_grpo.tasks.tool_arithmetic import Calculator, with_tool_template
+
+    before = (tiny_model_dir / "tokenizer_config.json").read_text()
+    target = with_tool_template(tiny_model_dir, tmp_path / "with-tools")
+    assert (target / "model.safetensors").is_symlink()  # the weights are not copied
+    assert (tiny_model_dir / "tokenizer_config.json").read_text() == before
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    cfg = resolve(model=str(target), data="x.jsonl")
+    agent = Agent([], {None: Calculator}, cfg, tokenizer)  # refuses a template without tools
+    env = Calculator()
+    env.reset(answer=42)
+    tools = agent.schemas([env.multiply, env.submit])
+    conversation = [
+        {"role": "user", "content": "What is 6 * 7?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "multiply", "arguments": {"a": 6, "b": 7}}}
+        ]},
+        {"role": "tool", "name": "multiply", "content": str(env.multiply(6, 7))},
+    ]  # fmt: skip
+    text = tokenizer.apply_chat_template(
+        conversation, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert '"name": "submit"' in text and '"description": "Multiply two integers."' in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "multiply", "arguments": {"a": 6, "b": 7}}'
+        "\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    ) in text
+    env.submit(42)
+    assert env.get_reward() == 1.0 and env.runs == 1
