@@ -268,6 +268,23 @@ def test_tools_on_the_command_line(agent_settings, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [
+        (["--dynamic-sampling"], "dynamic_sampling is not available with tools"),
+        (["--eval-data", "DATA"], "eval_data is not available with tools"),
+    ],
+)
+def test_what_agents_cannot_do_yet_is_refused_before_anything_is_written(
+    agent_settings, flags, phrase
+):
+    settings = {**agent_settings, "tools": ["test_agent_training:slow"]}
+    settings["rewards"] = ["test_agent_training:length_reward"]
+    flags = [agent_settings["data"] if f == "DATA" else f for f in flags]
+    assert_refused(run_cli("train", *cli_flags(settings), *flags), phrase)
+    assert not Path(settings["output_dir"]).exists()
+
+
 def test_the_example_environment_runs_python_and_scores_the_submitted_answer(
     agent_settings, forced, tmp_path
 ):

@@ -195,6 +195,11 @@ def _check_agent(cfg: TrainConfig, peers: Peers, code: AgentCode | None) -> None
             "dynamic_sampling is not available with tools or environments yet; train the agent "
             "without --dynamic-sampling."
         )
+    if cfg.eval_data is not None:
+        raise ValueError(
+            "eval_data is not available with tools or environments yet (the held-out prompts "
+            "would be decoded without them); train the agent without --eval-data."
+        )
 
 
 def _load(
