@@ -48,16 +48,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def figures(steps: list[dict], episodes: list[list[dict]]) -> dict[str, float]:
-    """Means over these steps' metrics and their logged episodes' messages (completions.jsonl
-    keeps each step's first group)."""
+def figures(steps: list[dict], episodes: list[list[dict]], per_step: int) -> dict[str, float]:
+    """These steps' figures, from their metrics (all `per_step` episodes of each) and from
+    their logged episodes' messages (completions.jsonl keeps each step's first group)."""
     mine = [[m for m in ep if m["role"] == "assistant"] for group in episodes for ep in group]
     tagged = [any("<tool_call>" in m["content"] or m.get("tool_calls") for m in ep) for ep in mine]
+    calls = [m["tools/call_frequency"] * per_step for m in steps]
     return {
         "steps": len(steps),
-        "episodes": len(tagged),
+        "episodes": len(steps) * per_step,
+        "tool_calls": round(sum(calls)),
+        "failed_tool_calls": round(
+            sum(c * m["tools/failure_frequency"] for c, m in zip(calls, steps))
+        ),
+        "right_answers": round(sum(m["rewards/Calculator/mean"] * per_step for m in steps)),
+        "logged_episodes": len(tagged),
         "tool_calls_per_episode": statistics.mean(m["tools/call_frequency"] for m in steps),
-        "episodes_with_a_tool_call_tag": statistics.mean(tagged) if tagged else 0.0,
+        "logged_episodes_with_a_tool_call_tag": sum(tagged),
         "failed_call_share": statistics.mean(m["tools/failure_frequency"] for m in steps),
         "accuracy": statistics.mean(m["rewards/Calculator/mean"] for m in steps),
         "groups_without_signal": statistics.mean(m["frac_reward_zero_std"] for m in steps),
@@ -74,6 +81,20 @@ def read_run(run: Path) -> tuple[list[dict], dict[int, list[list[dict]]]]:
         record = json.loads(line)
         episodes.setdefault(record["step"], []).append(record["messages"])
     return steps, episodes
+
+
+def summarize(run: Path, window: int, per_step: int) -> dict:
+    """The run's figures: over its first and last `window` steps, and over all of them."""
+    steps, episodes = read_run(run)
+    logged = [episodes.get(s["step"], []) for s in steps]
+    return {
+        "model": "SmolLM2-135M-Instruct",
+        "steps": len(steps),
+        "seconds_per_step": statistics.median(s["time/step"] for s in steps),
+        "first": figures(steps[:window], logged[:window], per_step),
+        "last": figures(steps[-window:], logged[-window:], per_step),
+        "all": figures(steps, logged, per_step),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,16 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
         max_steps=args.max_steps,
         save_steps=0,
     )
-    steps, episodes = read_run(run.output_dir)
-    w = args.window
-    first, last = steps[:w], steps[-w:]
     summary = {
-        "model": "SmolLM2-135M-Instruct",
-        "steps": len(steps),
+        **summarize(run.output_dir, args.window, args.prompts * args.generations),
         "minutes": (time.perf_counter() - started) / 60,
-        "seconds_per_step": statistics.median(s["time/step"] for s in steps),
-        "first": figures(first, [episodes.get(s["step"], []) for s in first]),
-        "last": figures(last, [episodes.get(s["step"], []) for s in last]),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

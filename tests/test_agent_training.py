@@ -122,7 +122,17 @@ def records(path):
 
 def test_a_trl_environment_trains_unchanged_and_owns_the_reward(agent_settings, forced):
     out = Path(agent_settings["output_dir"])
-    steps = train(**agent_settings, environment_factory=Arithmetic).metrics
+    seen = []
+
+    def prompts_seen(prompts, completions, **kwargs):
+        seen.extend(prompts)
+        return [0.0] * len(completions)
+
+    steps = train(
+        **agent_settings, environment_factory=Arithmetic, reward_funcs=[prompts_seen]
+    ).metrics
+    # the reward functions get each prompt with reset's text appended, as TRL passes it
+    assert seen and all(p.endswith(" Use the tools.") for p in seen)
     for m in steps:
         assert m["tools/call_frequency"] >= 1.0 and m["tools/failure_frequency"] == 0.0
         assert m["rewards/Arithmetic/mean"] >= 1.0  # each episode multiplied at least once
@@ -374,6 +384,7 @@ class Doubler:
     """A second environment with a tool of its own and a reward of its own."""
 
     def reset(self, **row):
+        assert "environment" not in row  # it chose the factory; TRL does not pass it on
         self.doubled = 0
 
     def double(self, x: int) -> int:

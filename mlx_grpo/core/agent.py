@@ -51,6 +51,7 @@ class AgentRollout:
     batch: RolloutBatch
     episodes: list[Episode]
     environments: list[Any] | None  # one per episode, with an environment factory
+    prompts: list[Any]  # each episode's prompt as its reward functions get it (reset's text in)
 
 
 class Agent:
@@ -160,7 +161,7 @@ class Agent:
         """G episodes of each row, each with its own environment instance (reset with its
         row) and its tools, decoded together."""
         g = self.cfg.num_generations
-        episodes, environments, prompts = [], [], []
+        episodes, environments, prompts, shown = [], [], [], []
         self.failed.clear()
         for row in per_completion(rows, g):
             tools, env, observation, failure = list(self.tools), None, None, None
@@ -170,7 +171,8 @@ class Agent:
                 if failure is not None:
                     self.failed.add(id(env))
                 tools += environment_tools(env)
-            prompts.append(self._encode(row.prompt, observation, tools))
+            shown.append(_with_observation(row.prompt, observation))
+            prompts.append(self._encode(shown[-1], tools))
             episodes.append(Episode({t.__name__: t for t in tools}, failure=failure))
             environments.append(env)
         shared = all(p == prompts[i - i % g] for i, p in enumerate(prompts))
@@ -179,13 +181,17 @@ class Agent:
             model, self.tokenizer, firsts, episodes, sampling, eos_ids, pad_id,
             self.runner, self.suffix, self.max_rounds, noise,
         )  # fmt: skip
-        return AgentRollout(out.rollout, episodes, environments if self.factories else None)
+        kept = environments if self.factories else None
+        return AgentRollout(out.rollout, episodes, kept, shown)
 
     def _reset(self, env: Any, row: PromptRow) -> tuple[Any, BaseException | None]:
         """reset's text, or (on_reward_error zero or skip) what it raised: that episode is
         then scored 0 or left unscored."""
+        columns = dict(row.columns)
+        if None not in (self.factories or {None: None}):
+            columns.pop("environment", None)  # it picked the factory; not the environment's
         try:
-            return env.reset(**{self.cfg.prompt_column: row.prompt, **row.columns}), None
+            return env.reset(**{self.cfg.prompt_column: row.prompt, **columns}), None
         except NOT_CAUGHT:
             raise
         except Exception as exc:
@@ -217,16 +223,21 @@ class Agent:
             )
         return self.factories[name]
 
-    def _encode(self, prompt: Any, observation: Any, tools: list[Callable]) -> list[int]:
+    def _encode(self, prompt: Any, tools: list[Callable]) -> list[int]:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        messages = list(messages)
-        if observation is not None:  # reset's text goes after the last user message's
-            last = messages[-1]
-            messages[-1] = {**last, "content": last["content"] + str(observation)}
         cfg = self.cfg
         return encode_prompt(
             messages, self.tokenizer, cfg.system_prompt, cfg.enable_thinking, self.schemas(tools)
         )
+
+
+def _with_observation(prompt: Any, observation: Any) -> Any:
+    """The prompt with reset's text after the last message's (a text prompt: after it)."""
+    if observation is None:
+        return prompt
+    if not isinstance(prompt, list):
+        return prompt + str(observation)
+    return [*prompt[:-1], {**prompt[-1], "content": prompt[-1]["content"] + str(observation)}]
 
 
 def _environment_reward(kind: type, failed: set[int]) -> Callable:

@@ -364,6 +364,7 @@ def score_groups(
     state: TrainerState | None = None,
     logs: RewardLogs | None = None,
     extra: dict[str, list] | None = None,
+    prompts: list | None = None,
 ) -> np.ndarray:
     """`score_completions` for G completions per row (rows b * G .. b * G + G - 1 are row b's).
 
@@ -371,11 +372,12 @@ def score_groups(
     row whose prompt is chat messages gets its completions as TRL gives them:
     `[{"role": "assistant", "content": text}]`; a completion given as messages
     (an agent's episode) goes as it is. `extra` adds lists aligned with the
-    completions (an agent's `environments`).
+    completions (an agent's `environments`); `prompts`, one per completion,
+    replaces the rows' (an agent's, with its environment's reset text).
     """
     names = sorted({k for r in rows for k in r.columns})
     each = per_completion(rows, g)
-    prompts = [r.prompt for r in each]
+    prompts = prompts or [r.prompt for r in each]
     return score_completions(
         rewards,
         prompts,

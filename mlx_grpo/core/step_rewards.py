@@ -82,6 +82,7 @@ def score_rollout(
         state=state,
         logs=logged,
         extra=extra,
+        prompts=agent.prompts if agent is not None else None,
     )
     if agent is not None:
         _failed_resets(run, rows, agent, per_func, _error_log(run, step, errors))
