@@ -1,13 +1,17 @@
 """Agent episodes: B x G conversations in which the model calls tools, decoded in one batch.
 
 Every episode starts as a rollout row (prompts prefilled once, caches
-repeated G times). The batch decodes until each row ends its turn (EOS) or
-its budget; a turn whose text holds tool calls (agent_tools.py) waits while
-the others finish theirs. Then the tools of every waiting row run at once
-(`ToolRunner`), and each row's results, rendered by the chat template as
-TRL renders them (`tool_suffix`), are prefilled into that row's own KV cache
-after its turn's EOS token: the prompt and the earlier turns never run
-again. The continuing rows are merged into one batch for their next turn.
+repeated G times) and the batch decodes. A row whose turn ends (EOS) with
+tool calls (agent_tools.py) leaves the batch and its tools start at once
+(`ToolRunner`: the calls of rows that end together run concurrently, and
+while the others decode). Its results, rendered by the chat template as TRL
+renders them (`tool_suffix`), are prefilled into that row's own KV cache
+after its turn's EOS token, so the prompt and the earlier turns never run
+again, and the row rejoins the batch at the next decode step: no row waits
+for the others' turns to end. (The "pause" schedule, kept for comparison,
+lets the rows go on together once no row is in its turn; with turns of
+unequal lengths it makes more decode steps: see scripts/bench_agent.py.)
+The rejoin point depends only on the tokens, so a rollout is reproducible.
 
 An episode ends with a turn without tool calls, after
 `max_tool_calling_iterations` rounds of tools, or at
@@ -76,16 +80,16 @@ def run_episodes(
     max_rounds: int,
     noise: Noise | None = None,
     pick: Pick | None = None,
-    schedule: str = "pause",
+    schedule: str = "rejoin",
 ) -> EpisodeBatch:
     """Decode the episodes (G = len(episodes) / len(prompts) per prompt) to their ends.
 
     `suffix(tool messages)` gives the tokens that follow a turn's EOS: the
     tool results and the next assistant header. `pick(logits, u, rows)`
     replaces sampling (tests force tokens with it). A row's tools start the
-    moment its turn ends; with `schedule` "pause" the rows that called tools
-    go on together once no row is still in its turn, with "rejoin" each goes
-    on at the next decode step (the others do not wait for it).
+    moment its turn ends; with `schedule` "rejoin" the row goes on at the
+    next decode step, with "pause" the rows that called tools go on together
+    once no row is still in its turn.
     """
     g = len(episodes) // len(prompts)
     tokens, padding = left_pad(prompts, pad_id)
