@@ -145,6 +145,32 @@ def test_a_trl_environment_trains_unchanged_and_owns_the_reward(agent_settings, 
     assert "42" in sample["completion"]
 
 
+@pytest.mark.parametrize("max_rows", [4, 3])  # whole groups; halves of a group
+def test_episodes_decoded_in_chunks_are_those_of_one_batch(
+    agent_settings, forced, monkeypatch, tmp_path, max_rows
+):
+    settings = {**agent_settings, "max_steps": 1, "environment_factory": Arithmetic}
+    seen = []
+    real = agent_mod.Agent.rollout
+
+    def planned(self, *args):  # the memory plan's decode_rows, as the trainer passes it
+        seen.append(args[-1])
+        return real(self, *args[:-1], chunk["rows"])
+
+    chunk = {"rows": None}
+    monkeypatch.setattr(agent_mod.Agent, "rollout", planned)
+    train(**{**settings, "output_dir": str(tmp_path / "whole")})
+    chunk["rows"] = max_rows
+    train(**{**settings, "output_dir": str(tmp_path / "part")})
+    assert seen == [8, 8]  # the plan lets the whole batch decode at once; the test does not
+    whole, part = (records(tmp_path / name / "completions.jsonl") for name in ("whole", "part"))
+    assert [r["messages"] for r in part] == [r["messages"] for r in whole]
+    assert [r["rewards"] for r in part] == [r["rewards"] for r in whole]
+    (a,), (b,) = (records(tmp_path / name / "metrics.jsonl") for name in ("whole", "part"))
+    assert a["completions/mean_length"] == b["completions/mean_length"]
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
 def test_the_loss_leaves_tool_results_out(agent_settings, forced):
     settings = {k: v for k, v in agent_settings.items() if k != "show_progress"}
     cfg = resolve(None, **{**settings, "tools": ["test_agent_training:boom"]})
@@ -153,6 +179,11 @@ def test_the_loss_leaves_tool_results_out(agent_settings, forced):
     rows = run.rows[:2]
     out = run.agent.rollout(lm.model, rows, cfg.sampling(), lm.eos_ids, lm.pad_id, Noise(3))
     batch = out.batch
+    # the memory plan counts the prompts as the episodes show them: with the tools' schemas
+    shown = batch.prompt_tokens.shape[1] - np.array(batch.prompt_padding)
+    reset_text = len(lm.tokenizer.encode(Arithmetic().reset()))  # not known before the run
+    assert run.plan.work.prompt_tokens >= shown.max() - reset_text
+    assert run.plan.work.prompt_tokens > max(len(r.prompt_ids) for r in run.rows) + 50
     trained, extent = np.array(batch.loss_mask), np.array(batch.completion_mask)
     assert (trained <= extent).all() and (trained < extent).any()  # tool results are read only
     adv = mx.array(np.linspace(-1, 1, batch.completion_ids.shape[0]).astype(np.float32))

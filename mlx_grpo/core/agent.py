@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.nn as nn
+import numpy as np
 
 from mlx_grpo.core.agent_tools import (
     ToolRunner,
@@ -38,7 +39,7 @@ from mlx_grpo.core.rewards import (
     describe_failure,
     source_file,
 )
-from mlx_grpo.core.rollout import Noise, RolloutBatch
+from mlx_grpo.core.rollout import Noise, RolloutBatch, decode_chunks, join_rollouts
 
 Factory = Callable[[], Any]
 BUILTIN_TOOLS = {"python": python}  # --tools python
@@ -106,11 +107,13 @@ class Agent:
             )
         shown = self.schemas(self.tools)
         scored = []
+        self.tool_sets = [self.tools]  # what an episode may be shown: one set per factory
         for name, factory in (self.factories or {}).items():
             env = factory()
             if not callable(getattr(env, "reset", None)):
                 label = "the environment" if name is None else f"environment {name!r}"
                 raise ToolSpecError(f"{label} ({type(env).__name__}) has no reset method.")
+            self.tool_sets.append(self.tools + environment_tools(env))
             shown += self.schemas(environment_tools(env))
             if callable(getattr(env, "get_reward", None)) and type(env) not in scored:
                 scored.append(type(env))
@@ -131,6 +134,20 @@ class Agent:
                 "the model's chat template does not show tools to the model, so it could not "
                 "learn to call them; use a model whose template renders tools (e.g. Qwen3)."
             )
+
+    def schema_tokens(self) -> int:
+        """The most tokens that showing an episode its tools adds to a prompt (the memory
+        plan counts them; the text reset returns is not known before the run)."""
+        cfg = self.cfg
+        chat = [{"role": "user", "content": "?"}]
+
+        def length(tools: list[Callable]) -> int:
+            shown = self.schemas(tools) if tools else None
+            return len(
+                encode_prompt(chat, self.tokenizer, cfg.system_prompt, cfg.enable_thinking, shown)
+            )
+
+        return max(length(tools) for tools in self.tool_sets) - length([])
 
     def rewards(self) -> list[Reward]:
         """The environments' own rewards: weight 1, named after the class, as TRL adds them."""
@@ -157,9 +174,10 @@ class Agent:
         eos_ids: list[int],
         pad_id: int,
         noise: Noise,
+        max_rows: int | None = None,
     ) -> AgentRollout:
         """G episodes of each row, each with its own environment instance (reset with its
-        row) and its tools, decoded together."""
+        row) and its tools, decoded together (`max_rows`, the memory plan's, at a time)."""
         g = self.cfg.num_generations
         episodes, environments, prompts, shown = [], [], [], []
         self.failed.clear()
@@ -177,12 +195,20 @@ class Agent:
             environments.append(env)
         shared = all(p == prompts[i - i % g] for i, p in enumerate(prompts))
         firsts = prompts[::g] if shared else prompts  # a group shares its prompt's prefill
-        out = run_episodes(
-            model, self.tokenizer, firsts, episodes, sampling, eos_ids, pad_id,
-            self.runner, self.suffix, self.max_rounds, noise,
-        )  # fmt: skip
+        total, parts = noise.total_rows or len(episodes), []
+        chunks = decode_chunks(len(firsts), g if shared else 1, max_rows or len(episodes))
+        for first, count, row, copies in chunks:
+            # a row's random numbers are its own (Noise), whatever chunk it decodes in
+            own = replace(noise, first_row=noise.first_row + row, total_rows=total)
+            out = run_episodes(
+                model, self.tokenizer, firsts[first : first + count],
+                episodes[row : row + count * copies], sampling, eos_ids, pad_id,
+                self.runner, self.suffix, self.max_rounds, own,
+            )  # fmt: skip
+            parts.append((out.rollout, np.arange(count * copies)))
+        batch = parts[0][0] if len(parts) == 1 else join_rollouts(parts, pad_id)
         kept = environments if self.factories else None
-        return AgentRollout(out.rollout, episodes, kept, shown)
+        return AgentRollout(batch, episodes, kept, shown)
 
     def _reset(self, env: Any, row: PromptRow) -> tuple[Any, BaseException | None]:
         """reset's text, or (on_reward_error zero or skip) what it raised: that episode is

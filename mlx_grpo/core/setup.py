@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
@@ -234,22 +235,15 @@ def _load(
     agent = Agent.build(cfg, code.tools, code.environment_factory, lm.tokenizer)
     if agent is not None:
         agent.check_rows(rows)
+        plan = memory_plan(cfg, lm, rows, agent.schema_tokens())  # prompts show the tools
     rewards = _load_rewards(cfg, reward_funcs, agent)
     offered = [k for r in rows for k in r.columns] + (["environments"] if agent else [])
     rewards_mod.check_arguments(rewards, offered, cfg.data)
     _check_evaluation(cfg, eval_rows, rewards)
     if saved is not None:
         checkpoint.check_rewards(saved, [r.name for r in rewards])
-    optimizer = optim.AdamW(
-        learning_rate=cfg.learning_rate,
-        betas=[cfg.adam_beta1, cfg.adam_beta2],
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
-        bias_correction=True,  # as torch.optim.AdamW
-    )
-    optimizer.init(lm.model.trainable_parameters())  # so a checkpoint before step 1 has it
     state = RunState.start(cfg.seed, cfg.entropy_coef)
-    run = Run(cfg, lm, paths, rewards, rows, optimizer, output_dir, state)
+    run = Run(cfg, lm, paths, rewards, rows, _optimizer(cfg, lm.model), output_dir, state)
     run.model_fingerprint, run.data_fingerprint, run.peers = model_sha256, data, peers
     run.plan, run.loss_and_grad = plan, LossAndGrad(lm.model, cfg)
     run.eval_rows, run.agent = eval_rows, agent
@@ -295,6 +289,19 @@ def _check_evaluation(
             f"keep_best {cfg.keep_best!r} is not a metric the evaluation logs; name one of "
             f"{', '.join(names)}."
         )
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> optim.AdamW:
+    """AdamW as torch.optim.AdamW, its state made now (so a checkpoint before step 1 has it)."""
+    optimizer = optim.AdamW(
+        learning_rate=cfg.learning_rate,
+        betas=[cfg.adam_beta1, cfg.adam_beta2],
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+        bias_correction=True,
+    )
+    optimizer.init(model.trainable_parameters())
+    return optimizer
 
 
 def _load_model(cfg: TrainConfig) -> tuple[LoadedModel, list[str]]:
@@ -456,10 +463,13 @@ def _limit(cfg: TrainConfig) -> str:
     return f"{cfg.max_steps} steps"
 
 
-def memory_plan(cfg: TrainConfig, lm: LoadedModel, rows: list[data_mod.PromptRow]) -> memory.Plan:
-    """The decode batch and update chunks whose estimated peaks fit the memory budget."""
+def memory_plan(
+    cfg: TrainConfig, lm: LoadedModel, rows: list[data_mod.PromptRow], added: int = 0
+) -> memory.Plan:
+    """The decode batch and update chunks whose estimated peaks fit the memory budget
+    (`added`: tokens every prompt gains, an agent's tool schemas)."""
     budget = memory.parse_size(cfg.max_memory) if cfg.max_memory else memory.default_budget()
-    return memory.make_plan(memory_shapes(cfg, lm), memory_work(cfg, rows), budget)
+    return memory.make_plan(memory_shapes(cfg, lm), memory_work(cfg, rows, added), budget)
 
 
 def memory_shapes(cfg: TrainConfig, lm: LoadedModel) -> memory.Shapes:
@@ -475,12 +485,12 @@ def memory_shapes(cfg: TrainConfig, lm: LoadedModel) -> memory.Shapes:
     )
 
 
-def memory_work(cfg: TrainConfig, rows: list[data_mod.PromptRow]) -> memory.Work:
-    """The step's shape, with the data's longest prompt."""
+def memory_work(cfg: TrainConfig, rows: list[data_mod.PromptRow], added: int = 0) -> memory.Work:
+    """The step's shape, with the data's longest prompt (plus `added` tokens)."""
     return memory.Work(
         prompts=cfg.prompts_per_step,
         generations=cfg.num_generations,
-        prompt_tokens=max(len(r.prompt_ids) for r in rows),
+        prompt_tokens=max(len(r.prompt_ids) for r in rows) + added,
         completion_tokens=cfg.max_completion_length,
         micro_batches=cfg.slices,
         beta=cfg.beta != 0.0,

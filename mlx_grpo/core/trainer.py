@@ -314,7 +314,9 @@ def _draw(run: Run, step: int, state: TrainerState, timer: PhaseTimer) -> Round:
         else:
             run.lm.model.eval()
             lm, sampling = run.lm, cfg.sampling()
-            agent = run.agent.rollout(lm.model, rows, sampling, lm.eos_ids, lm.pad_id, noise)
+            agent = run.agent.rollout(
+                lm.model, rows, sampling, lm.eos_ids, lm.pad_id, noise, run.plan.decode_rows
+            )
             batch = agent.batch
     scored = score_rollout(run, step, rows, batch, state, agent)
     return Round(every_row, batch, scored, agent)
