@@ -248,7 +248,7 @@ def test_auto_resume_survives_kills_at_random_moments_and_ends_as_if_never_kille
     for least in (3, 5):  # after a checkpoint exists (save_steps=2), at a random moment
         child = child_of(proc)
         wait_for_steps(out, least, proc)
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.1))  # steps of the tiny model take ~0.1 s
         os.kill(child, signal.SIGKILL)
         killed.append(child)
         while child_of(proc) == child:  # the supervisor reaps it and starts the next
@@ -548,7 +548,20 @@ def test_a_run_folder_written_by_mlx_grpo_0_1_resumes_as_if_never_stopped(
     train(**{**quick_settings, **here}, show_progress=False)
     assert len(steady_metrics("run")) == 3
     assert steady_metrics("run")[:2] == steady_metrics(OLD_RUN)
-    assert_same_run("fresh", "run")
+    # The folder's two steps were computed on another machine, whose BLAS may round
+    # differently (1e-7): equal up to that, where a wrongly restored optimizer, random
+    # stream or prompt order would differ in the first digits.
+    fresh, resumed = adapter("fresh"), adapter("run")
+    assert fresh.keys() == resumed.keys()
+    for k in fresh:
+        np.testing.assert_allclose(resumed[k], fresh[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    last, again = steady_metrics("fresh")[2], steady_metrics("run")[2]
+    assert last.keys() == again.keys()
+    for k, v in last.items():
+        if isinstance(v, float):
+            assert again[k] == pytest.approx(v, rel=1e-3, abs=1e-5), k
+        else:
+            assert again[k] == v, k
 
 
 def test_after_a_memory_error_the_next_try_gets_a_budget_below_the_dead_plan(tmp_path, monkeypatch):
