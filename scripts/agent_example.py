@@ -97,6 +97,24 @@ def summarize(run: Path, window: int, per_step: int) -> dict:
     }
 
 
+def _calls(n: int, noun: str = "call") -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def readme_figures(summary: dict, window: int = 3) -> str:
+    """The README's sentence of the run's figures (tests/test_readme.py holds it to them)."""
+    first, last, every = summary["first"], summary["last"], summary["all"]
+    return (
+        f"{summary['steps']} steps, {summary['seconds_per_step']:.0f} s each) made "
+        f"{_calls(every['tool_calls'], 'tool call')} in {every['episodes']} episodes "
+        f"({every['failed_tool_calls']} failed) and submitted {every['right_answers']} right "
+        f"products: {_calls(first['tool_calls'])} and {first['right_answers']} right in the "
+        f"first {window} steps' {first['episodes']} episodes, {_calls(last['tool_calls'])} "
+        f"({last['failed_tool_calls']} failed) and {last['right_answers']} right in the last "
+        f"{window} steps' {last['episodes']}."
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -126,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
+    print(readme_figures(summary, args.window))
     return summary
 
 

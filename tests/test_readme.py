@@ -67,6 +67,7 @@ DATA = {
     "gsm8k_test.jsonl": ("question", "answer"),
     "train.jsonl": ("prompt", "answer"),
     "test.jsonl": ("prompt", "answer", "kind"),
+    "mult.jsonl": ("prompt", "answer"),
 }
 
 
@@ -124,13 +125,13 @@ def write_data(folder: Path) -> None:
 
 
 @pytest.fixture
-def workdir(tmp_path, tiny_model_dir, monkeypatch, hub_calls):
+def workdir(tmp_path, tool_model_dir, monkeypatch, hub_calls):
     from test_gguf import _random_model, _write_gguf
 
     # The tiny model in a folder that says which Hub model it stands for, as a
     # downloaded copy of Qwen/Qwen3-0.6B does: exports then name that id.
     model = tmp_path / "models" / "Qwen3-0.6B"
-    shutil.copytree(tiny_model_dir, model)
+    shutil.copytree(tool_model_dir, model)  # its chat template shows tools too
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "_name_or_path": HUB_MODEL}))
     write_data(tmp_path)
@@ -228,6 +229,16 @@ def test_the_main_job_figures_are_the_recorded_runs():
     assert readme_section(summary, image) in (ROOT / "README.md").read_text()
     assert (ROOT / image).read_bytes().startswith(b"\x89PNG")
     assert summary["after"]["all"]["accuracy"] > summary["before"]["all"]["accuracy"]
+
+
+def test_the_agent_example_figures_are_the_recorded_run():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import agent_example
+
+    summary = json.loads((ROOT / "docs" / "agent-example" / "summary.json").read_text())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert agent_example.readme_figures(summary) in readme
+    assert summary["all"]["episodes"] == summary["steps"] * 16  # 2 prompts x 8 episodes
 
 
 def test_the_recipes_tried_are_the_recorded_sweeps():
