@@ -493,3 +493,30 @@ def test_a_chatml_model_without_tools_gets_a_template_that_shows_them(tiny_model
     ) in text
     env.submit(42)
     assert env.get_reward() == 1.0 and env.runs == 1
+
+
+def test_the_agent_example_counts_calls_and_answers_from_a_run_folder(
+    agent_settings, forced, tmp_path
+):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import agent_example
+
+    from mlx_grpo.tasks.tool_arithmetic import Calculator
+
+    settings = {**agent_settings, "max_steps": 2, "environment_factory": Calculator}
+    train(**settings)  # every first turn calls multiply; the second turn is noise
+    per_step = settings["prompts_per_step"] * settings["num_generations"]
+    summary = agent_example.summarize(Path(settings["output_dir"]), 1, per_step)
+    every = summary["all"]
+    assert summary["steps"] == 2 and every["episodes"] == 2 * per_step
+    assert every["tool_calls"] == every["episodes"] and every["failed_tool_calls"] == 0
+    assert every["right_answers"] == 0 and every["groups_without_signal"] == 1.0
+    logged = settings["num_generations"]  # completions.jsonl keeps each step's first group
+    assert every["logged_episodes"] == 2 * logged
+    assert every["logged_episodes_with_a_tool_call_tag"] == 2 * logged
+    assert summary["first"]["episodes"] == summary["last"]["episodes"] == per_step
+    assert "made 16 tool calls in 16 episodes (0 failed)" in agent_example.readme_figures(
+        summary, 1
+    )
