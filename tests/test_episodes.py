@@ -3,6 +3,7 @@ arguments, their results enter the sequence with loss mask 0, the KV cache after
 result equals a fresh prefill of the whole sequence, and episodes end as TRL ends them."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import mlx_grpo  # noqa: F401  (loads OpenBLAS before mlx.core; must come first)
 
@@ -86,11 +87,11 @@ def episode_run(lm, turns, max_rounds=3, length=400, timeout=5.0, schedule="paus
     script = Script(lm, turns)
     sampling = dataclasses.replace(TrainConfig().sampling(), max_completion_length=length)
     suffix = tool_suffix(lm.tokenizer)
-    out = run_episodes(
+    rollout = run_episodes(
         lm.model, lm.tokenizer, PROMPTS, episodes, sampling, lm.eos_ids, lm.pad_id,
         ToolRunner(timeout), suffix, max_rounds, Noise(0), pick=script, schedule=schedule,
     )  # fmt: skip
-    return out, script, suffix
+    return SimpleNamespace(rollout=rollout, episodes=episodes), script, suffix
 
 
 def text(lm, ids):

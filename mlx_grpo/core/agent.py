@@ -200,12 +200,12 @@ class Agent:
         for first, count, row, copies in chunks:
             # a row's random numbers are its own (Noise), whatever chunk it decodes in
             own = replace(noise, first_row=noise.first_row + row, total_rows=total)
-            out = run_episodes(
+            part = run_episodes(
                 model, self.tokenizer, firsts[first : first + count],
                 episodes[row : row + count * copies], sampling, eos_ids, pad_id,
                 self.runner, self.suffix, self.max_rounds, own,
             )  # fmt: skip
-            parts.append((out.rollout, np.arange(count * copies)))
+            parts.append((part, np.arange(count * copies)))
         batch = parts[0][0] if len(parts) == 1 else join_rollouts(parts, pad_id)
         kept = environments if self.factories else None
         return AgentRollout(batch, episodes, kept, shown)

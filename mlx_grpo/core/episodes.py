@@ -56,14 +56,6 @@ class Episode:
     failure: BaseException | None = None  # its environment's reset raised (on_reward_error)
 
 
-@dataclass
-class EpisodeBatch:
-    """The episodes as a rollout (with the loss mask) and what the rewards and metrics read."""
-
-    rollout: RolloutBatch
-    episodes: list[Episode]
-
-
 Pick = Callable[[mx.array, mx.array, np.ndarray], tuple[mx.array, mx.array]]
 
 
@@ -81,8 +73,9 @@ def run_episodes(
     noise: Noise | None = None,
     pick: Pick | None = None,
     schedule: str = "rejoin",
-) -> EpisodeBatch:
-    """Decode the episodes (G = len(episodes) / len(prompts) per prompt) to their ends.
+) -> RolloutBatch:
+    """Decode the episodes (G = len(episodes) / len(prompts) per prompt) to their ends, in
+    place; the rollout they make, with the loss mask that leaves tool results out.
 
     `suffix(tool messages)` gives the tokens that follow a turn's EOS: the
     tool results and the next assistant header. `pick(logits, u, rows)`
@@ -112,7 +105,7 @@ def run_episodes(
                 live, logits = np.concatenate([live, rows]), mx.concatenate([logits, more])
             elif rows.size:
                 live, logits, cache = rows, more, caches
-    return EpisodeBatch(_as_rollout(tokens, padding, g, episodes, pad_id), episodes)
+    return _as_rollout(tokens, padding, g, episodes, pad_id)
 
 
 class _Decoder:
