@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from mlx_grpo.core.python_tool import run_python
+from mlx_grpo.tasks.toy import GENERATION_PROMPT, TOOL_MESSAGES
 
 PROMPT = (
     "What is {a} * {b}? You can run Python with the python tool. When you know the "
@@ -33,34 +34,22 @@ CALCULATOR_PROMPT = (
 
 # Qwen3's way of showing tools, calls and results, for a ChatML template without tools.
 TOOLS_TEMPLATE = (
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}"
-    "{%- else %}{{- 'You are a helpful assistant.\\n\\n' }}{%- endif %}"
-    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n"
-    "\\nThe function signatures are within <tools></tools> XML tags:\\n<tools>' }}"
-    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
-    "{{- '\\n</tools>\\n\\nFor each function call, return a JSON object with the function "
-    "name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
-    '{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n'
-    "</tool_call><|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'system' and tools %}"
-    "{%- elif message['role'] == 'tool' %}"
-    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + "
-    "'\\n</tool_response><|im_end|>\\n' }}"
-    "{%- elif message['role'] == 'assistant' and message['tool_calls'] %}"
-    "{{- '<|im_start|>assistant\\n' + message['content'] }}"
-    "{%- for call in message['tool_calls'] %}"
-    "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
-    "{{- '<tool_call>\\n' + ({'name': call['function']['name'], "
-    "'arguments': call['function']['arguments']} | tojson) + '\\n</tool_call>' }}"
-    "{%- endfor %}{{- '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    (
+        "{%- if tools %}"
+        "{{- '<|im_start|>system\\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}"
+        "{%- else %}{{- 'You are a helpful assistant.\\n\\n' }}{%- endif %}"
+        "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n"
+        "\\nThe function signatures are within <tools></tools> XML tags:\\n<tools>' }}"
+        "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+        "{{- '\\n</tools>\\n\\nFor each function call, return a JSON object with the function "
+        "name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+        '{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n'
+        "</tool_call><|im_end|>\\n' }}"
+        "{%- endif %}"
+    )
+    + TOOL_MESSAGES
+    + GENERATION_PROMPT
 )
 
 

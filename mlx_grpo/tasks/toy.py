@@ -40,19 +40,9 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
 ) + GENERATION_PROMPT
 
-# The same, also showing tools (briefly), tool calls and tool results in Qwen3's form.
-TOOLS_CHAT_TEMPLATE = (
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
-    "{{- 'Tools you may call:\\n<tools>\\n' }}"
-    # each tool as name(arguments): the byte tokenizer makes every character a token
-    "{%- for tool in tools %}{{- tool['function']['name'] + '(' }}"
-    "{{- tool['function']['parameters']['properties'] | list | join(', ') }}{{- ')\\n' }}"
-    "{%- endfor %}"
-    '{{- \'</tools>\\nCall one with <tool_call>{\\"name\\": ..., \\"arguments\\": {...}}'
-    "</tool_call>.<|im_end|>\\n' }}"
-    "{%- endif %}"
+# Every turn, tool calls and tool results as Qwen3's template renders them (the system
+# turn, which shows the tools, is the template's own).
+TOOL_MESSAGES = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' and tools %}"
     "{%- elif message['role'] == 'tool' %}"
@@ -61,15 +51,33 @@ TOOLS_CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'assistant' and message['tool_calls'] %}"
     "{{- '<|im_start|>assistant\\n' + message['content'] }}"
     "{%- for call in message['tool_calls'] %}"
-    "{{- '<tool_call>' + ({'name': call['function']['name'], "
-    "'arguments': call['function']['arguments']} | tojson) + '</tool_call>' }}"
-    "{%- endfor %}"
-    "{{- '<|im_end|>\\n' }}"
+    "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n' + ({'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson) + '\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
     "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-) + GENERATION_PROMPT
+    "{%- endif %}{%- endfor %}"
+)
+
+# The plain template, also showing tools (briefly), tool calls and tool results.
+TOOLS_CHAT_TEMPLATE = (
+    (
+        "{%- if tools %}"
+        "{{- '<|im_start|>system\\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+        "{{- 'Tools you may call:\\n<tools>\\n' }}"
+        # each tool as name(arguments): the byte tokenizer makes every character a token
+        "{%- for tool in tools %}{{- tool['function']['name'] + '(' }}"
+        "{{- tool['function']['parameters']['properties'] | list | join(', ') }}{{- ')\\n' }}"
+        "{%- endfor %}"
+        '{{- \'</tools>\\nCall one with <tool_call>{\\"name\\": ..., \\"arguments\\": {...}}'
+        "</tool_call>.<|im_end|>\\n' }}"
+        "{%- endif %}"
+    )
+    + TOOL_MESSAGES
+    + GENERATION_PROMPT
+)
 
 # Qwen3-0.6B's shapes (REFERENCE section 3).
 QWEN3_0_6B = dict(
