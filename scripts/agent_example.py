@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=3, help="steps averaged at each end")
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=128, help="completion tokens per episode")
+    p.add_argument("--tokens", type=int, default=96, help="completion tokens per episode")
     p.add_argument("--learning-rate", type=float, default=1e-4)
     return p.parse_args(argv)
 
