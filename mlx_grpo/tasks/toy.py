@@ -65,7 +65,8 @@ TOOLS_CHAT_TEMPLATE = (
     (
         "{%- if tools %}"
         "{{- '<|im_start|>system\\n' }}"
-        "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+        "{%- if messages[0]['role'] == 'system' %}"
+        "{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
         "{{- 'Tools you may call:\\n<tools>\\n' }}"
         # each tool as name(arguments): the byte tokenizer makes every character a token
         "{%- for tool in tools %}{{- tool['function']['name'] + '(' }}"
