@@ -214,7 +214,7 @@ class Agent:
         """reset's text, or (on_reward_error zero or skip) what it raised: that episode is
         then scored 0 or left unscored."""
         columns = dict(row.columns)
-        if None not in (self.factories or {None: None}):
+        if self.factories and None not in self.factories:  # a dict of factories
             columns.pop("environment", None)  # it picked the factory; not the environment's
         try:
             return env.reset(**{self.cfg.prompt_column: row.prompt, **columns}), None
