@@ -18,13 +18,14 @@ import pytest
 from conftest import assert_refused, cli_flags, run_cli
 
 from mlx_grpo.core import agent as agent_mod
+from mlx_grpo.core.agent import AgentCode
 from mlx_grpo.core.agent_tools import ToolSpecError
 from mlx_grpo.core.batches import micro_batches
 from mlx_grpo.core.episodes import FirstTurn
 from mlx_grpo.core.objective import Normalizer
 from mlx_grpo.core.rollout import Noise
 from mlx_grpo.core.settings import resolve
-from mlx_grpo.core.setup import AgentCode, setup
+from mlx_grpo.core.setup import setup
 from mlx_grpo.core.trainer import train
 from mlx_grpo.core.update import micro_loss
 
@@ -268,6 +269,7 @@ import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import test_agent_training as t
 from mlx_grpo.core import agent as agent_mod
+from mlx_grpo.core.agent import AgentCode
 from mlx_grpo.core.episodes import FirstTurn
 real = agent_mod.run_episodes
 def run(model, tokenizer, prompts, episodes, sampling, *args, **kwargs):

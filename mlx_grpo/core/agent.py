@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.nn as nn
@@ -53,6 +53,39 @@ class AgentRollout:
     episodes: list[Episode]
     environments: list[Any] | None  # one per episode, with an environment factory
     prompts: list[Any]  # each episode's prompt as its reward functions get it (reset's text in)
+
+
+@dataclass
+class AgentCode:
+    """The Python API's agent objects, which settings cannot hold (TRL's arguments)."""
+
+    tools: list[Callable] = field(default_factory=list)
+    environment_factory: Factory | dict[str, Factory] | None = None
+
+    def given(self) -> bool:
+        return bool(self.tools) or self.environment_factory is not None
+
+
+def refuse_unsupported(cfg: TrainConfig, processes: int, code: AgentCode | None) -> None:
+    """Refuse an agent run (tools or an environment, given either way) with what it cannot
+    work with yet."""
+    if not (code is not None and code.given() or cfg.tools or cfg.environment):
+        return
+    if processes > 1:
+        raise ValueError(
+            "tools and environments are not available in distributed runs yet; train the agent "
+            "on one machine."
+        )
+    if cfg.dynamic_sampling:
+        raise ValueError(
+            "dynamic_sampling is not available with tools or environments yet; train the agent "
+            "without --dynamic-sampling."
+        )
+    if cfg.eval_data is not None:
+        raise ValueError(
+            "eval_data is not available with tools or environments yet (the held-out prompts "
+            "would be decoded without them); train the agent without --eval-data."
+        )
 
 
 class Agent:

@@ -25,7 +25,7 @@ from mlx_grpo.core import __version__, checkpoint, evaluation, memory, models, o
 from mlx_grpo.core import data as data_mod
 from mlx_grpo.core import rewards as rewards_mod
 from mlx_grpo.core.adapters import MLX_CONFIG, MLX_WEIGHTS, Adapter, load_adapted
-from mlx_grpo.core.agent import Agent
+from mlx_grpo.core.agent import Agent, AgentCode, refuse_unsupported
 from mlx_grpo.core.batches import computes_in_float32
 from mlx_grpo.core.caches import allow_token_positions, recompute_activations
 from mlx_grpo.core.config import TrainConfig
@@ -148,7 +148,7 @@ def setup(
     and environment factory.
     """
     peers = peers or Peers()
-    _check_agent(cfg, peers, code)
+    refuse_unsupported(cfg, peers.size, code)
     if cfg.dynamic_sampling and peers.size > 1:
         raise ValueError(
             "dynamic_sampling is not available in distributed runs yet (each process would "
@@ -180,27 +180,6 @@ def setup(
             lock.release()
         raise
     return run
-
-
-def _check_agent(cfg: TrainConfig, peers: Peers, code: AgentCode | None) -> None:
-    """Refuse an agent run with what it cannot work with yet."""
-    if not (code is not None and code.given() or cfg.tools or cfg.environment):
-        return
-    if peers.size > 1:
-        raise ValueError(
-            "tools and environments are not available in distributed runs yet; train the agent "
-            "on one machine."
-        )
-    if cfg.dynamic_sampling:
-        raise ValueError(
-            "dynamic_sampling is not available with tools or environments yet; train the agent "
-            "without --dynamic-sampling."
-        )
-    if cfg.eval_data is not None:
-        raise ValueError(
-            "eval_data is not available with tools or environments yet (the held-out prompts "
-            "would be decoded without them); train the agent without --eval-data."
-        )
 
 
 def _load(
@@ -331,17 +310,6 @@ def _load_rewards(
     if own and not cfg.rewards and not reward_funcs:
         return own
     return rewards_mod.load_rewards(cfg.rewards, cfg.reward_weights, reward_funcs) + own
-
-
-@dataclass
-class AgentCode:
-    """The Python API's agent objects, which settings cannot hold (TRL's arguments)."""
-
-    tools: list[Callable] = field(default_factory=list)
-    environment_factory: Callable | dict[str, Callable] | None = None
-
-    def given(self) -> bool:
-        return bool(self.tools) or self.environment_factory is not None
 
 
 def _start_output(cfg: TrainConfig, output_dir: Path) -> RunLock:

@@ -25,7 +25,7 @@ import mlx.core as mx
 from mlx_grpo.core import checkpoint, dynamic, heldout, memory
 from mlx_grpo.core.adapters import Adapter
 from mlx_grpo.core.advantages import Advantages, group_advantages
-from mlx_grpo.core.agent import tool_metrics
+from mlx_grpo.core.agent import AgentCode, tool_metrics
 from mlx_grpo.core.batches import micro_batches, row_order
 from mlx_grpo.core.config import TrainConfig
 from mlx_grpo.core.data import PromptRow
@@ -44,7 +44,7 @@ from mlx_grpo.core.reward_calls import TrainerState
 from mlx_grpo.core.rollout import Noise, RolloutBatch, rollout
 from mlx_grpo.core.runfolder import DiskFull
 from mlx_grpo.core.settings import resolve
-from mlx_grpo.core.setup import AgentCode, Run, resume_command, setup, snapshot, summary
+from mlx_grpo.core.setup import Run, resume_command, setup, snapshot, summary
 from mlx_grpo.core.step_rewards import StepRewards, logged_metrics, score_rollout, trainer_state
 from mlx_grpo.core.supervise import report_plan
 from mlx_grpo.core.trackers import open_trackers
