@@ -70,10 +70,10 @@ def force_first_turn(spread: int, groups: int, schedule: dict[str, Any]) -> None
     group's j-th episode; the episodes run with `schedule["now"]`, and each rollout's
     decode steps are added to `schedule["steps"]`."""
     real = agent_mod.run_episodes
-    turns = ["x" * (spread * (i % groups)) + CALL for i in range(4096)]
 
     def run(model, tokenizer, prompts, episodes, sampling, *args, **kwargs):
-        forced = FirstTurn(tokenizer, turns[: len(episodes)], sampling, len(episodes))
+        turns = ["x" * (spread * (i % groups)) + CALL for i in range(len(episodes))]
+        forced = FirstTurn(tokenizer, turns, sampling, len(episodes))
         schedule["steps"].append(0)
 
         def pick(logits, u, rows):
